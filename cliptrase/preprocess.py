@@ -1,0 +1,100 @@
+"""Images to normalised pixel tensors: the product's whole-image path and the paper's parity path."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import (
+    CenterCrop,
+    Compose,
+    InterpolationMode,
+    Normalize,
+    Resize,
+    ToTensor,
+)
+from torchvision.transforms import functional as TF
+
+from .errors import InvalidImageError
+
+ImageLike = Image.Image | np.ndarray
+
+
+def as_rgb_image(image: ImageLike, min_side: int = 1) -> Image.Image:
+    """Validate an input image and return it as an RGB PIL image.
+
+    PIL images of any mode are converted to RGB (grayscale, palette, CMYK, RGBA...). Arrays
+    must be ``H x W x 3`` uint8. Images smaller than ``min_side`` (one patch) are refused.
+    """
+    if isinstance(image, Image.Image):
+        try:
+            rgb = image.convert("RGB") if image.mode != "RGB" else image
+        except (OSError, ValueError) as exc:
+            raise InvalidImageError(f"cannot convert a {image.mode} image to RGB: {exc}") from exc
+    elif isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise InvalidImageError(
+                f"an image array must be H x W x 3 (RGB), got shape {image.shape}; convert "
+                "grayscale or RGBA arrays to RGB first, or pass a PIL image"
+            )
+        if image.dtype != np.uint8:
+            raise InvalidImageError(f"an image array must be uint8, got {image.dtype}")
+        rgb = Image.fromarray(np.ascontiguousarray(image), mode="RGB")
+    else:
+        raise InvalidImageError(f"expected a PIL image or an H x W x 3 uint8 array, got {type(image).__name__}")
+    if min(rgb.size) < min_side:
+        raise InvalidImageError(
+            f"image is {rgb.width}x{rgb.height} pixels; the smallest supported side is {min_side} "
+            "(one patch of the model)"
+        )
+    return rgb
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A normalised, padded tensor and how it maps back to the original image."""
+
+    pixels: torch.Tensor  # (3, H_pad, W_pad)
+    resized: tuple[int, int]  # (H, W) before padding
+    original: tuple[int, int]  # (H, W) of the input image
+
+
+def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """Aspect-preserving size whose shorter side is ``short_side`` (torchvision's rounding)."""
+    if height <= width:
+        return short_side, int(short_side * width / height)
+    return int(short_side * height / width), short_side
+
+
+def prepare_whole_image(
+    image: Image.Image, short_side: int, patch_size: int, mean: tuple, std: tuple
+) -> Prepared:
+    """Resize (bicubic, aspect kept), normalise, pad right/bottom to a multiple of the patch.
+
+    Padding is zero in normalised space, i.e. the dataset-mean colour.
+    """
+    size = resized_size(image.height, image.width, short_side)
+    resized = TF.resize(image, list(size), interpolation=InterpolationMode.BICUBIC)
+    pixels = TF.normalize(TF.to_tensor(resized), mean, std)
+    pad_h = math.ceil(size[0] / patch_size) * patch_size - size[0]
+    pad_w = math.ceil(size[1] / patch_size) * patch_size - size[1]
+    if pad_h or pad_w:
+        pixels = F.pad(pixels, (0, pad_w, 0, pad_h))
+    return Prepared(pixels, size, (image.height, image.width))
+
+
+def parity_transform(size: int, mean: tuple, std: tuple) -> Compose:
+    """The reference evaluation input (spec section 9): short side ``size``, centre crop."""
+    return Compose(
+        [
+            Resize(size, interpolation=InterpolationMode.BICUBIC),
+            CenterCrop(size),
+            lambda im: im.convert("RGB"),
+            ToTensor(),
+            Normalize(mean, std),
+        ]
+    )

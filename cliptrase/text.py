@@ -1,0 +1,87 @@
+"""The text classifier: class names (and background words) to unit embeddings (spec section 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from .errors import VocabularyError
+
+Template = Callable[[str], str]
+DEFAULT_TEMPLATES: tuple[Template, ...] = tuple(open_clip.OPENAI_IMAGENET_TEMPLATES)
+
+
+@dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """A compiled vocabulary: label ``i`` is ``names[i]``; rows of ``embeddings`` score classes.
+
+    With background words, ``embeddings`` has ``C + B`` rows (one per foreground class, then
+    one per background word) while ``names`` has ``C + 1`` entries: every background word
+    predicts the single label ``C`` named ``"background"``.
+    """
+
+    classes: tuple[str, ...]
+    background: tuple[str, ...]
+    embeddings: torch.Tensor = field(repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        """Foreground classes ``C``."""
+        return len(self.classes)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.classes) + (["background"] if self.background else [])
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.names)
+
+    @property
+    def background_label(self) -> int | None:
+        return self.num_classes if self.background else None
+
+
+def validate_names(classes: Sequence[str], background: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if isinstance(classes, str) or isinstance(background, str):
+        raise VocabularyError("pass class names and background words as lists of strings, not one string")
+    classes = tuple(classes)
+    background = tuple(background)
+    if not classes:
+        raise VocabularyError("the vocabulary is empty: give at least one class name")
+    for name in classes + background:
+        if not isinstance(name, str) or not name.strip():
+            raise VocabularyError(f"class names must be non-empty strings, got {name!r}")
+    seen: set[str] = set()
+    duplicates = sorted({n for n in classes + background if n in seen or seen.add(n)})
+    if duplicates:
+        raise VocabularyError(f"duplicate names in the vocabulary: {duplicates}")
+    if "background" in classes and background:
+        raise VocabularyError(
+            "'background' is both a class name and the label that background words map to; "
+            "drop it from the classes or pass no background words"
+        )
+    return classes, background
+
+
+@torch.inference_mode()
+def class_embeddings(
+    clip: torch.nn.Module,
+    tokenizer: Callable,
+    names: Sequence[str],
+    templates: Sequence[Template] = DEFAULT_TEMPLATES,
+    device: torch.device | str = "cpu",
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """One unit row per name: normalise each template's embedding, average, normalise again."""
+    prompts = [template(name) for name in names for template in templates]
+    parts = []
+    for start in range(0, len(prompts), chunk):
+        tokens = tokenizer(prompts[start : start + chunk]).to(device)
+        parts.append(F.normalize(clip.encode_text(tokens).float(), dim=-1))
+    per_prompt = torch.cat(parts).reshape(len(names), len(templates), -1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1)
