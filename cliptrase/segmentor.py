@@ -264,12 +264,19 @@ class Segmentor:
         return self.segment_batch([image], vocab)[0]
 
     def segment_batch(
-        self, images: Sequence[ImageLike], vocab: Vocabulary, batch_size: int | None = None
+        self, images: Sequence[ImageLike | Prepared], vocab: Vocabulary, batch_size: int | None = None
     ) -> list[SegmentationResult]:
-        """Label many images: one batched forward per group of same-size inputs."""
+        """Label many images: one batched forward per group of same-size inputs.
+
+        Items may be images or the output of :meth:`prepare` (so callers can resize in other
+        threads). Raises :class:`InvalidImageError` if any image is unusable; callers that need
+        per-image isolation call :meth:`prepare` first and drop the failures.
+        """
         batch_size = batch_size or self.config.batch_size
         plans = [
-            WholeImagePlan.build(self._prepare(image), self.patch_size, self.config)
+            WholeImagePlan.build(
+                image if isinstance(image, Prepared) else self.prepare(image), self.patch_size, self.config
+            )
             for image in images
         ]
         units = [(p, u) for p in range(len(plans)) for u in range(len(plans[p].tiles))]
@@ -295,7 +302,8 @@ class Segmentor:
             for labels, confidence in [plan.finish(vocab.num_labels)]
         ]
 
-    def _prepare(self, image: ImageLike) -> Prepared:
+    def prepare(self, image: ImageLike) -> Prepared:
+        """Validate, resize and normalise one image (CPU work; safe to run in a worker thread)."""
         rgb = as_rgb_image(image, min_side=self.patch_size)
         return prepare_whole_image(rgb, self.config.short_side, self.patch_size, self.mean, self.std)
 
