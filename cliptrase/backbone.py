@@ -25,7 +25,9 @@ class HeadProjections:
     v: torch.Tensor
 
 
-def resampled_positional_embedding(pos: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+def resampled_positional_embedding(
+    pos: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]
+) -> torch.Tensor:
     """Positional embedding for an ``h x w`` grid (spec section 1).
 
     Bicubic, align_corners=False, *by scale factor* ``((h + 0.1)/g, (w + 0.1)/g)`` as the
@@ -87,7 +89,9 @@ class ClipVisionBackbone:
         if key not in self._pos_cache:
             if len(self._pos_cache) > 32:
                 self._pos_cache.clear()
-            self._pos_cache[key] = resampled_positional_embedding(pos.detach(), self.native_grid, grid)
+            self._pos_cache[key] = resampled_positional_embedding(
+                pos.detach(), self.native_grid, grid
+            )
         return self._pos_cache[key]
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:

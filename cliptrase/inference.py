@@ -87,9 +87,10 @@ class WholeImagePlan:
         labels = torch.from_numpy(self.labels)[None, None].float()
         labels = F.interpolate(labels, size=(height, width), mode="nearest-exact")
         confidence = torch.from_numpy(self.confidence)[None, None]
-        confidence = F.interpolate(confidence, size=(height, width), mode="bilinear", align_corners=False)
+        confidence = F.interpolate(
+            confidence, size=(height, width), mode="bilinear", align_corners=False
+        )
         return (
             labels[0, 0].numpy().astype(dtype),
             confidence[0, 0].clamp_(0, 1).numpy(),
         )
-

@@ -28,7 +28,9 @@ class Method:
 
     def __post_init__(self):
         if self.attention not in ATTENTION_STRATEGIES:
-            raise ValueError(f"unknown attention {self.attention!r}; known: {sorted(ATTENTION_STRATEGIES)}")
+            raise ValueError(
+                f"unknown attention {self.attention!r}; known: {sorted(ATTENTION_STRATEGIES)}"
+            )
         if self.refiner is not None and self.correlation_block is None:
             raise ValueError("the cluster-vote refiner needs a correlation_block")
 

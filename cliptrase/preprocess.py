@@ -45,7 +45,9 @@ def as_rgb_image(image: ImageLike, min_side: int = 1) -> Image.Image:
             raise InvalidImageError(f"an image array must be uint8, got {image.dtype}")
         rgb = Image.fromarray(np.ascontiguousarray(image), mode="RGB")
     else:
-        raise InvalidImageError(f"expected a PIL image or an H x W x 3 uint8 array, got {type(image).__name__}")
+        raise InvalidImageError(
+            f"expected a PIL image or an H x W x 3 uint8 array, got {type(image).__name__}"
+        )
     if min(rgb.size) < min_side:
         raise InvalidImageError(
             f"image is {rgb.width}x{rgb.height} pixels; the smallest supported side is {min_side} "

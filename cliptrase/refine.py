@@ -37,7 +37,10 @@ def cluster_patches(correlation: np.ndarray, eps: float, min_samples: int) -> np
 
 
 def cluster_regions(
-    correlation: np.ndarray, cluster_labels: np.ndarray, grid: tuple[int, int], size: tuple[int, int]
+    correlation: np.ndarray,
+    cluster_labels: np.ndarray,
+    grid: tuple[int, int],
+    size: tuple[int, int],
 ) -> np.ndarray | None:
     """Assign every output pixel to one cluster: ``(H, W)`` int array, or None without clusters.
 
@@ -55,7 +58,9 @@ def cluster_regions(
     maps = F.interpolate(maps, size=(ratio * h, ratio * w), mode="bilinear", align_corners=False)
     # size (1, 7, 7): each map filtered on its own, exactly as one 7x7 call per map.
     smoothed = median_filter(maps[0].numpy(), size=(1, 2 * ratio - 1, 2 * ratio - 1))
-    maps = F.interpolate(torch.from_numpy(smoothed)[None], size=size, mode="bilinear", align_corners=False)
+    maps = F.interpolate(
+        torch.from_numpy(smoothed)[None], size=size, mode="bilinear", align_corners=False
+    )
     return maps[0].argmax(dim=0).numpy()
 
 
@@ -72,7 +77,9 @@ def mean_logits_vote(logits: torch.Tensor, regions: np.ndarray) -> np.ndarray:
     k = logits.shape[0]
     region_t = torch.from_numpy(regions).reshape(-1).long()
     n = int(region_t.max()) + 1
-    sums = torch.zeros(n, k, dtype=torch.float32).index_add_(0, region_t, logits.reshape(k, -1).T.float())
+    sums = torch.zeros(n, k, dtype=torch.float32).index_add_(
+        0, region_t, logits.reshape(k, -1).T.float()
+    )
     winners = sums.argmax(dim=1)  # the mean's argmax is the sum's argmax
     return winners[region_t].reshape(regions.shape).numpy()
 
@@ -91,10 +98,14 @@ class ClusterVote:
 
     def parameters_for(self, num_patches: int) -> tuple[float, int]:
         eps, min_samples = dbscan_parameters(num_patches)
-        return (self.eps if self.eps is not None else eps,
-                self.min_samples if self.min_samples is not None else min_samples)
+        return (
+            self.eps if self.eps is not None else eps,
+            self.min_samples if self.min_samples is not None else min_samples,
+        )
 
-    def regions(self, correlation: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray | None:
+    def regions(
+        self, correlation: np.ndarray, grid: tuple[int, int], size: tuple[int, int]
+    ) -> np.ndarray | None:
         eps, min_samples = self.parameters_for(correlation.shape[0])
         labels = cluster_patches(correlation, eps, min_samples)
         return cluster_regions(correlation, labels, grid, size)

@@ -133,7 +133,8 @@ class Segmentor:
         if weights.random:
             log.warning(
                 "cliptrase: %s has RANDOM weights (%s); its labels are not meaningful",
-                model_name, weights.identity,
+                model_name,
+                weights.identity,
             )
 
     @property
@@ -166,7 +167,9 @@ class Segmentor:
 
     def _check_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
-            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            shape = (
+                tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            )
             raise InvalidImageError(f"pixels must be a (B, 3, H, W) tensor, got {shape}")
         h, w = pixels.shape[-2:]
         p = self.patch_size
@@ -183,7 +186,9 @@ class Segmentor:
         pixels = self._check_pixels(pixels)
         method = self.method
         blocks = self.backbone.blocks
-        corr_index = None if method.correlation_block is None else method.correlation_block % len(blocks)
+        corr_index = (
+            None if method.correlation_block is None else method.correlation_block % len(blocks)
+        )
         correlation = None
         with self._autocast():
             x = self.backbone.embed(pixels)
@@ -245,7 +250,9 @@ class Segmentor:
         return pred, confidence
 
     @staticmethod
-    def _refine_mean_logits(logits: torch.Tensor, regions: np.ndarray, bg: int | None) -> np.ndarray:
+    def _refine_mean_logits(
+        logits: torch.Tensor, regions: np.ndarray, bg: int | None
+    ) -> np.ndarray:
         voted = mean_logits_vote(logits.cpu(), regions)
         return np.minimum(voted, bg) if bg is not None else voted
 
@@ -264,7 +271,10 @@ class Segmentor:
         return self.segment_batch([image], vocab)[0]
 
     def segment_batch(
-        self, images: Sequence[ImageLike | Prepared], vocab: Vocabulary, batch_size: int | None = None
+        self,
+        images: Sequence[ImageLike | Prepared],
+        vocab: Vocabulary,
+        batch_size: int | None = None,
     ) -> list[SegmentationResult]:
         """Label many images: one batched forward per group of same-size inputs.
 
@@ -275,7 +285,9 @@ class Segmentor:
         batch_size = batch_size or self.config.batch_size
         plans = [
             WholeImagePlan.build(
-                image if isinstance(image, Prepared) else self.prepare(image), self.patch_size, self.config
+                image if isinstance(image, Prepared) else self.prepare(image),
+                self.patch_size,
+                self.config,
             )
             for image in images
         ]
@@ -305,7 +317,9 @@ class Segmentor:
     def prepare(self, image: ImageLike) -> Prepared:
         """Validate, resize and normalise one image (CPU work; safe to run in a worker thread)."""
         rgb = as_rgb_image(image, min_side=self.patch_size)
-        return prepare_whole_image(rgb, self.config.short_side, self.patch_size, self.mean, self.std)
+        return prepare_whole_image(
+            rgb, self.config.short_side, self.patch_size, self.mean, self.std
+        )
 
     def __repr__(self) -> str:
         return (
@@ -343,4 +357,6 @@ def load_segmentor(
     clip, weights = create_clip_model(
         model, pretrained, seed=seed, trust_pickle=trust_pickle, storage_options=storage_options
     )
-    return Segmentor(clip, model, weights, method=method, device=device, precision=precision, config=config)
+    return Segmentor(
+        clip, model, weights, method=method, device=device, precision=precision, config=config
+    )

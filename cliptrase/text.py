@@ -46,9 +46,13 @@ class Vocabulary:
         return self.num_classes if self.background else None
 
 
-def validate_names(classes: Sequence[str], background: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def validate_names(
+    classes: Sequence[str], background: Sequence[str]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if isinstance(classes, str) or isinstance(background, str):
-        raise VocabularyError("pass class names and background words as lists of strings, not one string")
+        raise VocabularyError(
+            "pass class names and background words as lists of strings, not one string"
+        )
     classes = tuple(classes)
     background = tuple(background)
     if not classes:

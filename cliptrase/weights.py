@@ -78,8 +78,12 @@ def _create_from_tag(model: str, tag: str) -> torch.nn.Module:
             f"open_clip has no pretrained tag {tag!r} for {model!r} (known: {sorted(known)}); "
             "to load your own weights pass a local path or a URI such as s3://bucket/ckpt.safetensors"
         )
+    # OpenAI's weights were trained with QuickGELU; open_clip only warns on a mismatch.
+    quick_gelu = bool(open_clip.get_pretrained_cfg(model, tag).get("quick_gelu", False))
     try:
-        return open_clip.create_model(model, pretrained=tag, require_pretrained=True)
+        return open_clip.create_model(
+            model, pretrained=tag, require_pretrained=True, force_quick_gelu=quick_gelu
+        )
     except (OSError, RuntimeError, ValueError) as exc:  # network, hub and cache errors
         raise WeightsUnavailableError(
             f"could not fetch open_clip weights {model}/{tag} ({type(exc).__name__}: {exc}). "
@@ -99,7 +103,9 @@ def read_checkpoint_bytes(uri: str, storage_options: dict | None = None) -> byte
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint not found: {uri}") from exc
     except Exception as exc:  # noqa: BLE001 - storage back ends raise many types
-        raise CheckpointError(f"could not read checkpoint {uri}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"could not read checkpoint {uri}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def parse_checkpoint(data: bytes, name: str, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -108,9 +114,14 @@ def parse_checkpoint(data: bytes, name: str, trust_pickle: bool = False) -> dict
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not trust_pickle)
         except pickle.UnpicklingError as exc:
+            reason = _unpickling_reason(exc)
+            if "global" not in reason.lower():
+                raise CheckpointError(
+                    f"{name} is not a readable torch checkpoint: {reason}"
+                ) from exc
             raise CheckpointError(
-                f"{name} is a pickle that needs code execution to load, which is refused: "
-                f"{exc}. Convert it to safetensors, or pass trust_pickle=True (CLI: "
+                f"{name} is a pickle that needs code execution to load, which is refused "
+                f"({reason}). Convert it to safetensors, or pass trust_pickle=True (CLI: "
                 "--trust-pickle) only if you trust where it came from."
             ) from exc
         except Exception as exc:  # noqa: BLE001
@@ -124,6 +135,15 @@ def parse_checkpoint(data: bytes, name: str, trust_pickle: bool = False) -> dict
         except (SafetensorError, ValueError, OSError) as exc:
             raise CheckpointError(f"{name} is not a readable safetensors file: {exc}") from exc
     return normalise_state_dict(obj, name)
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The one informative line of torch's long weights-only message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line.upper() or line.startswith("Unsupported"):
+            return line
+    return lines[-1] if lines else type(exc).__name__
 
 
 def normalise_state_dict(obj: object, name: str) -> dict[str, torch.Tensor]:
@@ -173,9 +193,15 @@ def _describe_mismatch(clip: torch.nn.Module, state: dict[str, torch.Tensor]) ->
     expected = clip.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    wrong_shape = sorted(
+        k for k in set(expected) & set(state) if expected[k].shape != state[k].shape
+    )
     parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", wrong_shape),
+    ):
         if keys:
             parts.append(f"{len(keys)} {label}, e.g. {keys[:3]}")
     return "; ".join(parts) or "see the error above"

@@ -1,0 +1,175 @@
+"""Whole-image behaviour: original size, batching, windows, confidence, vocabularies, bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cliptrase
+from cliptrase import InvalidImageError, SegmentorConfig, VocabularyError
+
+CLASSES = ["person", "rocket", "cat", "coffee cup"]
+
+
+@pytest.fixture(scope="module")
+def vocab(tiny):
+    return tiny.vocabulary(CLASSES, background=["background", "sky"])
+
+
+def test_segment_covers_the_whole_image_at_original_size(tiny, vocab, astronaut):
+    odd = astronaut[:301, :457]  # odd size: needs padding to the patch size
+    result = tiny.segment(odd, vocab)
+    assert result.labels.shape == (301, 457) and result.labels.dtype == np.uint8
+    assert result.confidence.shape == (301, 457) and result.confidence.dtype == np.float32
+    assert 0 <= result.confidence.min() and result.confidence.max() <= 1
+    assert result.labels.max() < len(vocab.names)
+    assert result.names == ["person", "rocket", "cat", "coffee cup", "background"]
+    assert result.random_weights and result.windows == 1
+
+
+def test_segment_matches_segment_pixels_on_the_padded_image(tiny, vocab, chelsea):
+    """No centre crop: the whole image is resized (short side 336), padded, run, unpadded."""
+    assert tiny.prepare(chelsea).resized == (336, 505)  # 300 x 451 -> short side 336
+    image = Image.fromarray(chelsea).resize((505, 336), Image.BICUBIC)  # already at processing size
+    prepared = tiny.prepare(image)
+    assert prepared.resized == (336, 505) and prepared.pixels.shape == (3, 336, 512)
+    expected = tiny.segment_pixels(prepared.pixels[None], vocab)[0, :, :505].numpy()
+    np.testing.assert_array_equal(tiny.segment(image, vocab).labels, expected)
+
+
+def test_confidence_is_the_probability_of_the_chosen_label(tiny, chelsea):
+    vocab = tiny.vocabulary(["cat", "grass"])
+    seg = type(tiny)(
+        tiny.clip,
+        tiny.model_name,
+        tiny.weights,
+        method=tiny.method.with_options(refiner=None, correlation_block=None),
+    )
+    pixels = seg.prepare(chelsea).pixels[None]
+    logits = seg.dense_features(pixels).patch_logits(vocab)
+    probs = torch.softmax(
+        torch.nn.functional.interpolate(logits, size=pixels.shape[-2:], mode="bilinear"), dim=1
+    )
+    labels, confidence = seg._label_pixels(pixels, vocab)
+    np.testing.assert_allclose(confidence[0], probs.max(dim=1).values[0].numpy(), atol=1e-6)
+    assert confidence.min() >= 0.5  # two classes: the argmax has at least half the mass
+
+
+def test_batch_equals_one_at_a_time(tiny, vocab, astronaut, chelsea):
+    images = [astronaut, chelsea, astronaut[:200, :300], chelsea[::-1].copy()]
+    batched = tiny.segment_batch(images, vocab, batch_size=3)
+    for image, result in zip(images, batched):
+        single = tiny.segment(image, vocab)
+        np.testing.assert_array_equal(result.labels, single.labels)
+        np.testing.assert_allclose(result.confidence, single.confidence, atol=1e-5)
+
+
+def test_panoramas_use_sliding_windows(tiny, vocab, astronaut):
+    panorama = np.concatenate([astronaut, astronaut[:, ::-1], astronaut], axis=1)[
+        :128
+    ]  # 128 x 1536
+    result = tiny.segment(panorama, vocab)
+    assert result.labels.shape == (128, 1536)
+    assert result.windows > 1
+    whole = type(tiny)(
+        tiny.clip, tiny.model_name, tiny.weights, config=SegmentorConfig(max_patches=10**6)
+    )
+    assert whole.segment(panorama, vocab).windows == 1
+
+
+def test_labels_become_uint16_above_255_labels(tiny, astronaut):
+    names = [f"class {i}" for i in range(300)]
+    vocab = tiny.vocabulary(names, templates=["a photo of a {}."])
+    result = tiny.segment(astronaut[:64, :64], vocab)
+    assert result.labels.dtype == np.uint16 and result.labels.max() < 300
+
+
+def test_vocabularies_are_cached_and_ordered(tiny):
+    a = tiny.vocabulary(["cat", "dog"], background=["wall"])
+    assert tiny.vocabulary(["cat", "dog"], background=["wall"]) is a
+    b = tiny.vocabulary(["dog", "cat"], background=["wall"])
+    assert b is not a and b.names == ["dog", "cat", "background"]
+    torch.testing.assert_close(b.embeddings[0], a.embeddings[1])
+    assert a.background_label == 2 and tiny.vocabulary(["cat"]).background_label is None
+
+
+@pytest.mark.parametrize(
+    ("classes", "background", "message"),
+    [
+        ([], None, "empty"),
+        (["cat", "cat"], None, "duplicate"),
+        (["cat"], ["cat"], "duplicate"),
+        (["cat", " "], None, "non-empty"),
+        ("cat", None, "lists of strings"),
+        (["background"], ["wall"], "both a class name"),
+    ],
+)
+def test_bad_vocabularies(tiny, classes, background, message):
+    with pytest.raises(VocabularyError, match=message):
+        tiny.vocabulary(classes, background=background)
+
+
+def test_bad_templates(tiny):
+    with pytest.raises(ValueError, match="must contain"):
+        tiny.vocabulary(["cat"], templates=["a photo"])
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.zeros((32, 32), np.uint8), "H x W x 3"),
+        (np.zeros((32, 32, 4), np.uint8), "H x W x 3"),
+        (np.zeros((32, 32, 3), np.float32), "uint8"),
+        (np.zeros((8, 400, 3), np.uint8), "8 pixels|400x8"),
+        (Image.new("RGB", (1, 1)), "1x1"),
+        ("photo.jpg", "PIL image"),
+    ],
+)
+def test_bad_images(tiny, vocab, image, message):
+    with pytest.raises(InvalidImageError, match=message):
+        tiny.segment(image, vocab)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "I;16", "LA"])
+def test_non_rgb_pil_images_are_converted(tiny, vocab, astronaut, mode):
+    image = (
+        Image.fromarray(astronaut[:96, :80]).convert(mode)
+        if mode != "I;16"
+        else Image.new("I;16", (80, 96), 300)
+    )
+    result = tiny.segment(image, vocab)
+    assert result.labels.shape == (96, 80)
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 225, 224), (1, 3, 8, 16), (3, 224, 224), (1, 1, 224, 224)]
+)
+def test_bad_pixel_tensors(tiny, vocab, shape):
+    with pytest.raises(InvalidImageError):
+        tiny.segment_pixels(torch.zeros(shape), vocab)
+
+
+def test_half_precision_on_cpu_falls_back_to_fp32(caplog):
+    with caplog.at_level(logging.WARNING, logger="cliptrase"):
+        seg = cliptrase.load_segmentor(
+            "ViT-Tiny-16-test", pretrained=None, device="cpu", precision="bf16"
+        )
+    assert seg.precision == "fp32" and "needs a GPU" in caplog.text
+    with pytest.raises(ValueError, match="precision"):
+        cliptrase.load_segmentor("ViT-Tiny-16-test", pretrained=None, precision="int4")
+
+
+def test_random_weights_are_reproducible_and_announced(caplog, astronaut):
+    with caplog.at_level(logging.WARNING, logger="cliptrase"):
+        a = cliptrase.load_segmentor("ViT-Tiny-16-test", pretrained=None, seed=7)
+    assert "RANDOM weights" in caplog.text
+    b = cliptrase.load_segmentor("ViT-Tiny-16-test", pretrained=None, seed=7)
+    c = cliptrase.load_segmentor("ViT-Tiny-16-test", pretrained=None, seed=8)
+    assert a.weights.identity == "random-init:seed=7" and a.random_weights
+    for key, value in a.clip.state_dict().items():
+        assert torch.equal(value, b.clip.state_dict()[key])
+    assert not torch.equal(a.clip.visual.proj, c.clip.visual.proj)
