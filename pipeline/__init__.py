@@ -1,0 +1,35 @@
+"""Pseudo-label image shards with CLIPtrase on a Ray cluster.
+
+    from pipeline import RunConfig, SegmentorSpec, VocabularySpec, run
+    summary = run(RunConfig(inputs=("s3://bucket/shards/*.tar",), output="s3://bucket/labels",
+                            vocabulary=VocabularySpec(("person", "car", "tree"))))
+
+See docs/architecture.md for how sources, decoding, actors, sink and manifest fit together.
+"""
+
+from .config import RunConfig, SegmentorSpec, SourceSpec, VocabularySpec
+from .manifest import committed_shard_ids, pending_shards
+from .runner import RunSummary, run
+from .sink import SCHEMA, decode_masks, read_rows, read_run_metadata
+from .sources import ImageRecord, Shard, list_shards, read_shard
+from .worker import ShardResult
+
+__all__ = [
+    "SCHEMA",
+    "ImageRecord",
+    "RunConfig",
+    "RunSummary",
+    "SegmentorSpec",
+    "Shard",
+    "ShardResult",
+    "SourceSpec",
+    "VocabularySpec",
+    "committed_shard_ids",
+    "decode_masks",
+    "list_shards",
+    "pending_shards",
+    "read_rows",
+    "read_run_metadata",
+    "read_shard",
+    "run",
+]

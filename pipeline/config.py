@@ -1,0 +1,194 @@
+"""What a labelling run is: one frozen dataclass per concern, hashed for the output prefix.
+
+Only what changes the labels goes into :meth:`RunConfig.config_hash` (model, weights, method,
+resolution, vocabulary, how images are keyed). Throughput knobs (batch size, actors, threads)
+and credentials do not: changing them must find the same committed shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cliptrase import SegmentorConfig
+from cliptrase.text import validate_names
+
+# Bump when the row schema or the layout under <output>/<hash>/ changes incompatibly.
+OUTPUT_FORMAT = 1
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+_URI_CREDENTIALS = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """``s3://key:secret@bucket/x`` -> ``s3://bucket/x``; http(s) query strings (signatures) go too."""
+    if uri is None or "://" not in uri:
+        return uri
+    uri = _URI_CREDENTIALS.sub(r"\1", uri)
+    if uri.lower().startswith(("http://", "https://")):
+        uri = uri.split("?", 1)[0]
+    return uri
+
+
+@dataclass(frozen=True)
+class SegmentorSpec:
+    """Which segmentor every actor loads (see :func:`cliptrase.load_segmentor`)."""
+
+    model: str = "ViT-B-16"
+    pretrained: str | None = "openai"  # open_clip tag, file path or fsspec URI; None = random
+    method: str = "cliptrase"
+    precision: str = "bf16"  # the segmentor itself falls back to fp32 on a CPU
+    short_side: int = 336
+    max_patches: int = 1344
+    batch_size: int = 16
+    confidence_temperature: float = 1.0
+    seed: int = 0  # only matters for random weights
+    trust_pickle: bool = False
+
+    def segmentor_config(self) -> SegmentorConfig:
+        return SegmentorConfig(
+            short_side=self.short_side,
+            max_patches=self.max_patches,
+            batch_size=self.batch_size,
+            confidence_temperature=self.confidence_temperature,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The spec as JSON-ready provenance, with any credentials stripped from ``pretrained``."""
+        out = asdict(self)
+        out["pretrained"] = redact_uri(self.pretrained)
+        return out
+
+
+@dataclass(frozen=True)
+class VocabularySpec:
+    """Class names (label ``i`` = ``classes[i]``), background words, prompt templates."""
+
+    classes: tuple[str, ...]
+    background: tuple[str, ...] = ()
+    templates: tuple[str, ...] | None = None  # None: cliptrase's default templates
+
+    def __post_init__(self):
+        # Validated here, on the driver, so a typo fails before any actor loads a model.
+        classes, background = validate_names(self.classes, self.background)
+        object.__setattr__(self, "classes", classes)
+        object.__setattr__(self, "background", background)
+        if self.templates is not None:
+            if isinstance(self.templates, str):
+                raise ValueError("templates must be a list of strings such as 'a photo of a {}.'")
+            templates = tuple(self.templates)
+            for t in templates:
+                if "{}" not in t:
+                    raise ValueError(f"a prompt template must contain '{{}}': {t!r}")
+            object.__setattr__(self, "templates", templates)
+
+    @property
+    def names(self) -> list[str]:
+        """Label index -> name, as the segmentor numbers them (background words pooled)."""
+        return list(self.classes) + (["background"] if self.background else [])
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """How input shards are read."""
+
+    image_column: str = "image"  # Parquet: binary column, or a {bytes, path} struct (HF datasets)
+    id_column: str | None = "id"  # Parquet: key of each row; None or missing: the row index
+    images_per_shard: int = 1000  # folders of loose images: sorted, grouped by this many
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    max_image_pixels: int | None = 89_478_485  # Pillow's default decompression-bomb limit
+
+    def __post_init__(self):
+        if self.images_per_shard < 1:
+            raise ValueError("images_per_shard must be positive")
+        object.__setattr__(
+            self, "extensions", tuple(e.lower() if e.startswith(".") else f".{e.lower()}"
+                                      for e in self.extensions)
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One labelling run: inputs, output prefix, model, vocabulary and execution resources."""
+
+    inputs: tuple[str, ...]
+    output: str
+    segmentor: SegmentorSpec = field(default_factory=SegmentorSpec)
+    vocabulary: VocabularySpec = field(default_factory=lambda: VocabularySpec(("object",)))
+    source: SourceSpec = field(default_factory=SourceSpec)
+    num_actors: int | None = None  # None: as many as the cluster's resources allow
+    num_gpus_per_actor: float = 0.0  # 0: CPU actors; fractions share a GPU
+    num_cpus_per_actor: float = 1.0
+    torch_threads: int | None = None  # None: Ray's default (OMP_NUM_THREADS = the actor's CPUs)
+    decode_threads: int = 2
+    prefetch_images: int = 64  # decoded + prepared images queued ahead of the model
+    max_retries: int = 3  # per shard, after an actor died or the shard raised
+    lease_ttl_s: float = 6 * 3600.0
+    # Credentials for fsspec (s3fs key/secret/endpoint...). Never hashed, logged or written.
+    storage_options: dict = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    def __post_init__(self):
+        if isinstance(self.inputs, str):
+            object.__setattr__(self, "inputs", (self.inputs,))
+        else:
+            object.__setattr__(self, "inputs", tuple(self.inputs))
+        if not self.inputs:
+            raise ValueError("give at least one input URI, glob or prefix")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ValueError("num_actors must be positive (or None for as many as fit)")
+        if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0:
+            raise ValueError("resources per actor cannot be negative")
+        if self.decode_threads < 1 or self.prefetch_images < 1 or self.max_retries < 0:
+            raise ValueError("decode_threads and prefetch_images must be positive")
+        object.__setattr__(self, "output", self.output.rstrip("/"))
+
+    def hashed_fields(self) -> dict[str, Any]:
+        """Everything that changes the output rows, as canonical JSON-ready data."""
+        spec = self.segmentor.describe()
+        for throughput_only in ("batch_size", "trust_pickle"):
+            spec.pop(throughput_only)
+        return {
+            "format": OUTPUT_FORMAT,
+            "segmentor": spec,
+            "vocabulary": {
+                "classes": list(self.vocabulary.classes),
+                "background": list(self.vocabulary.background),
+                "templates": None
+                if self.vocabulary.templates is None
+                else list(self.vocabulary.templates),
+            },
+            # Keys and shard grouping decide image ids; the pixel limit decides error rows.
+            "source": {
+                "image_column": self.source.image_column,
+                "id_column": self.source.id_column,
+                "images_per_shard": self.source.images_per_shard,
+                "max_image_pixels": self.source.max_image_pixels,
+            },
+        }
+
+    def config_hash(self) -> str:
+        """First 12 hex digits of sha256 over :meth:`hashed_fields` (stable across versions)."""
+        canonical = json.dumps(self.hashed_fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def describe(self) -> dict[str, Any]:
+        """The config as provenance for the manifest: no storage options, ever."""
+        return {
+            "inputs": [redact_uri(u) for u in self.inputs],
+            "output": redact_uri(self.output),
+            "segmentor": self.segmentor.describe(),
+            "vocabulary": self.hashed_fields()["vocabulary"],
+            "source": {**asdict(self.source), "extensions": list(self.source.extensions)},
+            "num_actors": self.num_actors,
+            "num_gpus_per_actor": self.num_gpus_per_actor,
+            "num_cpus_per_actor": self.num_cpus_per_actor,
+            "torch_threads": self.torch_threads,
+            "decode_threads": self.decode_threads,
+            "prefetch_images": self.prefetch_images,
+            "max_retries": self.max_retries,
+            "config_hash": self.config_hash(),
+        }

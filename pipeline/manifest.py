@@ -1,0 +1,235 @@
+"""What is done: the output layout, commit markers, leases, and the run manifest.
+
+Layout under ``<output>/<config_hash>/``::
+
+    shards/<shard_id>.parquet      one file per input shard (pipeline.sink)
+    _committed/<shard_id>.json     written last; a shard is done iff its marker exists
+    _leases/<shard_id>.json        who is labelling the shard now, until when
+    manifest.json                  config, model, vocabulary, runs (ticks) with counts
+    summary.json                   the latest run's summary
+
+A scheduler labels only new shards with ``pending_shards(list_shards(...), ...)``; leases keep
+two concurrent runs from labelling the same shard twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one config hash's outputs, on one filesystem (``root`` has no protocol)."""
+
+    fs: fsspec.AbstractFileSystem
+    root: str
+
+    @classmethod
+    def open(
+        cls, output: str, config_hash: str, storage_options: dict | None = None
+    ) -> RunLayout:
+        fs, path = fsspec.core.url_to_fs(output, **(storage_options or {}))
+        return cls(fs, f"{path.rstrip('/')}/{config_hash}")
+
+    @property
+    def uri(self) -> str:
+        return self.fs.unstrip_protocol(self.root)
+
+    def shard_path(self, shard_id: str) -> str:
+        return f"{self.root}/shards/{shard_id}.parquet"
+
+    def marker_path(self, shard_id: str) -> str:
+        return f"{self.root}/_committed/{shard_id}.json"
+
+    def lease_path(self, shard_id: str) -> str:
+        return f"{self.root}/_leases/{shard_id}.json"
+
+    @property
+    def manifest_path(self) -> str:
+        return f"{self.root}/manifest.json"
+
+    @property
+    def summary_path(self) -> str:
+        return f"{self.root}/summary.json"
+
+    def makedirs(self) -> None:
+        if _is_local(self.fs):  # object stores have no directories to create
+            for sub in ("shards", "_committed", "_leases"):
+                self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in _protocols(fs)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _list_names(fs: fsspec.AbstractFileSystem, directory: str, suffix: str) -> list[str]:
+    try:
+        fs.invalidate_cache(directory)
+        entries = fs.ls(directory, detail=False)
+    except FileNotFoundError:
+        return []
+    names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+    return sorted(n[: -len(suffix)] for n in names if n.endswith(suffix))
+
+
+def committed_shard_ids(layout: RunLayout) -> set[str]:
+    """Shards whose commit marker exists: these are done and are never rewritten."""
+    return set(_list_names(layout.fs, f"{layout.root}/_committed", ".json"))
+
+
+def pending_shards(shards: Iterable[Any], layout: RunLayout) -> list[Any]:
+    """The shards still to label (no commit marker), in their given order."""
+    done = committed_shard_ids(layout)
+    return [s for s in shards if s.shard_id not in done]
+
+
+def read_marker(layout: RunLayout, shard_id: str) -> dict | None:
+    try:
+        return json.loads(layout.fs.cat_file(layout.marker_path(shard_id)))
+    except FileNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------- leases
+
+
+def _utc_now() -> float:
+    return time.time()
+
+
+def acquire_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) -> bool:
+    """Claim a shard for ``ttl_s`` seconds; False if someone else holds a live lease.
+
+    Local files: exclusive create (``O_EXCL``), race-free. Object stores: ``open(..., "xb")``
+    which s3fs turns into a conditional PUT (``If-None-Match: *``) where the store supports it;
+    where it does not, we fall back to write-then-read-back, which narrows but does not close the
+    race (two writers may both read their own body before one overwrites the other). An expired
+    lease is taken over.
+    """
+    path = layout.lease_path(shard_id)
+    body = json.dumps({"owner": owner, "expires_at": _utc_now() + ttl_s}).encode()
+    for _ in range(2):
+        created = _create_exclusive(layout.fs, path, body)
+        if created is True:
+            return True
+        current = _read_lease(layout.fs, path)
+        if current is None:
+            if created is None:  # no exclusive create here: write, then see who won
+                layout.fs.pipe_file(path, body)
+                return (_read_lease(layout.fs, path) or {}).get("owner") == owner
+            continue  # released between our create and our read: try again
+        if current.get("owner") == owner:
+            layout.fs.pipe_file(path, body)  # renew our own lease
+            return True
+        if float(current.get("expires_at", 0)) > _utc_now():
+            return False
+        log.info("lease on %s expired (owner %s); taking it over", shard_id, current.get("owner"))
+        _remove(layout.fs, path)
+    return False
+
+
+def release_lease(layout: RunLayout, shard_id: str, owner: str) -> None:
+    """Drop our lease (someone else's is left alone)."""
+    path = layout.lease_path(shard_id)
+    current = _read_lease(layout.fs, path)
+    if current is not None and current.get("owner") == owner:
+        _remove(layout.fs, path)
+
+
+def _create_exclusive(fs, path: str, body: bytes) -> bool | None:
+    """True: created; False: it already exists; None: this filesystem cannot create exclusively."""
+    if _is_local(fs):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        return True
+    if "s3" in _protocols(fs) or "s3a" in _protocols(fs):
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(body)
+            return True
+        except FileExistsError:
+            return False
+        except (ValueError, NotImplementedError):
+            return None
+    return None
+
+
+def _read_lease(fs, path: str) -> dict | None:
+    try:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _remove(fs, path: str) -> None:
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def new_owner() -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def read_manifest(layout: RunLayout) -> dict | None:
+    try:
+        return json.loads(layout.fs.cat_file(layout.manifest_path))
+    except FileNotFoundError:
+        return None
+
+
+def record_run(
+    layout: RunLayout,
+    *,
+    config: dict[str, Any],
+    metadata: dict[str, Any] | None,
+    run: dict[str, Any],
+) -> dict:
+    """Add one run (a scheduler tick) to ``manifest.json``; returns the new manifest.
+
+    Read-modify-write: two runs finishing at the same instant may lose one run entry (never a
+    shard: shards are tracked by their markers, not here).
+    """
+    manifest = read_manifest(layout) or {"config_hash": config.get("config_hash"), "runs": []}
+    manifest["config"] = config
+    if metadata:
+        manifest["metadata"] = metadata
+    manifest["runs"].append(run)
+    manifest["committed_shards"] = len(committed_shard_ids(layout))
+    layout.fs.pipe_file(layout.manifest_path, _json_bytes(manifest))
+    return manifest
+
+
+def write_summary(layout: RunLayout, summary: dict[str, Any]) -> None:
+    layout.fs.pipe_file(layout.summary_path, _json_bytes(summary))
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()

@@ -1,0 +1,292 @@
+"""One shard through the segmentor: read, decode + prepare in threads, segment, write, commit.
+
+:class:`ShardLabeler` is a plain class (usable in-process, e.g. by the benchmark);
+:data:`SegmentorActor` is the same class as a Ray actor. Its resources (``num_gpus``,
+``num_cpus``) are declared where it is scheduled, in :mod:`pipeline.runner`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import ray
+
+import cliptrase
+
+from . import sink
+from .config import OUTPUT_FORMAT, RunConfig
+from .decode import DecodedImage, Prefetcher, decode_image
+from .manifest import RunLayout
+from .sources import ImageRecord, Shard, read_shard
+
+log = logging.getLogger("pipeline")
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("cliptrase-pipeline")
+    except Exception:  # noqa: BLE001 - not installed (source checkout): cliptrase's own version
+        return cliptrase.__version__
+
+
+@dataclass
+class ShardResult:
+    """What a shard's attempt did, with the timings the summary aggregates."""
+
+    shard_id: str
+    rows: int
+    ok: int
+    errors: int
+    seconds: float  # wall time of the whole shard in the actor
+    model_s: float  # inside segment_batch
+    wait_s: float  # model thread blocked waiting for decoded images
+    write_s: float  # waiting for PNG encodes + Parquet write + commit
+    sha256: str
+    node_id: str | None = None
+    gpu_ids: list = field(default_factory=list)
+    pid: int = 0
+
+
+@dataclass
+class _Ready:
+    """An image decoded and prepared (resized, normalised) in a worker thread."""
+
+    decoded: DecodedImage
+    prepared: Any
+    decode_ms: float
+
+
+@dataclass
+class _Failed:
+    error: str
+    width: int | None = None
+    height: int | None = None
+    exif_transposed: bool | None = None
+    decode_ms: float | None = None
+
+
+class ShardLabeler:
+    """Holds one segmentor (loaded once) and the compiled vocabulary; labels whole shards."""
+
+    def __init__(self, config: RunConfig):
+        import torch
+        from PIL import Image
+
+        self.config = config
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        limit = config.source.max_image_pixels
+        if limit is None or limit > (Image.MAX_IMAGE_PIXELS or 0):
+            # Pillow refuses above 2x its global limit before our own check can run.
+            Image.MAX_IMAGE_PIXELS = limit
+        spec = config.segmentor
+        self.segmentor = cliptrase.load_segmentor(
+            spec.model,
+            pretrained=spec.pretrained,
+            device="auto",  # a logical Ray GPU on a CPU box: torch sees none, run on the CPU
+            precision=spec.precision,
+            method=spec.method,
+            config=spec.segmentor_config(),
+            storage_options=config.storage_options,
+            trust_pickle=spec.trust_pickle,
+            seed=spec.seed,
+        )
+        voc = config.vocabulary
+        self.vocab = self.segmentor.vocabulary(voc.classes, voc.background, voc.templates)
+        self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        self.config_hash = config.config_hash()
+        self.layout = RunLayout.open(config.output, self.config_hash, config.storage_options)
+
+    # ------------------------------------------------------------------ provenance
+    def metadata(self) -> dict[str, Any]:
+        """What every output file says about how it was made (no storage options)."""
+        seg, voc = self.segmentor, self.config.vocabulary
+        return {
+            "names": list(self.vocab.names),
+            "classes": list(voc.classes),
+            "background": list(voc.background),
+            "templates": None if voc.templates is None else list(voc.templates),
+            "model": seg.model_name,
+            "pretrained": self.config.segmentor.describe()["pretrained"],
+            "weights_identity": seg.weights.identity,
+            "random_weights": bool(seg.random_weights),
+            "method": seg.method.name,
+            "precision": seg.precision,
+            "config_hash": self.config_hash,
+            "segmentor": self.config.segmentor.describe(),
+            "package_version": package_version(),
+            "output_format": OUTPUT_FORMAT,
+        }
+
+    def placement(self) -> dict[str, Any]:
+        import torch
+
+        return {
+            "node_id": _node_id(),
+            "gpu_ids": _gpu_ids(),
+            "pid": os.getpid(),
+            "device": str(self.segmentor.device),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    # ------------------------------------------------------------------ labelling
+    def process_shard(self, shard: Shard) -> ShardResult:
+        """Label every image of ``shard``, write its Parquet file and commit it."""
+        start = time.perf_counter()
+        fs, _ = fsspec.core.url_to_fs(shard.uri, **self.config.storage_options)
+        rows, stats = self.label_records(read_shard(shard, fs, self.config.source), shard.shard_id)
+        write_start = time.perf_counter()
+        rows = [r.result() if isinstance(r, Future) else r for r in rows]
+        marker = sink.write_shard(
+            self.layout, shard.shard_id, rows, self.metadata(), source_uri=_public(shard.uri)
+        )
+        end = time.perf_counter()
+        return ShardResult(
+            shard_id=shard.shard_id,
+            rows=marker["rows"],
+            ok=marker["ok"],
+            errors=marker["errors"],
+            seconds=end - start,
+            model_s=stats["model_s"],
+            wait_s=stats["wait_s"],
+            write_s=end - write_start,
+            sha256=marker["sha256"],
+            node_id=_node_id(),
+            gpu_ids=_gpu_ids(),
+            pid=os.getpid(),
+        )
+
+    def label_records(
+        self, records: Iterable[ImageRecord], shard_id: str
+    ) -> tuple[list[dict | Future], dict[str, float]]:
+        """Rows (or futures of rows, PNG encoding in flight) for ``records``, in order.
+
+        Decoding and preparing run ahead in threads; the calling thread only runs the model.
+        """
+        batch_size = self.config.segmentor.batch_size
+        prefetch = Prefetcher(records, self._decode_prepare, self.pool, self.config.prefetch_images)
+        rows: list[dict | Future | None] = []
+        batch: list[tuple[int, ImageRecord, _Ready]] = []
+        model_s = 0.0
+        try:
+            for record, ready in prefetch:
+                if isinstance(ready, _Ready):
+                    batch.append((len(rows), record, ready))
+                    rows.append(None)
+                    if len(batch) >= batch_size:
+                        model_s += self._segment(batch, rows, shard_id)
+                        batch = []
+                else:
+                    rows.append(self._error_row(record, shard_id, ready))
+            if batch:
+                model_s += self._segment(batch, rows, shard_id)
+        finally:
+            prefetch.close()
+        return rows, {"model_s": model_s, "wait_s": prefetch.wait_s}
+
+    def _decode_prepare(self, record: ImageRecord) -> _Ready | _Failed:
+        if record.error is not None:
+            return _Failed(record.error)
+        start = time.perf_counter()
+        try:
+            decoded = decode_image(record.data, self.config.source.max_image_pixels)
+        except cliptrase.InvalidImageError as exc:
+            return _Failed(str(exc), decode_ms=_ms(start))
+        try:
+            prepared = self.segmentor.prepare(decoded.image)
+        except cliptrase.InvalidImageError as exc:
+            return _Failed(
+                str(exc), decoded.width, decoded.height, decoded.exif_transposed, _ms(start)
+            )
+        return _Ready(decoded, prepared, _ms(start))
+
+    def _segment(self, batch, rows: list, shard_id: str) -> float:
+        """Segment a batch; if the batch fails, one image at a time so one bad image costs one row."""
+        start = time.perf_counter()
+        try:
+            results = self.segmentor.segment_batch([r.prepared for _, _, r in batch], self.vocab)
+            each_ms = _ms(start) / len(batch)
+            outcomes = [(result, each_ms) for result in results]
+        except Exception as exc:  # noqa: BLE001 - isolate the culprit below
+            log.warning("batch of %d failed (%s); retrying one image at a time", len(batch), exc)
+            outcomes = []
+            for _, _, ready in batch:
+                one = time.perf_counter()
+                try:
+                    outcomes.append((self.segmentor.segment_batch([ready.prepared], self.vocab)[0],
+                                     _ms(one)))
+                except Exception as single:  # noqa: BLE001 - becomes this image's error row
+                    outcomes.append((single, _ms(one)))
+        busy = time.perf_counter() - start
+        for (index, record, ready), (result, seg_ms) in zip(batch, outcomes):
+            if isinstance(result, Exception):
+                rows[index] = self._error_row(
+                    record,
+                    shard_id,
+                    _Failed(
+                        f"segmentation failed: {type(result).__name__}: {result}",
+                        ready.decoded.width,
+                        ready.decoded.height,
+                        ready.decoded.exif_transposed,
+                        ready.decode_ms,
+                    ),
+                )
+                continue
+            rows[index] = self.pool.submit(
+                sink.ok_row,
+                image_id=record.image_id,
+                shard_id=shard_id,
+                key=record.key,
+                source_uri=_public(record.source_uri),
+                labels=result.labels,
+                confidence=result.confidence,
+                num_labels=self.vocab.num_labels,
+                exif_transposed=ready.decoded.exif_transposed,
+                windows=result.windows,
+                decode_ms=ready.decode_ms,
+                segment_ms=seg_ms,
+            )
+        return busy
+
+    def _error_row(self, record: ImageRecord, shard_id: str, failed: _Failed) -> dict:
+        return sink.error_row(
+            image_id=record.image_id,
+            shard_id=shard_id,
+            key=record.key,
+            source_uri=_public(record.source_uri),
+            error=failed.error,
+            width=failed.width,
+            height=failed.height,
+            exif_transposed=failed.exif_transposed,
+            decode_ms=failed.decode_ms,
+        )
+
+
+SegmentorActor = ray.remote(ShardLabeler)
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _public(uri: str) -> str:
+    from .config import redact_uri
+
+    return redact_uri(uri) or ""
+
+
+def _node_id() -> str | None:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _gpu_ids() -> list:
+    return list(ray.get_gpu_ids()) if ray.is_initialized() else []

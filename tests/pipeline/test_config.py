@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import pipeline
+from cliptrase import VocabularyError
+
+from .conftest import FAKE_SECRET, TINY, VOCAB, tiny_config
+
+
+def test_config_hash_ignores_throughput_knobs_and_credentials():
+    base = tiny_config(["in/"], "out")
+    same = tiny_config(
+        ["in/"],
+        "out",
+        segmentor=dataclasses.replace(TINY, batch_size=32),
+        num_actors=7,
+        decode_threads=5,
+        storage_options={"secret": FAKE_SECRET},
+    )
+    assert base.config_hash() == same.config_hash()
+    assert len(base.config_hash()) == 12 and int(base.config_hash(), 16) >= 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"vocabulary": pipeline.VocabularySpec(("person", "cat"))},
+        {"vocabulary": pipeline.VocabularySpec(VOCAB.classes, templates=("a photo of a {}.",))},
+        {"segmentor": dataclasses.replace(TINY, short_side=96)},
+        {"segmentor": dataclasses.replace(TINY, model="ViT-B-16")},
+        {"segmentor": dataclasses.replace(TINY, method="maskclip")},
+        {"source": pipeline.SourceSpec(images_per_shard=4)},
+        {"source": pipeline.SourceSpec(images_per_shard=3, image_column="jpg")},
+    ],
+)
+def test_config_hash_changes_with_what_changes_the_labels(change):
+    assert tiny_config(["in/"], "out").config_hash() != tiny_config(
+        ["in/"], "out", **change
+    ).config_hash()
+
+
+def test_storage_options_never_in_repr_or_description():
+    config = tiny_config(["s3://bkt/in/"], "s3://bkt/out", storage_options={"secret": FAKE_SECRET})
+    assert FAKE_SECRET not in repr(config)
+    assert FAKE_SECRET not in str(config.describe())
+
+
+def test_credentials_in_a_weights_uri_are_stripped_from_provenance():
+    spec = dataclasses.replace(TINY, pretrained=f"s3://AKIA:{FAKE_SECRET}@bkt/w.safetensors")
+    assert spec.describe()["pretrained"] == "s3://bkt/w.safetensors"
+    assert FAKE_SECRET not in str(tiny_config(["in/"], "out", segmentor=spec).hashed_fields())
+
+
+@pytest.mark.parametrize(
+    "classes, background",
+    [((), ()), (("cat", "cat"), ()), (("cat", " "), ()), (("background", "cat"), ("sky",))],
+)
+def test_bad_vocabulary_fails_on_the_driver_with_vocabulary_error(classes, background):
+    with pytest.raises(VocabularyError):
+        pipeline.VocabularySpec(classes, background)
+
+
+def test_vocabulary_names_pool_background_words_into_one_label():
+    assert VOCAB.names == ["person", "cat", "coffee cup", "rocket", "background"]
