@@ -1,0 +1,246 @@
+"""Argument groups and error handling shared by every ``python -m jobs.*`` entrypoint.
+
+Bad input ends a job with exit status 2 and a one-line message (no traceback): an empty
+vocabulary, a missing class file, unreadable storage, weights that cannot be fetched.
+Storage options may hold credentials: they are read from ``--storage-options`` or the
+``CLIPTRASE_STORAGE_OPTIONS`` environment variable and never logged or written to outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from cliptrase.classfile import ClassList, load_class_file, preset_names
+from cliptrase.errors import CliptraseError, VocabularyError, WeightsUnavailableError
+
+STORAGE_OPTIONS_ENV = "CLIPTRASE_STORAGE_OPTIONS"
+RANDOM_WEIGHTS_BANNER = "RANDOM weights (plumbing check): these labels are not meaningful"
+log = logging.getLogger("jobs")
+
+
+class CliError(Exception):
+    """Bad input a user can fix; the entrypoint prints the message and exits with status 2."""
+
+
+# ------------------------------------------------------------------ arguments
+def add_storage_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        default=None,
+        help="fsspec storage options for every URI, as JSON, e.g. "
+        '\'{"client_kwargs": {"endpoint_url": "http://minio:9000"}}\'. Default: the '
+        f"{STORAGE_OPTIONS_ENV} environment variable, else none. Never logged.",
+    )
+
+
+def add_model_args(parser: argparse.ArgumentParser, title: str = "model") -> None:
+    group = parser.add_argument_group(title)
+    group.add_argument("--model", default="ViT-B-16", help="open_clip ViT name (default ViT-B-16)")
+    group.add_argument(
+        "--weights",
+        default="openai",
+        help="open_clip pretrained tag (default openai, fetched by open_clip), a local "
+        "checkpoint file, or an fsspec URI such as s3://bucket/ViT-B-16.safetensors",
+    )
+    group.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random weights instead of --weights: a plumbing check, every output says so",
+    )
+    group.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow pickled checkpoints that need full unpickling (runs code from the file)",
+    )
+    group.add_argument(
+        "--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda, cuda:1 ..."
+    )
+    group.add_argument(
+        "--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="GPU only"
+    )
+    group.add_argument(
+        "--short-side", type=int, default=336, help="resize the short side to this (default 336)"
+    )
+    group.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+
+
+def add_vocabulary_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    group = parser.add_argument_group(
+        "vocabulary", "one of --classes, --class-file, --preset (format: docs/evaluation.md)"
+    )
+    source = group.add_mutually_exclusive_group(required=required)
+    source.add_argument(
+        "--classes",
+        metavar='"a,b;b2,c"',
+        help="class names separated by ',' with synonyms after ';' (e.g. \"person;man,car\")",
+    )
+    source.add_argument(
+        "--class-file", metavar="PATH_OR_URI", help="a YAML, JSON or text class file"
+    )
+    source.add_argument(
+        "--preset", choices=preset_names(), help="a benchmark class list shipped with cliptrase"
+    )
+    group.add_argument(
+        "--background",
+        metavar='"sky,wall"',
+        help="background words separated by ','; they all predict one label 'background' "
+        "(adds to those of a class file or preset)",
+    )
+    group.add_argument(
+        "--drop-synonyms",
+        action="store_true",
+        help="prompt each class by its name only (the segmentor does not score synonyms yet)",
+    )
+
+
+def add_logging_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+# -------------------------------------------------------------- interpretation
+def storage_options(args: argparse.Namespace) -> dict:
+    """The fsspec storage options of a job (flag, else environment, else empty)."""
+    raw = args.storage_options
+    origin = "--storage-options"
+    if raw is None:
+        raw = os.environ.get(STORAGE_OPTIONS_ENV)
+        origin = STORAGE_OPTIONS_ENV
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        # The message names the position only: the text may hold credentials.
+        raise CliError(f"{origin} is not valid JSON ({err.msg} at char {err.pos})") from None
+    if not isinstance(value, dict):
+        raise CliError(f"{origin} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def class_list(args: argparse.Namespace, options: dict | None = None) -> ClassList | None:
+    """The ClassList the vocabulary flags describe; None if none was given."""
+    background = _split(getattr(args, "background", None))
+    try:
+        if args.classes is not None:
+            classes = _split(args.classes)
+            if not classes:
+                raise CliError("--classes is empty: give names separated by ','")
+            result = ClassList.from_names(classes, background)
+            background = []
+        elif args.class_file is not None:
+            result = load_class_file(args.class_file, storage_options=options)
+        elif args.preset is not None:
+            result = ClassList.from_preset(args.preset)
+        else:
+            if background:
+                raise CliError("--background needs classes (--classes, --class-file or --preset)")
+            return None
+        if background:
+            result = ClassList(
+                result.names,
+                result.synonyms,
+                result.background + tuple(background),
+                result.templates,
+                result.class_templates,
+            )
+        if getattr(args, "drop_synonyms", False):
+            result = result.without_synonyms()
+    except VocabularyError as err:
+        raise CliError(str(err)) from None
+    return result
+
+
+def load_segmentor(args: argparse.Namespace, options: dict | None = None):
+    """The segmentor the model flags describe (random weights announced loudly)."""
+    import cliptrase
+
+    pretrained = None if args.random_weights else args.weights
+    try:
+        config = cliptrase.SegmentorConfig(short_side=args.short_side, batch_size=args.batch_size)
+        segmentor = cliptrase.load_segmentor(
+            args.model,
+            pretrained=pretrained,
+            device=args.device,
+            precision=args.precision,
+            config=config,
+            storage_options=options,
+            trust_pickle=args.trust_pickle,
+        )
+    except WeightsUnavailableError as err:
+        hint = ""
+        if "--weights" not in str(err):
+            hint = (
+                "\nOffline? Pass a local checkpoint with --weights PATH (or an s3:// URI), "
+                "or --random-weights for a plumbing check."
+            )
+        raise CliError(f"{err}{hint}") from None
+    except (CliptraseError, ValueError) as err:
+        raise CliError(str(err)) from None
+    except RuntimeError as err:  # e.g. device='cuda' without a GPU
+        raise CliError(str(err)) from None
+    if segmentor.random_weights:
+        log.warning("%s: %s", args.model, RANDOM_WEIGHTS_BANNER)
+    return segmentor
+
+
+def setup_logging(args: argparse.Namespace | None = None) -> None:
+    level = logging.INFO
+    if args is not None and getattr(args, "verbose", False):
+        level = logging.DEBUG
+    elif args is not None and getattr(args, "quiet", False):
+        level = logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    # Third-party clients log request details (URLs, sometimes headers) at debug level.
+    for noisy in ("botocore", "s3fs", "fsspec", "urllib3", "aiobotocore"):
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+
+
+def exit_on_user_errors(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Run ``main``; bad input becomes ``error: <message>`` on stderr and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except (CliError, CliptraseError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except FileNotFoundError as err:
+            print(f"error: not found: {err}", file=sys.stderr)
+            return 2
+        except PermissionError as err:
+            print(f"error: storage refused access: {err}", file=sys.stderr)
+            return 2
+        except OSError as err:  # unreachable endpoint, missing bucket ...
+            print(f"error: storage: {err}", file=sys.stderr)
+            return 2
+        except Exception as err:
+            if not _is_storage_error(err):
+                raise
+            print(f"error: storage: {type(err).__name__}: {err}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+_STORAGE_CLIENT_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "azure")
+
+
+def _is_storage_error(err: Exception) -> bool:
+    """Errors of the object-store clients (no credentials, access denied ...), which raise
+    their own exception types rather than OSError."""
+    return any(cls.__module__.split(".")[0] in _STORAGE_CLIENT_MODULES for cls in type(err).__mro__)
