@@ -183,3 +183,17 @@ def test_from_names_splits_synonyms_and_validates():
         ClassList.from_names([])
     with pytest.raises(VocabularyError, match="more than once"):
         ClassList.from_names(["car", "car"])
+
+
+def test_the_examples_in_docs_evaluation_parse_to_the_same_vocabulary():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text()
+    blocks = dict(re.findall(r"```(yaml|json|text)\n(.*?)```", doc, flags=re.S))
+    parsed = {fmt: parse_class_file(text) for fmt, text in blocks.items()}
+    assert set(parsed) == {"yaml", "json", "text"}
+    for cl in parsed.values():
+        assert cl.label_names == ["person", "car", "traffic light", "background"]
+        assert cl.synonyms == (("pedestrian", "cyclist"), (), ("signal",))
+        assert cl.background == ("sky", "road", "building")
