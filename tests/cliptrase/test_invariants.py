@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import median_filter
 
 from cliptrase.attention import recalibrated_correlation, self_correlation, self_self_attention
 from cliptrase.backbone import HeadProjections, resampled_positional_embedding
 from cliptrase.inference import ownership_bounds, window_starts
-from cliptrase.refine import ClusterVote, dbscan_parameters, majority_vote, mean_logits_vote
+from cliptrase.refine import (
+    ClusterVote,
+    dbscan_parameters,
+    majority_vote,
+    mean_logits_vote,
+    median_filter_maps,
+)
 
 from .conftest import parity_pixels
 
@@ -95,6 +102,15 @@ def test_every_cluster_region_carries_one_label(tiny, astronaut):
     labels = tiny.segment_pixels(pixels, vocab)[0].numpy()
     for region in np.unique(regions):
         assert len(np.unique(labels[regions == region])) == 1
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 7), (3, 56, 40), (2, 5, 9)])
+def test_median_filter_maps_equals_scipy_reflect(shape):
+    rng = np.random.default_rng(sum(shape))
+    maps = rng.random(shape, dtype=np.float32)
+    maps[0, :3] = 0.5  # ties and flat areas
+    expected = np.stack([median_filter(m, size=7) for m in maps])
+    np.testing.assert_array_equal(median_filter_maps(maps, 7), expected)
 
 
 def test_majority_vote_breaks_ties_towards_the_smallest_label():
