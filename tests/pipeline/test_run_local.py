@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +154,44 @@ def test_changed_vocabulary_writes_elsewhere_and_a_broken_shard_fails_alone(
     assert pipeline.read_run_metadata(str(other_root))["names"] == ["rocket", "tree"]
     assert pipeline.read_rows(str(other_root)).num_rows == 1
     assert pipeline.read_rows(str(root)).num_rows == 14  # the first run's outputs untouched
+
+
+def test_a_killed_actor_is_replaced_and_its_shard_redone(tmp_path, photos):
+    import psutil
+
+    from .conftest import jpeg
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i:02d}.jpg").write_bytes(jpeg(photos["coffee"]))
+    config = tiny_config(
+        [str(folder)],
+        tmp_path / "out",
+        source=pipeline.SourceSpec(images_per_shard=1),
+        num_actors=1,
+        max_retries=2,
+    )
+    committed = tmp_path / "out" / config.config_hash() / "_committed"
+    killed = []
+
+    def kill_the_actor_after_its_first_commit():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if committed.is_dir() and any(committed.iterdir()):
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if any("ray::ShardLabeler" in part for part in proc.info["cmdline"] or []):
+                        os.kill(proc.info["pid"], signal.SIGKILL)
+                        killed.append(proc.info["pid"])
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_the_actor_after_its_first_commit)
+    killer.start()
+    summary = pipeline.run(config, progress=False)
+    killer.join()
+    assert killed, "the actor was never seen"
+    assert summary.actor_restarts >= 1
+    assert (summary.shards_done + summary.shards_skipped, summary.shards_failed) == (12, 0)
+    ids = pipeline.read_rows(str(tmp_path / "out")).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 12
+    assert {r.pid for r in summary.results} - set(killed)  # the rest ran in the new actor
