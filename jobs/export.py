@@ -1,0 +1,721 @@
+"""``python -m jobs.export``: pseudo-label Parquet outputs to a dataset you can train on.
+
+Two layouts (docs/export.md):
+
+* ``--format folder``: ``ann_dir/<split>/<name>.png`` label masks (and ``img_dir/<split>/`` images
+  with ``--include-images``), ``images.txt`` and ``index.jsonl`` listing them, ``classes.json``.
+  This is what mmsegmentation's ``BaseSegDataset`` and detectron2's ``load_sem_seg`` read.
+* ``--format hf``: ``data/<split>-XXXXX-of-YYYYY.parquet`` with the masks (and images) as
+  Hugging Face ``Image`` structs and the ``huggingface`` schema metadata, so that
+  ``datasets.load_dataset("parquet", ...)`` decodes them and names the classes.
+
+Pixels whose confidence is below ``--min-confidence`` become the ignore index (255 by
+default), the convention of mmsegmentation, detectron2 and Cityscapes-style datasets. Error
+rows are not exported. The export streams one committed shard at a time, a few dozen rows per
+batch, so memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import re
+import sys
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image, ImageOps
+
+from pipeline.manifest import RunLayout, committed_shard_ids, read_manifest
+from pipeline.sink import METADATA_KEY, decode_masks, encode_png, resolve_layout
+
+from . import _cli
+
+log = logging.getLogger("jobs.export")
+
+IGNORE_INDEX = 255
+ROWS_PER_BATCH = 64  # rows decoded at a time; also the row-group size of the HF files
+_IMAGE_EXTENSIONS = {
+    "JPEG": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "BMP": ".bmp",
+    "GIF": ".gif",
+    "TIFF": ".tif",
+}
+
+
+# ------------------------------------------------------------------- the labelled run
+@dataclasses.dataclass(frozen=True)
+class LabelledRun:
+    """A labelling output under one config hash: its committed shards and provenance."""
+
+    layout: RunLayout
+    shard_ids: tuple[str, ...]
+    metadata: dict[str, Any]
+    image_column: str = "image"  # of Parquet input shards (to fetch source images)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.metadata["names"])
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.metadata.get("random_weights"))
+
+    def batches(
+        self, shard_id: str, columns: Sequence[str] | None = None, batch_size: int = ROWS_PER_BATCH
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The rows of one committed shard, ``batch_size`` at a time (never the whole file)."""
+        with self.layout.fs.open(self.layout.shard_path(shard_id), "rb") as f:
+            parquet = pq.ParquetFile(f)
+            for batch in parquet.iter_batches(
+                batch_size=batch_size, columns=list(columns) if columns else None
+            ):
+                yield batch.to_pylist()
+
+    def rows(self, columns: Sequence[str] | None = None) -> Iterator[tuple[str, list[dict]]]:
+        """``(shard_id, batch of rows)`` over every committed shard, in shard order."""
+        for shard_id in self.shard_ids:
+            for batch in self.batches(shard_id, columns):
+                yield shard_id, batch
+
+
+def open_run(
+    labels: str, storage_options: dict | None = None, config_hash: str | None = None
+) -> LabelledRun:
+    """The committed shards and provenance of a ``jobs.label``/``pipeline.run`` output.
+
+    ``labels`` is the output URI given to the labelling run (its one config-hash prefix is
+    found) or the prefix itself. Raises ``CliError`` when there is nothing to read.
+    """
+    try:
+        layout = resolve_layout(labels, storage_options, config_hash)
+    except ValueError as err:  # several config hashes: the user must choose
+        raise _cli.CliError(f"{err} (flag --config-hash)") from None
+    except FileNotFoundError:
+        raise _cli.CliError(f"no labelling output at {labels}") from None
+    shard_ids = tuple(sorted(committed_shard_ids(layout)))
+    if not shard_ids:
+        raise _cli.CliError(
+            f"no committed shards under {layout.uri}: has the labelling run finished?"
+        )
+    with layout.fs.open(layout.shard_path(shard_ids[0]), "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    if METADATA_KEY not in meta:
+        raise _cli.CliError(f"{layout.uri} has no '{METADATA_KEY.decode()}' Parquet metadata")
+    metadata = json.loads(meta[METADATA_KEY])
+    manifest = read_manifest(layout) or {}
+    source = (manifest.get("config") or {}).get("source") or {}
+    return LabelledRun(layout, shard_ids, metadata, source.get("image_column") or "image")
+
+
+# ------------------------------------------------------------------------- masks
+def mask_dtype(num_labels: int, ignore_index: int) -> np.dtype:
+    """uint8 when every label and the ignore index fit in 8 bits, else uint16.
+
+    Raises ``CliError`` when the ignore index is also a label id: those pixels would be
+    trained on as that class, or that class would be silently ignored.
+    """
+    if not 0 <= ignore_index <= 65535:
+        raise _cli.CliError(f"--ignore-index must be within 0..65535, got {ignore_index}")
+    if ignore_index < num_labels:
+        raise _cli.CliError(
+            f"the vocabulary has {num_labels} labels (ids 0..{num_labels - 1}), so the ignore "
+            f"index {ignore_index} is also a class id; pass --ignore-index {max(num_labels, 256)}"
+            " or higher (masks then become 16-bit PNGs)"
+            if num_labels > 255
+            else f"--ignore-index {ignore_index} is a class id of this {num_labels}-label "
+            f"vocabulary; use a value >= {num_labels} (255 is the usual one)"
+        )
+    if num_labels > 65535:
+        raise _cli.CliError(f"{num_labels} labels do not fit in a 16-bit PNG")
+    return np.dtype(np.uint8 if max(num_labels - 1, ignore_index) <= 255 else np.uint16)
+
+
+def training_mask(
+    row: dict[str, Any], min_confidence: float, ignore_index: int, dtype: np.dtype
+) -> tuple[np.ndarray, int]:
+    """The row's labels with pixels below ``min_confidence`` set to ``ignore_index``; and how
+    many pixels that ignored. Confidence is compared as :func:`pipeline.decode_masks` returns it."""
+    labels, confidence = decode_masks(row)
+    mask = labels.astype(dtype, copy=True)
+    low = confidence < np.float32(min_confidence)
+    mask[low] = ignore_index
+    return mask, int(low.sum())
+
+
+# -------------------------------------------------------------------- safe names
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_COMPONENT = 100
+
+
+def safe_name(image_id: str) -> str:
+    """A relative POSIX path for an image id that cannot leave the export folder.
+
+    Each ``/``-separated component keeps ``[A-Za-z0-9._-]`` (others become ``_``); empty,
+    ``.`` and ``..`` components become ``_``; backslashes are separators of nothing. When this
+    changed anything, a hash of the id is appended to the last component, so two ids never
+    share a name (``a b`` and ``a_b`` differ).
+    """
+    parts = []
+    for part in image_id.split("/"):
+        clean = _UNSAFE_CHARS.sub("_", part)
+        if clean in ("", ".", "..") or set(clean) == {"."}:
+            clean = "_"
+        parts.append(clean[:_MAX_COMPONENT])
+    name = "/".join(parts)
+    if name != image_id:
+        digest = hashlib.sha1(image_id.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        name = f"{name}-{digest}"
+    return name
+
+
+# ----------------------------------------------------------------- source images
+def read_source_images(
+    uris: Iterable[str], storage_options: dict | None = None, image_column: str = "image"
+) -> dict[str, bytes | Exception]:
+    """The bytes of each source image, or the exception that stopped reading it.
+
+    ``source_uri`` is a plain file URI, ``<tar URI>#<member>`` or ``<parquet URI>#row=<n>`` (as
+    ``pipeline.sources`` writes them). Each tar or Parquet container is read once, streaming.
+    """
+    uris = list(uris)
+    files: list[str] = []
+    containers: dict[str, dict[str, str]] = {}
+    for uri in uris:
+        container, fragment = _split_container(uri)
+        if fragment is None:
+            files.append(uri)
+        else:
+            containers.setdefault(container, {})[fragment] = uri
+    found: dict[str, bytes | Exception] = {}
+    if files:
+        found.update(_read_files(files, storage_options))
+    for container, wanted in containers.items():
+        try:
+            if container.lower().endswith(".parquet"):
+                found.update(_read_parquet_rows(container, wanted, storage_options, image_column))
+            else:
+                found.update(_read_tar_members(container, wanted, storage_options))
+        except Exception as err:  # noqa: BLE001 - an unreadable container fails its images only
+            found.update({uri: err for uri in wanted.values()})
+    for uri in uris:
+        found.setdefault(uri, FileNotFoundError(f"{uri} is not in its container"))
+    return found
+
+
+def _split_container(uri: str) -> tuple[str, str | None]:
+    if "#" in uri:
+        container, fragment = uri.split("#", 1)
+        lower = container.lower()
+        if lower.endswith(".tar") or (lower.endswith(".parquet") and fragment.startswith("row=")):
+            return container, fragment
+    return uri, None
+
+
+def _read_files(uris: list[str], storage_options) -> dict[str, bytes | Exception]:
+    out: dict[str, bytes | Exception] = {}
+    for uri in uris:
+        try:
+            with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+                out[uri] = f.read()
+        except Exception as err:  # noqa: BLE001 - reported per image
+            out[uri] = err
+    return out
+
+
+def _read_tar_members(container: str, wanted: dict[str, str], storage_options):
+    out: dict[str, bytes | Exception] = {}
+    with (
+        fsspec.open(container, "rb", **(storage_options or {})) as f,
+        tarfile.open(fileobj=f, mode="r|*") as tar,
+    ):
+        for member in tar:
+            uri = wanted.get(member.name)
+            if uri is not None and member.isfile():
+                out[uri] = tar.extractfile(member).read()
+                if len(out) == len(wanted):
+                    break
+    return out
+
+
+def _read_parquet_rows(container: str, wanted: dict[str, str], storage_options, column: str):
+    rows = {int(fragment[4:]): uri for fragment, uri in wanted.items()}
+    out: dict[str, bytes | Exception] = {}
+    with fsspec.open(container, "rb", **(storage_options or {})) as f:
+        start = 0
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, columns=[column]):
+            values = batch.column(column)
+            for offset in range(len(values)):
+                uri = rows.get(start + offset)
+                if uri is not None:
+                    value = values[offset].as_py()
+                    data = value.get("bytes") if isinstance(value, dict) else value
+                    out[uri] = bytes(data) if data is not None else ValueError("no image bytes")
+            start += len(values)
+            if start > max(rows):
+                break
+    return out
+
+
+def training_image(data: bytes, exif_transposed: bool, image_format: str = "original"):
+    """``(bytes, extension)`` of a source image as stored beside its mask.
+
+    Masks are at the upright (EXIF-applied) size; an image stored sideways with an EXIF
+    orientation is re-encoded upright without it, so every reader (PIL ignores EXIF, OpenCV
+    applies it) sees pixels that match the mask. ``image_format`` "png"/"jpg" re-encodes all.
+    """
+    with Image.open(io.BytesIO(data)) as im:
+        fmt = im.format or "PNG"
+        target = {"original": fmt, "png": "PNG", "jpg": "JPEG"}[image_format]
+        if not exif_transposed and target == fmt:
+            return data, _IMAGE_EXTENSIONS.get(fmt, f".{fmt.lower()}")
+        image = ImageOps.exif_transpose(im) if exif_transposed else im.copy()
+    if target == "JPEG" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, format=target, **({"quality": 95} if target == "JPEG" else {}))
+    return buf.getvalue(), _IMAGE_EXTENSIONS.get(target, f".{target.lower()}")
+
+
+# ------------------------------------------------------------------------ writers
+def _output_fs(out: str, storage_options: dict | None):
+    fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+def _put(fs, path: str, data: bytes) -> None:
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def _open_write(fs, path: str):
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    return fs.open(path, "wb")
+
+
+@dataclasses.dataclass
+class ExportSummary:
+    out: str
+    format: str
+    exported: int = 0
+    skipped_error: int = 0  # rows the labelling run could not label
+    skipped_no_image: int = 0  # --include-images: the source image could not be read
+    pixels: int = 0
+    ignored_pixels: int = 0
+    random_weights: bool = False
+
+    @property
+    def ignored_fraction(self) -> float:
+        return self.ignored_pixels / self.pixels if self.pixels else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "ignored_fraction": self.ignored_fraction}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    format: str = "folder"  # "folder" | "hf"
+    split: str = "train"
+    min_confidence: float = 0.5
+    ignore_index: int = IGNORE_INDEX
+    include_images: bool = False
+    image_format: str = "original"
+
+
+def classes_document(run: LabelledRun, options: ExportOptions, labels_uri: str) -> dict:
+    """``classes.json``: label ids, ignore index, background handling and provenance."""
+    meta = run.metadata
+    names = run.names
+    background = list(meta.get("background") or [])
+    doc = {
+        "names": names,
+        "id2label": {str(i): n for i, n in enumerate(names)},
+        "label2id": {n: i for i, n in enumerate(names)},
+        "num_labels": len(names),
+        "ignore_index": options.ignore_index,
+        "min_confidence": options.min_confidence,
+        "mask_dtype": str(mask_dtype(len(names), options.ignore_index)),
+        "background": {
+            "label_id": len(names) - 1 if background else None,
+            "words": background,
+            "note": "every background word predicts the last label, 'background'"
+            if background
+            else "no background words: every pixel is one of the classes",
+        },
+        "provenance": {
+            "labels": labels_uri,
+            "config_hash": meta.get("config_hash"),
+            "model": meta.get("model"),
+            "pretrained": meta.get("pretrained"),
+            "weights_identity": meta.get("weights_identity"),
+            "random_weights": run.random_weights,
+            "method": meta.get("method"),
+            "package_version": meta.get("package_version"),
+        },
+    }
+    if run.random_weights:
+        doc["note"] = _cli.RANDOM_WEIGHTS_BANNER
+    return doc
+
+
+class FolderWriter:
+    """mmsegmentation / detectron2 layout: ``ann_dir/<split>/<name>.png`` (+ ``img_dir``)."""
+
+    def __init__(self, fs, root: str, options: ExportOptions):
+        self.fs, self.root, self.options = fs, root, options
+        self.index = _open_write(fs, f"{root}/index.jsonl")
+        self.names = _open_write(fs, f"{root}/images.txt")
+
+    def begin_shard(self, number: int, shard_id: str) -> None:
+        pass
+
+    def write(self, row: dict, name: str, mask: np.ndarray, mask_png: bytes, image=None):
+        split = self.options.split
+        mask_rel = f"ann_dir/{split}/{name}.png"
+        _put(self.fs, f"{self.root}/{mask_rel}", mask_png)
+        image_rel = None
+        if image is not None:
+            image_rel = f"img_dir/{split}/{name}{image[1]}"
+            _put(self.fs, f"{self.root}/{image_rel}", image[0])
+        entry = {
+            "image_id": row["image_id"],
+            "name": name,
+            "source_uri": row["source_uri"],
+            "mask": mask_rel,
+            "image": image_rel,
+            "width": row["width"],
+            "height": row["height"],
+            "shard_id": row["shard_id"],
+        }
+        self.index.write((json.dumps(entry) + "\n").encode())
+        self.names.write((name + "\n").encode())
+
+    def end_shard(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.index.close()
+        self.names.close()
+
+
+def hf_features(names: Sequence[str], include_images: bool) -> dict[str, Any]:
+    """The ``datasets`` features of the HF layout, as its ``huggingface`` metadata spells them.
+
+    ``Sequence`` (not ``List``) so that datasets 2.x-3.x read it too; 4.x+ reads both.
+    """
+    features: dict[str, Any] = {"image_id": {"dtype": "string", "_type": "Value"}}
+    if include_images:
+        features["image"] = {"_type": "Image"}
+    features.update(
+        {
+            "mask": {"_type": "Image"},
+            "width": {"dtype": "int32", "_type": "Value"},
+            "height": {"dtype": "int32", "_type": "Value"},
+            "source_uri": {"dtype": "string", "_type": "Value"},
+            "labels_present": {
+                "feature": {"names": list(names), "_type": "ClassLabel"},
+                "_type": "Sequence",
+            },
+        }
+    )
+    return features
+
+
+def hf_schema(names: Sequence[str], include_images: bool, description: str) -> pa.Schema:
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    fields = [("image_id", pa.string())]
+    if include_images:
+        fields.append(("image", image))
+    fields += [
+        ("mask", image),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("source_uri", pa.string()),
+        ("labels_present", pa.list_(pa.int64())),
+    ]
+    info = {"features": hf_features(names, include_images), "description": description}
+    return pa.schema(fields, metadata={"huggingface": json.dumps({"info": info})})
+
+
+class HfWriter:
+    """``data/<split>-XXXXX-of-YYYYY.parquet``, one file per input shard."""
+
+    def __init__(self, fs, root: str, options: ExportOptions, run: LabelledRun, description: str):
+        self.fs, self.root, self.options = fs, root, options
+        self.total = len(run.shard_ids)
+        self.schema = hf_schema(run.names, options.include_images, description)
+        self.file = self.writer = None
+        self.buffer: list[dict] = []
+
+    def begin_shard(self, number: int, shard_id: str) -> None:
+        path = f"{self.root}/data/{self.options.split}-{number:05d}-of-{self.total:05d}.parquet"
+        self.file = _open_write(self.fs, path)
+        self.writer = pq.ParquetWriter(self.file, self.schema, compression="zstd")
+
+    def write(self, row: dict, name: str, mask: np.ndarray, mask_png: bytes, image=None):
+        present = np.unique(mask)
+        out = {
+            "image_id": row["image_id"],
+            "mask": {"bytes": mask_png, "path": f"{name}.png"},
+            "width": row["width"],
+            "height": row["height"],
+            "source_uri": row["source_uri"],
+            "labels_present": [int(i) for i in present if i != self.options.ignore_index],
+        }
+        if self.options.include_images:
+            out["image"] = {"bytes": image[0], "path": f"{name}{image[1]}"}
+        self.buffer.append(out)
+        if len(self.buffer) >= ROWS_PER_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buffer:
+            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
+            self.buffer = []
+
+    def end_shard(self) -> None:
+        self._flush()
+        self.writer.close()
+        self.file.close()
+
+    def close(self) -> None:
+        pass
+
+
+def dataset_card(doc: dict, summary: ExportSummary, options: ExportOptions) -> str:
+    """README.md of the HF layout: a ``configs`` header ``datasets`` reads, and the classes."""
+    lines = [
+        "---",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+        f"  - split: {options.split}",
+        f"    path: data/{options.split}-*",
+        "---",
+        "",
+    ]
+    if doc["provenance"]["random_weights"]:
+        lines += [f"**{_cli.RANDOM_WEIGHTS_BANNER}**", ""]
+    prov = doc["provenance"]
+    lines += [
+        "# CLIPtrase pseudo-labels",
+        "",
+        f"{summary.exported} images with semantic-segmentation pseudo-labels made by "
+        f"CLIPtrase ({prov['model']}, weights `{prov['weights_identity']}`, config hash "
+        f"`{prov['config_hash']}`). Column `mask` is a single-channel PNG ({doc['mask_dtype']}) "
+        f"whose pixel value is the label id; {doc['ignore_index']} means ignore (confidence "
+        f"below {doc['min_confidence']}: {summary.ignored_fraction:.1%} of the pixels).",
+        "",
+        "| id | name |",
+        "|---:|---|",
+    ]
+    lines += [f"| {i} | {n} |" for i, n in enumerate(doc["names"])]
+    lines += [f"| {doc['ignore_index']} | *ignore* |", "", doc["background"]["note"] + ".", ""]
+    lines += [
+        "```python",
+        "from datasets import load_dataset",
+        'ds = load_dataset("parquet", data_files="data/*.parquet", split="train")',
+        'ds.features["labels_present"].feature.names  # the class names',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- export
+def export(
+    labels: str,
+    out: str,
+    options: ExportOptions,
+    storage_options: dict | None = None,
+    config_hash: str | None = None,
+    progress: bool = False,
+) -> ExportSummary:
+    """Export every ok row of a labelled run's committed shards; returns the counts."""
+    from tqdm import tqdm
+
+    run = open_run(labels, storage_options, config_hash)
+    dtype = mask_dtype(len(run.names), options.ignore_index)
+    fs, root = _output_fs(out, storage_options)
+    summary = ExportSummary(out=out, format=options.format, random_weights=run.random_weights)
+    doc = classes_document(run, options, run.layout.uri)
+    if options.format == "folder":
+        writer: FolderWriter | HfWriter = FolderWriter(fs, root, options)
+    else:
+        description = "CLIPtrase pseudo-labels; classes: " + ", ".join(run.names)
+        if run.random_weights:
+            description = f"{_cli.RANDOM_WEIGHTS_BANNER}. {description}"
+        writer = HfWriter(fs, root, options, run, description)
+    columns = [
+        "image_id",
+        "shard_id",
+        "source_uri",
+        "status",
+        "error",
+        "width",
+        "height",
+        "mask_png",
+        "confidence_png",
+        "exif_transposed",
+    ]
+    try:
+        for number, shard_id in enumerate(
+            tqdm(run.shard_ids, desc="export", unit="shard", disable=not progress)
+        ):
+            writer.begin_shard(number, shard_id)
+            for batch in run.batches(shard_id, columns):
+                ok = [r for r in batch if r["status"] == "ok"]
+                summary.skipped_error += len(batch) - len(ok)
+                images = {}
+                if options.include_images and ok:
+                    images = read_source_images(
+                        [r["source_uri"] for r in ok], storage_options, run.image_column
+                    )
+                for row in ok:
+                    image = None
+                    if options.include_images:
+                        image = _prepared_image(row, images.get(row["source_uri"]), options)
+                        if image is None:
+                            summary.skipped_no_image += 1
+                            continue
+                    mask, ignored = training_mask(
+                        row, options.min_confidence, options.ignore_index, dtype
+                    )
+                    writer.write(row, safe_name(row["image_id"]), mask, encode_png(mask), image)
+                    summary.exported += 1
+                    summary.pixels += mask.size
+                    summary.ignored_pixels += ignored
+            writer.end_shard()
+    finally:
+        writer.close()
+    names_json = json.dumps(doc, indent=2).encode()
+    _put(fs, f"{root}/classes.json", names_json)
+    if options.format == "hf":
+        _put(fs, f"{root}/id2label.json", json.dumps(doc["id2label"], indent=2).encode())
+        _put(fs, f"{root}/README.md", dataset_card(doc, summary, options).encode())
+    _put(fs, f"{root}/export.json", json.dumps(summary.to_dict(), indent=2).encode())
+    return summary
+
+
+def _prepared_image(row: dict, data, options: ExportOptions) -> tuple[bytes, str] | None:
+    if data is None or isinstance(data, Exception):
+        log.warning("%s: cannot read the source image (%s); row skipped", row["image_id"], data)
+        return None
+    try:
+        return training_image(data, bool(row["exif_transposed"]), options.image_format)
+    except Exception as err:  # noqa: BLE001 - the source changed since it was labelled
+        log.warning("%s: cannot decode the source image (%s); row skipped", row["image_id"], err)
+        return None
+
+
+# ------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.export",
+        description="Turn pseudo-label Parquet outputs into a training dataset: PNG label masks "
+        "in the mmsegmentation/detectron2 folder layout, or a Hugging Face datasets Parquet "
+        "layout. Pixels below --min-confidence become --ignore-index. See docs/export.md.",
+    )
+    parser.add_argument(
+        "--labels",
+        required=True,
+        metavar="OUTPUT_URI",
+        help="the labelling run's output (folder or URI), or its <config_hash> prefix",
+    )
+    parser.add_argument(
+        "--config-hash",
+        default=None,
+        help="which config-hash prefix to export when the output holds several",
+    )
+    parser.add_argument("--out", required=True, metavar="URI", help="folder or URI to write")
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=("folder", "hf"),
+        help="folder: ann_dir/ PNGs + images.txt/index.jsonl + classes.json (mmseg, "
+        "detectron2); hf: data/*.parquet with Image features (datasets.load_dataset)",
+    )
+    parser.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.5,
+        help="pixels with a lower confidence become the ignore index (default 0.5; 0 keeps all)",
+    )
+    parser.add_argument(
+        "--ignore-index",
+        type=int,
+        default=IGNORE_INDEX,
+        help="mask value of ignored pixels (default 255; must not be a label id)",
+    )
+    parser.add_argument(
+        "--include-images",
+        action="store_true",
+        help="also copy the source images (read from each row's source_uri)",
+    )
+    parser.add_argument(
+        "--image-format",
+        choices=("original", "png", "jpg"),
+        default="original",
+        help="with --include-images: keep the source encoding (default) or re-encode all "
+        "(mmsegmentation wants one image suffix per dataset)",
+    )
+    parser.add_argument("--split", default="train", help="split name in paths (default train)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _cli.add_storage_args(parser)
+    _cli.add_logging_args(parser)
+    return parser
+
+
+@_cli.exit_on_user_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _cli.setup_logging(args)
+    options = _cli.storage_options(args)
+    if not 0.0 <= args.min_confidence <= 1.0:
+        raise _cli.CliError("--min-confidence must be within 0..1")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.split) or args.split in (".", ".."):
+        raise _cli.CliError("--split must be a plain name such as train or val")
+    export_options = ExportOptions(
+        format=args.format,
+        split=args.split,
+        min_confidence=args.min_confidence,
+        ignore_index=args.ignore_index,
+        include_images=args.include_images,
+        image_format=args.image_format,
+    )
+    summary = export(
+        args.labels,
+        args.out,
+        export_options,
+        options,
+        args.config_hash,
+        progress=not (args.no_progress or args.quiet),
+    )
+    if summary.random_weights:
+        print(_cli.RANDOM_WEIGHTS_BANNER)
+    print(
+        f"exported {summary.exported} images ({args.format}) to {args.out}; skipped "
+        f"{summary.skipped_error} error rows"
+        + (f", {summary.skipped_no_image} unreadable source images" if args.include_images else "")
+        + f"; ignored pixels (confidence < {args.min_confidence}): {summary.ignored_fraction:.1%}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
