@@ -1,0 +1,289 @@
+"""``python -m jobs.label``: pseudo-label image shards with CLIPtrase on Ray, into Parquet.
+
+Locally it starts an embedded Ray; under ``ray job submit`` (or with ``RAY_ADDRESS`` set) it
+joins that cluster. Re-running the same command resumes: committed shards are skipped.
+
+    # the bundled sample photos, local Ray, local folder (the README's main command)
+    python -m jobs.label --sample
+
+    # a corpus in S3 on a cluster, 1 GPU per actor
+    ray job submit --working-dir . -- python -m jobs.label \\
+        's3://bucket/shards/*.tar' --output s3://bucket/labels \\
+        --class-file s3://bucket/classes.yaml --gpus-per-actor 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from cliptrase import METHODS
+
+from . import _cli
+
+log = logging.getLogger("jobs.label")
+
+SAMPLE_ROOT = os.path.join("outputs", "sample")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.label",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="shard URIs, globs or prefixes: WebDataset .tar files, Parquet files with an image "
+        "column, or folders of images (local paths, s3://..., any fsspec URI)",
+    )
+    parser.add_argument(
+        "--output", "-o", help="output URI; results go under <output>/<config hash>/"
+    )
+    parser.add_argument(
+        "--sample",
+        action="store_true",
+        help=f"label the bundled sample photos (scikit-image's) into {SAMPLE_ROOT}/ with a "
+        "built-in vocabulary; combine with --random-weights when offline",
+    )
+    _cli.add_vocabulary_args(parser, required=False)
+    _cli.add_model_args(parser)
+    parser.set_defaults(precision="bf16")  # GPU actors; the segmentor falls back to fp32 on CPU
+    method = parser.add_argument_group("method")
+    method.add_argument("--method", default="cliptrase", choices=sorted(METHODS))
+    method.add_argument(
+        "--max-patches",
+        type=int,
+        default=1344,
+        help="above this many patches an image is labelled in sliding windows (default 1344)",
+    )
+    method.add_argument(
+        "--confidence-temperature",
+        type=float,
+        default=1.0,
+        help="softmax temperature of the per-pixel confidence (default 1: CLIP's own scale)",
+    )
+    method.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    source = parser.add_argument_group("inputs")
+    source.add_argument("--image-column", default="image", help="Parquet inputs: image column")
+    source.add_argument("--id-column", default="id", help="Parquet inputs: id column")
+    source.add_argument(
+        "--images-per-shard",
+        type=int,
+        default=1000,
+        help="folders of loose images: this many images per output shard (default 1000)",
+    )
+    source.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=89_478_485,
+        help="larger images become error rows (decompression-bomb guard; Pillow's default)",
+    )
+    execution = parser.add_argument_group("execution")
+    execution.add_argument(
+        "--actors", type=int, default=None, help="segmentor actors (default: as many as fit)"
+    )
+    execution.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="GPUs per actor, fractions share a GPU (default: 1 if the cluster has GPUs, else 0)",
+    )
+    execution.add_argument("--cpus-per-actor", type=float, default=1.0)
+    execution.add_argument(
+        "--decode-threads", type=int, default=2, help="image decoding threads per actor"
+    )
+    execution.add_argument("--max-retries", type=int, default=3, help="attempts per shard")
+    execution.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=1.0,
+        help="exit 1 when more than this fraction of images are error rows (default 1: never)",
+    )
+    execution.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _cli.add_storage_args(parser)
+    _cli.add_logging_args(parser)
+    return parser
+
+
+def _vocabulary(args: argparse.Namespace, options: dict):
+    from cliptrase.classfile import ClassList
+    from pipeline import VocabularySpec
+
+    from .samples import SAMPLE_BACKGROUND, SAMPLE_CLASSES
+
+    classes = _cli.class_list(args, options)
+    if classes is None:
+        if not args.sample:
+            raise _cli.CliError("give a vocabulary: --classes, --class-file or --preset")
+        classes = ClassList.from_names(SAMPLE_CLASSES, SAMPLE_BACKGROUND)
+    try:
+        names, background, templates = classes.vocabulary_args()
+        return VocabularySpec(
+            tuple(names), tuple(background), None if templates is None else tuple(templates)
+        )
+    except ValueError as err:  # VocabularyError is a ValueError too
+        raise _cli.CliError(str(err)) from None
+
+
+def _gpus_per_actor(args: argparse.Namespace) -> float:
+    """1 GPU per actor where the cluster has GPUs, else CPU actors (asks Ray, which is up)."""
+    if args.gpus_per_actor is not None:
+        if args.gpus_per_actor < 0:
+            raise _cli.CliError("--gpus-per-actor cannot be negative")
+        return args.gpus_per_actor
+    import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def config_from_args(args: argparse.Namespace, options: dict):
+    """The pipeline's RunConfig for these arguments (Ray must be up for the GPU default)."""
+    from pipeline import RunConfig, SegmentorSpec, SourceSpec
+
+    if args.device != "auto":
+        raise _cli.CliError(
+            "jobs.label places models with --gpus-per-actor (Ray decides the device); "
+            "--device is for in-process jobs"
+        )
+    inputs = list(args.inputs)
+    output = args.output
+    if args.sample:
+        from .samples import write_sample_images
+
+        if inputs:
+            raise _cli.CliError("--sample labels the bundled photos; give no INPUT with it")
+        image_dir = os.path.abspath(os.path.join(SAMPLE_ROOT, "images"))
+        write_sample_images(image_dir)
+        inputs = [image_dir]
+        output = output or os.path.abspath(os.path.join(SAMPLE_ROOT, "labels"))
+    if not inputs:
+        raise _cli.CliError("give at least one INPUT (a shard URI, glob or folder), or --sample")
+    if not output:
+        raise _cli.CliError("give --output URI")
+    try:
+        segmentor = SegmentorSpec(
+            model=args.model,
+            pretrained=None if args.random_weights else args.weights,
+            method=args.method,
+            precision=args.precision,
+            short_side=args.short_side,
+            max_patches=args.max_patches,
+            batch_size=args.batch_size,
+            confidence_temperature=args.confidence_temperature,
+            seed=args.seed,
+            trust_pickle=args.trust_pickle,
+        )
+        segmentor.segmentor_config()  # validates sizes now, not in every actor
+        source = SourceSpec(
+            image_column=args.image_column,
+            id_column=args.id_column or None,
+            images_per_shard=args.images_per_shard,
+            max_image_pixels=args.max_image_pixels,
+        )
+        return RunConfig(
+            inputs=tuple(inputs),
+            output=output,
+            segmentor=segmentor,
+            vocabulary=_vocabulary(args, options),
+            source=source,
+            num_actors=args.actors,
+            num_gpus_per_actor=_gpus_per_actor(args),
+            num_cpus_per_actor=args.cpus_per_actor,
+            decode_threads=args.decode_threads,
+            max_retries=args.max_retries,
+            storage_options=options,
+        )
+    except ValueError as err:
+        raise _cli.CliError(str(err)) from None
+
+
+@_cli.exit_on_user_errors
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _cli.setup_logging(args)
+    options = _cli.storage_options(args)
+    if not 0 <= args.max_error_rate <= 1:
+        raise _cli.CliError("--max-error-rate is a fraction between 0 and 1")
+    _vocabulary(args, options)  # a bad vocabulary fails before Ray starts
+    import ray
+
+    # Connects to RAY_ADDRESS when set (ray job submit sets it), else starts a local Ray.
+    started = not ray.is_initialized()
+    if started:
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        config = config_from_args(args, options)
+        if config.segmentor.pretrained is None:
+            log.warning("%s: %s", config.segmentor.model, _cli.RANDOM_WEIGHTS_BANNER)
+        summary = run_pipeline(config, args)
+    finally:
+        if started:
+            ray.shutdown()
+    return report(summary, config, args.max_error_rate)
+
+
+def run_pipeline(config, args: argparse.Namespace):
+    """``pipeline.run``, with a segmentor that cannot start turned into a message to act on."""
+    import pipeline
+
+    try:
+        return pipeline.run(config, progress=not args.no_progress)
+    except RuntimeError as err:
+        raise _cli.CliError(_explain_run_failure(err, args)) from None
+
+
+def report(summary, config, max_error_rate: float) -> int:
+    """Print the summary and where the outputs are; exit status 1 above the error rate."""
+    out = summary.to_dict()
+    random = config.segmentor.pretrained is None
+    out["random_weights"] = random
+    print(json.dumps(out, indent=2, sort_keys=True))
+    images = summary.images_ok + summary.images_error
+    print(
+        f"\nlabelled {summary.images_ok} images ok, {summary.images_error} error rows, "
+        f"{summary.shards_done} shards written, {summary.shards_skipped} already done, "
+        f"{summary.shards_failed} failed, in {summary.seconds:.1f}s "
+        f"({summary.images_per_s:.2f} images/s)",
+        file=sys.stderr,
+    )
+    print(
+        f"Parquet: {summary.output}/shards/  (summary.json, manifest.json beside)", file=sys.stderr
+    )
+    if random:
+        print(f"NOTE: {_cli.RANDOM_WEIGHTS_BANNER}", file=sys.stderr)
+    if summary.shards_failed:
+        print(f"error: {summary.shards_failed} shards failed: see manifest.json", file=sys.stderr)
+        return 1
+    if images and summary.images_error / images > max_error_rate:
+        print(
+            f"error: {summary.images_error}/{images} images are error rows, above "
+            f"--max-error-rate {max_error_rate}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _explain_run_failure(err: RuntimeError, args: argparse.Namespace) -> str:
+    message = _last_line(str(err))
+    if "WeightsUnavailableError" in str(err) and "--weights" not in message:
+        message += (
+            "\nOffline? Pass a local checkpoint with --weights PATH (or an s3:// URI), "
+            "or --random-weights for a plumbing check."
+        )
+    return message
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+if __name__ == "__main__":
+    sys.exit(main())
