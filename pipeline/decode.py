@@ -58,8 +58,9 @@ def decode_image(data: bytes, max_image_pixels: int | None = 89_478_485) -> Deco
         )
     try:
         image.seek(0)  # animations: the first frame
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         image.load()
+        # After load(): PNG and WebP may carry their EXIF chunk after the pixel data.
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         exif_transposed = orientation in range(2, 9)
         if exif_transposed:
             image = ImageOps.exif_transpose(image)

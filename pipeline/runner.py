@@ -56,6 +56,7 @@ class RunSummary:
     model_idle_fraction: float | None = None  # 1 - model time / shard time, over all actors
     actors: int = 0
     actor_restarts: int = 0
+    torch_threads: list[int] = field(default_factory=list)  # per actor, as seen by torch
     failures: list[dict] = field(default_factory=list)
     results: list[ShardResult] = field(default_factory=list, repr=False)
 
@@ -283,6 +284,7 @@ def _finish(summary: RunSummary, t0: float) -> None:
     images = summary.images_ok + summary.images_error
     labelling = summary.seconds - summary.startup_s
     summary.images_per_s = images / labelling if images and labelling > 0 else 0.0
+    summary.torch_threads = sorted({r.torch_threads for r in summary.results})
     shard_s = sum(r.seconds for r in summary.results)
     if shard_s > 0:
         summary.model_idle_fraction = 1.0 - sum(r.model_s for r in summary.results) / shard_s

@@ -54,6 +54,7 @@ class ShardResult:
     node_id: str | None = None
     gpu_ids: list = field(default_factory=list)
     pid: int = 0
+    torch_threads: int = 0
 
 
 @dataclass
@@ -128,14 +129,12 @@ class ShardLabeler:
         }
 
     def placement(self) -> dict[str, Any]:
-        import torch
-
         return {
             "node_id": _node_id(),
             "gpu_ids": _gpu_ids(),
             "pid": os.getpid(),
             "device": str(self.segmentor.device),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": _torch_threads(),
         }
 
     # ------------------------------------------------------------------ labelling
@@ -163,6 +162,7 @@ class ShardLabeler:
             node_id=_node_id(),
             gpu_ids=_gpu_ids(),
             pid=os.getpid(),
+            torch_threads=_torch_threads(),
         )
 
     def label_records(
@@ -286,6 +286,12 @@ def _public(uri: str) -> str:
 
 def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _gpu_ids() -> list:
