@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -152,9 +153,18 @@ def s3_labels(s3_endpoint, labelled) -> dict:
     }
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(**options)
-    for bucket in ("labels", "inputs", "exports"):
+    # moto keeps one in-memory store per process: fresh bucket names for each test module.
+    tag = uuid.uuid4().hex[:8]
+    buckets = {name: f"{name}-{tag}" for name in ("labels", "inputs", "exports")}
+    for bucket in buckets.values():
         fs.mkdir(bucket)
-    fs.put(labelled["output"] + "/", "labels/run/", recursive=True)
-    fs.put(str(labelled["inputs_root"]) + "/", "inputs/", recursive=True)
+    fs.put(labelled["output"] + "/", f"{buckets['labels']}/run/", recursive=True)
+    fs.put(str(labelled["inputs_root"]) + "/", f"{buckets['inputs']}/", recursive=True)
     fs.invalidate_cache()
-    return {"fs": fs, "options": options, "labels": "s3://labels/run"}
+    return {
+        "fs": fs,
+        "options": options,
+        "labels": f"s3://{buckets['labels']}/run",
+        "inputs": buckets["inputs"],
+        "exports": buckets["exports"],
+    }
