@@ -181,6 +181,8 @@ def test_hf_layout_loads_with_datasets_as_image_features_and_class_names(labelle
         assert example["image"].size == (example["width"], example["height"])
         present = sorted(int(v) for v in np.unique(mask) if v != 255)
         assert example["labels_present"] == present
+    by_card = datasets.load_dataset(str(tmp_path), split="train", cache_dir=str(tmp_path / "c2"))
+    assert len(by_card) == 9  # README.md's configs header points at data/train-*
     card = (tmp_path / "README.md").read_text()
     assert all(f"| {n} |" in card for n in labelled["names"])
     assert _cli.RANDOM_WEIGHTS_BANNER in card
