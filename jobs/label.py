@@ -225,7 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if started:
             ray.shutdown()
-    return report(summary, config, args.max_error_rate)
+    status = report(summary, config, args.max_error_rate)
+    if args.sample and status == 0:
+        from . import visualize
+
+        overlays = os.path.abspath(os.path.join(SAMPLE_ROOT, "overlays"))
+        visualize.main(["--labels", summary.output, "--out", overlays, "--quiet"])
+        print(f"Overlays: {overlays}/overlays/  (areas.png: pixel area per class)", file=sys.stderr)
+    return status
 
 
 def run_pipeline(config, args: argparse.Namespace):
