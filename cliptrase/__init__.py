@@ -1,7 +1,8 @@
 """CLIPtrase: training-free open-vocabulary semantic segmentation from a frozen CLIP ViT.
 
 T. Shao et al., "Explore the Potential of CLIP for Training-Free Open Vocabulary Semantic
-Segmentation", ECCV 2024 (arXiv 2407.08268). Pure computation; no Ray, no storage.
+Segmentation", ECCV 2024 (arXiv 2407.08268), and its kin by name (``METHODS``: maskclip,
+sclip, clearclip, naclip, gem; docs/methods.md). Pure computation; no Ray, no storage.
 """
 
 from .errors import (
@@ -12,9 +13,10 @@ from .errors import (
     VocabularyError,
     WeightsUnavailableError,
 )
-from .methods import METHODS, Method
+from .head import DecisionHead
+from .methods import DATASET_OVERRIDES, METHODS, Method, method_for_dataset
 from .preprocess import parity_transform
-from .refine import ClusterVote
+from .refine import PAMR, ClusterVote
 from .segmentor import (
     DenseFeatures,
     SegmentationResult,
@@ -30,10 +32,13 @@ __all__ = [
     "CheckpointError",
     "CliptraseError",
     "ClusterVote",
+    "DATASET_OVERRIDES",
+    "DecisionHead",
     "DenseFeatures",
     "InvalidImageError",
     "METHODS",
     "Method",
+    "PAMR",
     "SegmentationResult",
     "Segmentor",
     "SegmentorConfig",
@@ -43,5 +48,6 @@ __all__ = [
     "WeightsUnavailableError",
     "__version__",
     "load_segmentor",
+    "method_for_dataset",
     "parity_transform",
 ]

@@ -1,9 +1,18 @@
-"""The inference driver: a whole image as one padded tile, or as sliding windows.
+"""The inference driver: whole image, owned windows, or the published sliding window.
 
-Sliding windows keep memory bounded on panoramas and other very large grids: the correlation
-and the DBSCAN are quadratic in the patch count, so each window is clustered on its own (as
-the paper does at 336 px). Overlapping windows do not vote: every pixel belongs to the window
-whose centre is nearest, so the merge needs no per-class buffers.
+Two plans, each a list of same-size crops the segmentor runs in batches (crops of many images
+share one forward):
+
+* :class:`WholeImagePlan`: the image as one padded tile; above ``max_patches`` (or for a
+  cluster-vote method in slide mode) owned windows. Each window is labelled completely on its
+  own (head, refiners, cluster vote: the correlation and DBSCAN are quadratic in the patch
+  count, so each window is clustered on its own, as the paper does at 336 px). Overlapping
+  windows do not vote: every pixel belongs to the window whose centre is nearest, so the merge
+  needs no per-class buffers.
+* :class:`SlidePlan`: the SCLIP-lineage protocol (mmseg ``slide``): ``crop x crop`` windows
+  every ``stride`` pixels, the last aligned to the image's end; each crop's logits upsampled to
+  the crop; overlapping logits averaged; then the head and refiners once on the whole image.
+  Costs ``K x H x W`` floats per image in flight (K = vocabulary rows).
 """
 
 from __future__ import annotations
@@ -56,14 +65,24 @@ class WholeImagePlan:
         self.confidence = np.zeros((h, w), dtype=np.float32)
 
     @classmethod
-    def build(cls, prepared: Prepared, patch_size: int, config) -> WholeImagePlan:
+    def build(
+        cls,
+        prepared: Prepared,
+        patch_size: int,
+        config,
+        window: int | None = None,
+        stride: int | None = None,
+        force_windows: bool = False,
+    ) -> WholeImagePlan:
+        """``config``: max_patches and the fallback window (its ``short_side``); ``window`` and
+        ``stride`` override the config's."""
         h, w = prepared.resized
         ph, pw = prepared.pixels.shape[-2:]
-        if (ph // patch_size) * (pw // patch_size) <= config.max_patches:
+        if not force_windows and (ph // patch_size) * (pw // patch_size) <= config.max_patches:
             return cls(prepared, [Tile(prepared.pixels, 0, 0, (0, h, 0, w))])
-        window = config.window or config.short_side
+        window = window or config.window or config.short_side
         window = max(patch_size, window // patch_size * patch_size)
-        stride = config.stride or max(patch_size, (2 * window) // 3)
+        stride = stride or config.stride or max(patch_size, (2 * window) // 3)
         wy, wx = min(window, ph), min(window, pw)
         ys, xs = window_starts(ph, wy, stride), window_starts(pw, wx, stride)
         tiles = []
@@ -82,15 +101,77 @@ class WholeImagePlan:
 
     def finish(self, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
         """Labels and confidence at the original size: nearest and bilinear resampling."""
-        height, width = self.prepared.original
-        dtype = np.uint8 if num_labels <= 255 else np.uint16
-        labels = torch.from_numpy(self.labels)[None, None].float()
-        labels = F.interpolate(labels, size=(height, width), mode="nearest-exact")
-        confidence = torch.from_numpy(self.confidence)[None, None]
-        confidence = F.interpolate(
-            confidence, size=(height, width), mode="bilinear", align_corners=False
-        )
-        return (
-            labels[0, 0].numpy().astype(dtype),
-            confidence[0, 0].clamp_(0, 1).numpy(),
-        )
+        return resize_to_original(self.labels, self.confidence, self.prepared.original, num_labels)
+
+
+def resize_to_original(
+    labels: np.ndarray, confidence: np.ndarray, original: tuple[int, int], num_labels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (nearest) and confidence (bilinear) at the original ``(H, W)``."""
+    height, width = original
+    dtype = np.uint8 if num_labels <= 255 else np.uint16
+    labels = torch.from_numpy(np.ascontiguousarray(labels))[None, None].float()
+    labels = F.interpolate(labels, size=(height, width), mode="nearest-exact")
+    confidence = torch.from_numpy(np.ascontiguousarray(confidence))[None, None]
+    confidence = F.interpolate(
+        confidence, size=(height, width), mode="bilinear", align_corners=False
+    )
+    return (
+        labels[0, 0].numpy().astype(dtype),
+        confidence[0, 0].clamp_(0, 1).numpy(),
+    )
+
+
+@dataclass
+class Crop:
+    pixels: torch.Tensor  # (3, ch_pad, cw_pad): a patch multiple
+    top: int
+    left: int
+    size: tuple[int, int]  # (ch, cw): the part inside the image
+
+
+@dataclass
+class SlidePlan:
+    """Sliding-window crops of one image and the logit canvas they are averaged into."""
+
+    prepared: Prepared
+    tiles: list[Crop]
+    logits: torch.Tensor | None = None  # (K, H, W) sums, created on the first crop
+    count: torch.Tensor | None = None  # (1, H, W)
+
+    @classmethod
+    def build(cls, prepared: Prepared, patch_size: int, crop: int, stride: int) -> SlidePlan:
+        """mmseg's grid: ``ceil((L - crop) / stride) + 1`` starts per axis over the *unpadded*
+        image, the last one aligned to its end; a crop larger than the image shrinks to it and
+        is padded (from the patch-padded tensor) to a patch multiple."""
+        h, w = prepared.resized
+        ch, cw = min(crop, h), min(crop, w)
+        ph = -(-ch // patch_size) * patch_size
+        pw = -(-cw // patch_size) * patch_size
+        tiles = [
+            Crop(prepared.pixels[:, top : top + ph, left : left + pw], top, left, (ch, cw))
+            for top in window_starts(h, ch, stride)
+            for left in window_starts(w, cw, stride)
+        ]
+        return cls(prepared, tiles)
+
+    def add(self, index: int, crop_logits: torch.Tensor) -> None:
+        """Accumulate one crop's upsampled logits ``(K, ch_pad, cw_pad)``."""
+        tile = self.tiles[index]
+        ch, cw = tile.size
+        if self.logits is None:
+            h, w = self.prepared.resized
+            self.logits = crop_logits.new_zeros((crop_logits.shape[0], h, w))
+            self.count = crop_logits.new_zeros((1, h, w))
+        ys, xs = slice(tile.top, tile.top + ch), slice(tile.left, tile.left + cw)
+        self.logits[:, ys, xs] += crop_logits[:, :ch, :cw]
+        self.count[:, ys, xs] += 1
+
+    def averaged(self) -> torch.Tensor:
+        """``(K, H, W)`` mean logits over the crops covering each pixel."""
+        return self.logits / self.count
+
+    def image(self) -> torch.Tensor:
+        """The normalised image ``(3, H, W)`` without padding (PAMR's guide)."""
+        h, w = self.prepared.resized
+        return self.prepared.pixels[:, :h, :w]

@@ -1,8 +1,14 @@
 """Refiners: turn a first per-pixel prediction into the final label map.
 
-The CLIPtrase cluster vote (spec section 8): DBSCAN over the rows of the recalibrated
-correlation ``R``, smoothed cluster maps, and a vote inside each cluster region. Runs on the
-CPU with numpy/scipy/scikit-learn, off the GPU's critical path.
+Two, usable on any method (``Method.refiner`` and ``Method.pamr``):
+
+* The CLIPtrase cluster vote (spec section 8): DBSCAN over the rows of the recalibrated
+  correlation ``R``, smoothed cluster maps, and a vote inside each cluster region. Runs on the
+  CPU with numpy/scipy/scikit-learn, off the GPU's critical path. ``eps="auto"`` picks DBSCAN's
+  radius from the data (a k-distance knee) for backbones where the published one collapses.
+* PAMR (pixel-adaptive mask refinement, Araslanov & Roth 2020, as SCLIP/NACLIP ship it in
+  ``pamr.py``): logits are repeatedly replaced by an image-affinity-weighted average of their
+  dilated 8-neighbourhoods. Acts on the logits, before the decision head.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 from sklearn.cluster import DBSCAN
+from sklearn.neighbors import NearestNeighbors
 
 # Published (eps, min_samples) by patch count: 224 px (14x14) and 336 px (21x21) at patch 16.
 PUBLISHED_DBSCAN = {196: (0.7, 3), 441: (1.1, 7)}
@@ -29,6 +36,33 @@ def dbscan_parameters(num_patches: int) -> tuple[float, int]:
     if num_patches in PUBLISHED_DBSCAN:
         return PUBLISHED_DBSCAN[num_patches]
     return 0.7 * math.sqrt(num_patches / 196), max(1, round(3 * num_patches / 196))
+
+
+def k_distance_knee(correlation: np.ndarray, min_samples: int) -> float:
+    """DBSCAN ``eps`` from the data: the knee of the sorted k-distance curve of the rows of ``R``.
+
+    ``k``-distance of a row: its Euclidean distance to its ``min_samples - 1``-th nearest other
+    row (scikit-learn counts the point itself in ``min_samples``, so a row is a core point
+    exactly when its k-distance is ``<= eps``). Sorted ascending, the curve is flat inside
+    clusters and rises steeply for outliers; the knee is the point farthest below the chord
+    from the first to the last point, both axes scaled to ``[0, 1]``. Scaling ``R`` scales the
+    knee's ``eps`` alike, so the clustering does not depend on the backbone's correlation range
+    (the published ``eps`` is in ViT-B/16's units and leaves ViT-L/14 with one cluster or none).
+    """
+    n = correlation.shape[0]
+    k = max(1, min(min_samples, n) - 1)
+    if n < 3:
+        return 1e-6
+    dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(correlation).kneighbors(correlation)
+    curve = np.sort(dist[:, k])
+    span = curve[-1] - curve[0]
+    if span <= 0:
+        return max(float(curve[0]), 1e-6)
+    x = np.linspace(0.0, 1.0, n)
+    y = (curve - curve[0]) / span
+    knee = int(np.argmax(x - y))  # chord y = x; farthest below it
+    # A hair above the knee's own k-distance, so float rounding cannot drop it from the core.
+    return max(float(curve[knee]) * (1 + 1e-6), 1e-6)
 
 
 def cluster_patches(correlation: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
@@ -99,26 +133,98 @@ def mean_logits_vote(logits: torch.Tensor, regions: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ClusterVote:
-    """The CLIPtrase refiner. ``eps``/``min_samples`` None: chosen from the grid size."""
+    """The CLIPtrase refiner.
 
-    eps: float | None = None
+    ``eps``: a number, None (the published pair at 196/441 patches, else scaled to the grid,
+    :func:`dbscan_parameters`) or ``"auto"`` (per image, :func:`k_distance_knee` on ``R``).
+    ``min_samples`` None: from the grid size.
+    """
+
+    eps: float | str | None = None
     min_samples: int | None = None
     vote: str = "majority"  # or "mean_logits" (the authors' detectron2 variant)
 
     def __post_init__(self):
         if self.vote not in ("majority", "mean_logits"):
             raise ValueError(f"vote must be 'majority' or 'mean_logits', got {self.vote!r}")
+        if isinstance(self.eps, str) and self.eps != "auto":
+            raise ValueError(f"eps must be a number, None or 'auto', got {self.eps!r}")
+        if isinstance(self.eps, int | float) and self.eps <= 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
 
-    def parameters_for(self, num_patches: int) -> tuple[float, int]:
+    def parameters_for(self, num_patches: int) -> tuple[float | str, int]:
         eps, min_samples = dbscan_parameters(num_patches)
         return (
             self.eps if self.eps is not None else eps,
             self.min_samples if self.min_samples is not None else min_samples,
         )
 
+    def eps_for(self, correlation: np.ndarray) -> tuple[float, int]:
+        """The ``(eps, min_samples)`` DBSCAN runs with on this ``R``."""
+        eps, min_samples = self.parameters_for(correlation.shape[0])
+        if eps == "auto":
+            eps = k_distance_knee(correlation, min_samples)
+        return float(eps), min_samples
+
     def regions(
         self, correlation: np.ndarray, grid: tuple[int, int], size: tuple[int, int]
     ) -> np.ndarray | None:
-        eps, min_samples = self.parameters_for(correlation.shape[0])
+        eps, min_samples = self.eps_for(correlation)
         labels = cluster_patches(correlation, eps, min_samples)
         return cluster_regions(correlation, labels, grid, size)
+
+
+# ------------------------------------------------------------------------------------- PAMR
+# Neighbour offsets (row, column) in the order of PAMR's 3x3 kernels: the 8 neighbours ...
+_NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+# ... and, for the local standard deviation, the 3x3 window including the centre.
+_WINDOW = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def _shifted(x: torch.Tensor, offsets, dilations) -> torch.Tensor:
+    """``(B, K, P, H, W)``: ``x`` at every offset times every dilation, borders replicated."""
+    h, w = x.shape[-2:]
+    out = []
+    for d in dilations:
+        padded = F.pad(x, [d] * 4, mode="replicate")
+        for dy, dx in offsets:
+            out.append(padded[..., d + dy * d : d + dy * d + h, d + dx * d : d + dx * d + w])
+    return torch.stack(out, dim=2)
+
+
+def pamr(
+    image: torch.Tensor, logits: torch.Tensor, steps: int = 10, dilations=(8, 16)
+) -> torch.Tensor:
+    """PAMR on ``logits`` ``(B, C, H, W)`` guided by ``image`` ``(B, K, H, W)`` (same size).
+
+    Affinity to each of the 8 neighbours at each dilation ``d``: ``-|x - x_n| / (1e-8 + 0.1
+    sigma)`` per image channel, ``sigma`` the (unbiased) standard deviation over the 3x3 windows
+    at all dilations, averaged over channels, softmax over the ``8 * len(dilations)``
+    neighbours. Then ``steps`` times: every logit becomes the affinity-weighted sum of its
+    neighbours' logits. Borders are replicated. Linear in ``logits``, so it commutes with the
+    logit scale.
+    """
+    image = image.float()
+    sigma = _shifted(image, _WINDOW, dilations).std(dim=2, keepdim=True)
+    diff = (image.unsqueeze(2) - _shifted(image, _NEIGHBOURS, dilations)).abs()
+    affinity = torch.softmax((-diff / (1e-8 + 0.1 * sigma)).mean(dim=1, keepdim=True), dim=2)
+    out = logits.float()
+    for _ in range(steps):
+        out = (_shifted(out, _NEIGHBOURS, dilations) * affinity).sum(dim=2)
+    return out.to(logits.dtype)
+
+
+@dataclass(frozen=True)
+class PAMR:
+    """PAMR as a refiner option: ``steps`` iterations over ``dilations`` (SCLIP/NACLIP: 10, (8, 16))."""
+
+    steps: int = 10
+    dilations: tuple[int, ...] = (8, 16)
+
+    def __post_init__(self):
+        object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
+        if self.steps < 0 or not self.dilations or min(self.dilations) < 1:
+            raise ValueError("PAMR needs steps >= 0 and positive dilations")
+
+    def __call__(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return pamr(image, logits, self.steps, self.dilations)

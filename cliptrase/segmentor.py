@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,17 +15,27 @@ import torch.nn.functional as F
 
 from .attention import (
     ATTENTION_STRATEGIES,
+    AttentionContext,
     recalibrated_correlation,
     self_correlation,
     vanilla_attention,
 )
 from .backbone import ClipVisionBackbone
+from .classfile import ClassList
 from .errors import InvalidImageError
-from .inference import WholeImagePlan
+from .head import confidence_of, decide
+from .inference import SlidePlan, WholeImagePlan, resize_to_original
 from .methods import Method, method_preset
 from .preprocess import ImageLike, Prepared, as_rgb_image, prepare_whole_image
 from .refine import majority_vote, mean_logits_vote
-from .text import DEFAULT_TEMPLATES, Template, Vocabulary, class_embeddings, validate_names
+from .text import (
+    DEFAULT_TEMPLATES,
+    Template,
+    Vocabulary,
+    class_embeddings,
+    validate_names,
+    validate_synonyms,
+)
 from .weights import WeightsInfo, create_clip_model
 
 log = logging.getLogger("cliptrase")
@@ -32,26 +43,41 @@ log = logging.getLogger("cliptrase")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+MODES = ("whole", "slide")
+
+
 @dataclass(frozen=True)
 class SegmentorConfig:
-    """Whole-image behaviour of ``segment``/``segment_batch`` (the product, beyond the paper)."""
+    """Whole-image behaviour of ``segment``/``segment_batch`` (the product, beyond the paper).
 
-    short_side: int = 336
-    # Above this many patches an image is labelled in sliding windows (bounded memory; the
-    # correlation is quadratic in the patch count). 1344 patches = 336 x 1024 at patch 16.
+    ``short_side``, ``mode``, ``window`` and ``stride`` None take the method's protocol
+    (``Method.short_side/crop/stride``: e.g. 336 whole for ``cliptrase``, 336 with 224/112
+    sliding windows for ``sclip``).
+    """
+
+    short_side: int | None = None
+    # Whole mode: above this many patches an image is labelled in owned windows (bounded
+    # memory; the correlation is quadratic in the patch count). 1344 = 336 x 1024 at patch 16.
     max_patches: int = 1344
-    window: int | None = None  # window side in pixels; None: short_side
-    stride: int | None = None  # None: two thirds of the window
+    # Whole mode: the fallback window side (None: short_side) and stride (None: 2/3 window).
+    # Slide mode: the crop and stride (None: the method's; stride default crop / 2).
+    window: int | None = None
+    stride: int | None = None
     batch_size: int = 16
-    # Confidence = softmax(logits / temperature) of the chosen label; logits carry CLIP's
-    # logit scale (100 for trained CLIP), so temperature 1 is CLIP's own calibration.
+    # Confidence = softmax(logits / temperature) mass of the chosen label; logits carry the
+    # method's logit scale (CLIP's 100 for cliptrase), so temperature 1 is that calibration.
     confidence_temperature: float = 1.0
+    mode: str | None = None  # "whole" or "slide"; None: slide iff the method has a crop
 
     def __post_init__(self):
-        if self.short_side < 1 or self.max_patches < 1 or self.batch_size < 1:
+        if (self.short_side is not None and self.short_side < 1) or self.max_patches < 1:
+            raise ValueError("short_side, max_patches and batch_size must be positive")
+        if self.batch_size < 1:
             raise ValueError("short_side, max_patches and batch_size must be positive")
         if self.confidence_temperature <= 0:
             raise ValueError("confidence_temperature must be positive")
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} or None, got {self.mode!r}")
 
 
 @dataclass
@@ -78,10 +104,15 @@ class DenseFeatures:
     def grid(self) -> tuple[int, int]:
         return tuple(self.patch_features.shape[1:3])
 
-    def patch_logits(self, vocab: Vocabulary) -> torch.Tensor:
-        """``exp(logit_scale) * <t_c, f_i>``: ``(B, C + B_bg, h, w)``, before upsampling."""
+    def patch_logits(self, vocab: Vocabulary, scale: float | None = None) -> torch.Tensor:
+        """``exp(logit_scale) * <t_c, f_i>``: ``(B, C + B_bg, h, w)``, before upsampling.
+
+        One row per vocabulary row (synonyms after the background words); ``scale`` None is
+        the model's ``exp(logit_scale)``.
+        """
         text = vocab.embeddings.to(self.patch_features.device, torch.float32)
-        return self.logit_scale * torch.einsum("bhwd,kd->bkhw", self.patch_features, text)
+        scale = self.logit_scale if scale is None else scale
+        return scale * torch.einsum("bhwd,kd->bkhw", self.patch_features, text)
 
     def cls_logits(self, vocab: Vocabulary) -> torch.Tensor:
         """``<t_c, f_0>`` per image: ``(B, C + B_bg)``."""
@@ -120,7 +151,10 @@ class Segmentor:
         self.model_name = model_name
         self.weights = weights
         self.method = method_preset(method)
-        self.config = config or SegmentorConfig()
+        config = config or SegmentorConfig()
+        if config.short_side is None:
+            config = dataclasses.replace(config, short_side=self.method.short_side)
+        self.config = config
         self.clip = clip.to(self.device).eval().requires_grad_(False)
         self.backbone = ClipVisionBackbone(self.clip.visual)
         self.patch_size = self.backbone.patch_size
@@ -147,17 +181,59 @@ class Segmentor:
         classes: Sequence[str],
         background: Sequence[str] | None = None,
         templates: Sequence[Template | str] | None = None,
+        synonyms: Sequence[Sequence[str]] | None = None,
+        class_templates: Sequence[Sequence[Template | str] | None] | None = None,
     ) -> Vocabulary:
-        """Compile class names (and optional background words) into a cached :class:`Vocabulary`."""
+        """Compile class names (and optional background words) into a cached :class:`Vocabulary`.
+
+        ``synonyms[i]``: extra phrases of class ``i``, each its own row; the head scores the
+        class by the max over its rows. ``templates`` None: the method's (OpenAI's 80 for most).
+        ``class_templates[i]`` (optional) replaces ``templates`` for class ``i`` and its synonyms.
+        """
         classes, background = validate_names(classes, background or ())
-        templates = tuple(_as_template(t) for t in (templates or DEFAULT_TEMPLATES))
-        key = (classes, background, templates)
+        synonyms = validate_synonyms(classes, background, synonyms)
+        templates = tuple(
+            _as_template(t) for t in (templates or self.method.templates or DEFAULT_TEMPLATES)
+        )
+        per_class = tuple(
+            None if t is None else tuple(_as_template(x) for x in t)
+            for t in (class_templates or (None,) * len(classes))
+        )
+        if len(per_class) != len(classes):
+            raise ValueError("class_templates: give one entry (or None) per class")
+        if all(t is None for t in per_class):
+            per_class = ()
+        key = (classes, background, templates, synonyms, per_class)
         if key not in self._vocab_cache:
-            embeddings = class_embeddings(
-                self.clip, self.tokenizer, classes + background, templates, self.device
+            vocab = Vocabulary(classes, background, torch.empty(0), synonyms)
+            rows = vocab.prompts
+            row_templates = [
+                per_class[label] if per_class and label < len(classes) else None
+                for label in vocab.row_labels.tolist()
+            ]
+            row_templates = [templates if t is None else t for t in row_templates]
+            embeddings = [None] * len(rows)
+            for group in dict.fromkeys(row_templates):
+                index = [i for i, t in enumerate(row_templates) if t == group]
+                group_rows = class_embeddings(
+                    self.clip, self.tokenizer, [rows[i] for i in index], group, self.device
+                )
+                for i, row in zip(index, group_rows):
+                    embeddings[i] = row
+            self._vocab_cache[key] = Vocabulary(
+                classes, background, torch.stack(embeddings), synonyms
             )
-            self._vocab_cache[key] = Vocabulary(classes, background, embeddings)
         return self._vocab_cache[key]
+
+    def vocabulary_from(self, class_list: ClassList) -> Vocabulary:
+        """A :class:`Vocabulary` from a class file (synonyms and per-class templates scored)."""
+        return self.vocabulary(
+            list(class_list.names),
+            list(class_list.background),
+            templates=list(class_list.templates) if class_list.templates is not None else None,
+            synonyms=class_list.synonyms,
+            class_templates=class_list.class_templates,
+        )
 
     # --------------------------------------------------------------- image side
     def _autocast(self):
@@ -186,55 +262,97 @@ class Segmentor:
         pixels = self._check_pixels(pixels)
         method = self.method
         blocks = self.backbone.blocks
-        corr_index = (
-            None if method.correlation_block is None else method.correlation_block % len(blocks)
-        )
+        depth = len(blocks)
+        corr_index = None if method.correlation_block is None else method.correlation_block % depth
+        first_modified = depth - min(method.last_blocks, depth)
+        b = pixels.shape[0]
+        grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
+        strategy = ATTENTION_STRATEGIES[method.attention]
         correlation = None
+        modified = None  # the modified stream (GEM-style when last_blocks > 1)
         with self._autocast():
             x = self.backbone.embed(pixels)
-            for index, block in enumerate(blocks[:-1]):
-                if index == corr_index:
-                    heads = self.backbone.head_projections(block, x)
-                    correlation = recalibrated_correlation(self_correlation(heads))
-                    x = self.backbone.finish_block(block, x, vanilla_attention(heads))
-                else:
+            for index, block in enumerate(blocks):
+                last = index == depth - 1
+                if index != corr_index and index < first_modified:
                     x = block(x)
-            last = blocks[-1]
-            heads = self.backbone.head_projections(last, x)
-            if corr_index == len(blocks) - 1:
-                correlation = recalibrated_correlation(self_correlation(heads))
-            attended = ATTENTION_STRATEGIES[method.attention](heads)
-            x = self.backbone.finish_block(last, x, attended, method.keep_residual, method.keep_ffn)
-            tokens = self.backbone.output_tokens(x).float()
-        b = pixels.shape[0]
-        h, w = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
+                    continue
+                heads = self.backbone.head_projections(block, x)
+                if index == corr_index:
+                    correlation = recalibrated_correlation(self_correlation(heads))
+                if index >= first_modified:
+                    attended = strategy(heads, self._attention_context(block, x, grid))
+                    # The modified stream starts from the original one; with several modified
+                    # blocks (GEM) their q, k, v come from the original stream's ln_1 while
+                    # residual and MLP act on the modified stream.
+                    modified = self.backbone.finish_block(
+                        block,
+                        x if modified is None else modified,
+                        attended,
+                        method.keep_residual,
+                        method.keep_ffn,
+                    )
+                if not last:
+                    x = self.backbone.finish_block(block, x, vanilla_attention(heads))
+            tokens = self.backbone.output_tokens(modified).float()
         return DenseFeatures(
             cls_features=tokens[:, 0],
-            patch_features=tokens[:, 1:].reshape(b, h, w, -1),
+            patch_features=tokens[:, 1:].reshape(b, *grid, -1),
             correlation=correlation,
             logit_scale=self.logit_scale,
         )
 
+    def _attention_context(self, block, x: torch.Tensor, grid) -> AttentionContext:
+        method = self.method
+        inverse_temperature = None
+        if method.attention == "gem":
+            if method.gem_temperature is not None:
+                inverse_temperature = torch.full((x.shape[0],), method.gem_temperature)
+            else:  # GEM: s * mean token norm of the attention's input, per image
+                scale = (x.shape[-1] // self.backbone.num_heads) ** -0.5
+                inverse_temperature = block.ln_1(x).float().norm(dim=-1).mean(dim=-1) * scale
+            inverse_temperature = inverse_temperature.to(x.device)
+        return AttentionContext(
+            grid=grid,
+            gaussian_std=method.gaussian_std,
+            inverse_temperature=inverse_temperature,
+            iterations=method.gem_iterations,
+        )
+
     @torch.inference_mode()
     def segment_pixels(self, pixels: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
-        """Label maps ``(B, H, W)`` (int64, on the CPU) of normalised pixels, sections 1-8."""
+        """Label maps ``(B, H, W)`` (int64, on the CPU) of normalised pixels, sections 1-8.
+
+        One pass per input (no sliding window): the method's attention, head and refiners.
+        """
         labels, _ = self._label_pixels(pixels, vocab, with_confidence=False)
         return torch.from_numpy(labels)
+
+    @property
+    def logit_scale_used(self) -> float:
+        """The decision head's logit scale: the method's, else the model's."""
+        scale = self.method.head.logit_scale
+        return self.logit_scale if scale is None else scale
+
+    def _scaled_logits(self, feats: DenseFeatures, vocab: Vocabulary) -> torch.Tensor:
+        """``(B, rows, h, w)`` logits at the head's scale ([CLS]-weighted if the method says)."""
+        logits = feats.patch_logits(vocab, self.logit_scale_used)
+        if self.method.cls_weighting:
+            logits = logits * feats.cls_logits(vocab)[:, :, None, None]
+        return logits
 
     def _label_pixels(
         self, pixels: torch.Tensor, vocab: Vocabulary, with_confidence: bool = True
     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Everything on one batch of same-size inputs: forward, head, refiners."""
         feats = self.dense_features(pixels)
         size = tuple(pixels.shape[-2:])
-        logits = feats.patch_logits(vocab)
-        if self.method.cls_weighting:
-            logits = logits * feats.cls_logits(vocab)[:, :, None, None]
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        pred = logits.argmax(dim=1)
-        bg = vocab.background_label
-        if bg is not None:
-            pred.clamp_(max=bg)  # every background word -> the one background label
-        pred = pred.cpu().numpy()
+        logits = F.interpolate(
+            self._scaled_logits(feats, vocab), size=size, mode="bilinear", align_corners=False
+        )
+        if self.method.pamr is not None:
+            logits = self.method.pamr(pixels.to(logits.device), logits)
+        pred = self._decide(logits, vocab).cpu().numpy()
         refiner = self.method.refiner
         if refiner is not None:
             correlation = feats.correlation.cpu().numpy()
@@ -243,29 +361,49 @@ class Segmentor:
                 if regions is None:  # every patch is noise: the first prediction is final
                     continue
                 if refiner.vote == "mean_logits":
-                    pred[i] = self._refine_mean_logits(logits[i], regions, bg)
+                    pred[i] = self._refine_mean_logits(logits[i], regions, vocab)
                 else:
                     pred[i] = majority_vote(pred[i], regions, vocab.num_labels)
         confidence = self._confidence(logits, pred, vocab) if with_confidence else None
         return pred, confidence
 
+    def _decide(self, logits: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
+        return decide(
+            logits, vocab.row_labels, vocab.num_labels, vocab.background_label, self.method.head
+        )
+
     @staticmethod
     def _refine_mean_logits(
-        logits: torch.Tensor, regions: np.ndarray, bg: int | None
+        logits: torch.Tensor, regions: np.ndarray, vocab: Vocabulary
     ) -> np.ndarray:
-        voted = mean_logits_vote(logits.cpu(), regions)
-        return np.minimum(voted, bg) if bg is not None else voted
+        voted = mean_logits_vote(logits.cpu(), regions)  # winning row
+        return vocab.row_labels.numpy()[voted]
 
     def _confidence(self, logits: torch.Tensor, pred: np.ndarray, vocab: Vocabulary) -> np.ndarray:
-        """Softmax probability of each pixel's final label (background words pooled)."""
-        probs = torch.softmax(logits.float() / self.config.confidence_temperature, dim=1)
-        c = vocab.num_classes
-        if vocab.background:
-            probs = torch.cat([probs[:, :c], probs[:, c:].sum(dim=1, keepdim=True)], dim=1)
-        index = torch.from_numpy(pred).to(probs.device).unsqueeze(1)
-        return probs.gather(1, index)[:, 0].clamp_(0, 1).cpu().numpy().astype(np.float32)
+        """Softmax mass of each pixel's final label (synonyms and background words pooled)."""
+        confidence = confidence_of(
+            logits,
+            torch.from_numpy(pred),
+            vocab.row_labels,
+            vocab.num_labels,
+            vocab.num_classes,
+            self.config.confidence_temperature,
+        )
+        return confidence.cpu().numpy().astype(np.float32)
 
     # ------------------------------------------------------------- whole images
+    def protocol(self) -> tuple[str, int, int | None, int | None]:
+        """``(mode, short_side, crop, stride)`` this segmentor labels whole images with."""
+        method, config = self.method, self.config
+        mode = config.mode or ("slide" if method.crop else "whole")
+        if mode == "whole":
+            return mode, config.short_side, None, None
+        p = self.patch_size
+        crop = config.window or method.crop or config.short_side
+        crop = max(p, crop // p * p)
+        stride = config.stride or method.stride or max(1, crop // 2)
+        return mode, config.short_side, crop, stride
+
     def segment(self, image: ImageLike, vocab: Vocabulary) -> SegmentationResult:
         """Label a whole image (PIL or ``H x W x 3`` uint8) at its original resolution."""
         return self.segment_batch([image], vocab)[0]
@@ -276,43 +414,85 @@ class Segmentor:
         vocab: Vocabulary,
         batch_size: int | None = None,
     ) -> list[SegmentationResult]:
-        """Label many images: one batched forward per group of same-size inputs.
+        """Label many images: one batched forward per group of same-size inputs (or crops).
 
         Items may be images or the output of :meth:`prepare` (so callers can resize in other
         threads). Raises :class:`InvalidImageError` if any image is unusable; callers that need
         per-image isolation call :meth:`prepare` first and drop the failures.
         """
         batch_size = batch_size or self.config.batch_size
-        plans = [
-            WholeImagePlan.build(
-                image if isinstance(image, Prepared) else self.prepare(image),
-                self.patch_size,
-                self.config,
-            )
-            for image in images
+        prepared = [
+            image if isinstance(image, Prepared) else self.prepare(image) for image in images
         ]
-        units = [(p, u) for p in range(len(plans)) for u in range(len(plans[p].tiles))]
-        by_shape: dict[tuple, list[tuple[int, int]]] = {}
-        for p, u in units:
-            by_shape.setdefault(tuple(plans[p].tiles[u].pixels.shape), []).append((p, u))
-        for members in by_shape.values():
-            for start in range(0, len(members), batch_size):
-                chunk = members[start : start + batch_size]
-                pixels = torch.stack([plans[p].tiles[u].pixels for p, u in chunk])
-                labels, confidence = self._label_pixels(pixels, vocab)
-                for (p, u), lab, conf in zip(chunk, labels, confidence):
-                    plans[p].place(u, lab, conf)
+        mode, _, crop, stride = self.protocol()
+        if mode == "slide" and self.method.refiner is None:
+            outputs = self._segment_sliding(prepared, vocab, batch_size, crop, stride)
+        else:  # whole images, or owned windows (each clustered on its own)
+            outputs = self._segment_tiles(prepared, vocab, batch_size, crop, stride)
         return [
             SegmentationResult(
                 labels=labels,
                 confidence=confidence,
                 names=vocab.names,
                 random_weights=self.random_weights,
-                windows=len(plan.tiles),
+                windows=windows,
             )
-            for plan in plans
-            for labels, confidence in [plan.finish(vocab.num_labels)]
+            for labels, confidence, windows in outputs
         ]
+
+    @staticmethod
+    def _batches(plans, batch_size: int):
+        """Chunks of ``(plan, tile)`` indices whose tiles share one shape."""
+        by_shape: dict[tuple, list[tuple[int, int]]] = {}
+        for p, plan in enumerate(plans):
+            for u, tile in enumerate(plan.tiles):
+                by_shape.setdefault(tuple(tile.pixels.shape), []).append((p, u))
+        for members in by_shape.values():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start : start + batch_size]
+                yield chunk, torch.stack([plans[p].tiles[u].pixels for p, u in chunk])
+
+    def _segment_tiles(self, prepared, vocab, batch_size, crop, stride):
+        plans = [
+            WholeImagePlan.build(
+                item,
+                self.patch_size,
+                self.config,
+                window=crop,
+                stride=stride,
+                force_windows=crop is not None,
+            )
+            for item in prepared
+        ]
+        for chunk, pixels in self._batches(plans, batch_size):
+            labels, confidence = self._label_pixels(pixels, vocab)
+            for (p, u), lab, conf in zip(chunk, labels, confidence):
+                plans[p].place(u, lab, conf)
+        return [(*plan.finish(vocab.num_labels), len(plan.tiles)) for plan in plans]
+
+    @torch.inference_mode()
+    def _segment_sliding(self, prepared, vocab, batch_size, crop, stride):
+        """The SCLIP-lineage protocol: crop logits averaged, then head and PAMR per image."""
+        plans = [SlidePlan.build(item, self.patch_size, crop, stride) for item in prepared]
+        for chunk, pixels in self._batches(plans, batch_size):
+            logits = self._scaled_logits(self.dense_features(pixels), vocab)
+            for (p, u), crop_logits in zip(chunk, logits):
+                up = F.interpolate(
+                    crop_logits[None], size=pixels.shape[-2:], mode="bilinear", align_corners=False
+                )
+                plans[p].add(u, up[0])
+        outputs = []
+        for plan in plans:
+            logits = plan.averaged()[None]
+            if self.method.pamr is not None:
+                logits = self.method.pamr(plan.image()[None].to(logits.device), logits)
+            pred = self._decide(logits, vocab).cpu().numpy()
+            confidence = self._confidence(logits, pred, vocab)
+            labels, confidence = resize_to_original(
+                pred[0], confidence[0], plan.prepared.original, vocab.num_labels
+            )
+            outputs.append((labels, confidence, len(plan.tiles)))
+        return outputs
 
     def prepare(self, image: ImageLike) -> Prepared:
         """Validate, resize and normalise one image (CPU work; safe to run in a worker thread)."""

@@ -1,4 +1,8 @@
-"""The text classifier: class names (and background words) to unit embeddings (spec section 5)."""
+"""The text classifier: class names, synonyms and background words to unit embeddings.
+
+Spec section 5, plus synonyms (peers.md section 2): a class may be prompted by several phrases,
+each its own embedding row; the decision head takes the max over a class's rows.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,14 @@ from .errors import VocabularyError
 
 Template = Callable[[str], str]
 DEFAULT_TEMPLATES: tuple[Template, ...] = tuple(open_clip.OPENAI_IMAGENET_TEMPLATES)
+# MaskCLIP's 85: the 80 above and five scene templates (MaskCLIP, prompt_engineering.py).
+MASKCLIP_EXTRA_TEMPLATES: tuple[str, ...] = (
+    "there is a {} in the scene.",
+    "there is the {} in the scene.",
+    "this is a {} in the scene.",
+    "this is the {} in the scene.",
+    "this is one {} in the scene.",
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -21,12 +33,28 @@ class Vocabulary:
 
     With background words, ``embeddings`` has ``C + B`` rows (one per foreground class, then
     one per background word) while ``names`` has ``C + 1`` entries: every background word
-    predicts the single label ``C`` named ``"background"``.
+    predicts the single label ``C`` named ``"background"``. Synonyms add rows after those, in
+    class order (``synonyms[i]``: the extra phrases of class ``i``); ``row_labels`` says which
+    label every row predicts.
     """
 
     classes: tuple[str, ...]
     background: tuple[str, ...]
     embeddings: torch.Tensor = field(repr=False)
+    synonyms: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def row_labels(self) -> torch.Tensor:
+        """``(rows,)`` int64: the label each row of ``embeddings`` predicts."""
+        labels = list(range(self.num_classes)) + [self.num_classes] * len(self.background)
+        for index, extra in enumerate(self.synonyms):
+            labels += [index] * len(extra)
+        return torch.tensor(labels, dtype=torch.int64)
+
+    @property
+    def prompts(self) -> list[str]:
+        """The phrase of every row of ``embeddings``."""
+        return list(self.classes) + list(self.background) + [s for x in self.synonyms for s in x]
 
     @property
     def num_classes(self) -> int:
@@ -44,6 +72,23 @@ class Vocabulary:
     @property
     def background_label(self) -> int | None:
         return self.num_classes if self.background else None
+
+
+def validate_synonyms(
+    classes: tuple[str, ...], background: tuple[str, ...], synonyms: Sequence[Sequence[str]] | None
+) -> tuple[tuple[str, ...], ...]:
+    """One tuple of extra phrases per class; every phrase unique across the vocabulary."""
+    if not synonyms:
+        return ()
+    if isinstance(synonyms, str) or len(synonyms) != len(classes):
+        raise VocabularyError("synonyms: give one list of phrases per class (may be empty)")
+    out = []
+    for extra in synonyms:
+        if isinstance(extra, str):
+            raise VocabularyError("synonyms: each class's synonyms are a list, not one string")
+        out.append(tuple(extra))
+    validate_names(classes + tuple(s for x in out for s in x), background)
+    return tuple(out) if any(out) else ()
 
 
 def validate_names(

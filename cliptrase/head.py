@@ -1,0 +1,123 @@
+"""The decision head: patch-text logits to labels and confidence.
+
+Shared by every method (peers.md section 3.5): logits are ``logit_scale * cos(t_row, f)``, one
+row per prompt (class names, their synonyms, background words); each row predicts one label
+(``Vocabulary.row_labels``). Then, as SCLIP's ``postprocess_result`` does:
+
+* softmax over the rows, and a label's probability is the max over its rows ("synonym max";
+  background words are synonyms of the one background label);
+* ``area_thd``: foreground labels covering less than that share of the image's foreground
+  prediction are suppressed (their probabilities zeroed);
+* argmax; pixels whose top probability is below ``prob_thd`` go to the background label (only
+  with background words: without them there is no label to send them to).
+
+Without ``area_thd`` the argmax is taken on the pooled logits, which is the same label as on
+the pooled probabilities and the same as CLIPtrase's "argmax over rows, background words -> one
+label" (spec section 6), bit for bit.
+
+Confidence (the product's, not a paper's): the softmax mass of the chosen label, i.e. the
+*sum* over its rows of ``softmax(logits / temperature)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DecisionHead:
+    """``logit_scale`` None: the model's own ``exp(logit_scale)`` (100 for trained CLIP)."""
+
+    logit_scale: float | None = None
+    prob_thd: float = 0.0
+    area_thd: float | None = None
+
+    def __post_init__(self):
+        if self.logit_scale is not None and self.logit_scale <= 0:
+            raise ValueError("logit_scale must be positive")
+        if not 0 <= self.prob_thd <= 1:
+            raise ValueError("prob_thd must be in [0, 1]")
+        if self.area_thd is not None and not 0 <= self.area_thd <= 1:
+            raise ValueError("area_thd must be in [0, 1]")
+
+
+def pool_rows(values: torch.Tensor, row_labels: torch.Tensor, num_labels: int, how: str):
+    """``(B, K, ...)`` per row -> ``(B, L, ...)`` per label, by ``"max"`` or ``"sum"``."""
+    shape = (values.shape[0], num_labels) + tuple(values.shape[2:])
+    index = row_labels.to(values.device).view(1, -1, *([1] * (values.ndim - 2)))
+    index = index.expand_as(values)
+    if how == "sum":
+        return values.new_zeros(shape).scatter_add_(1, index, values)
+    out = values.new_full(shape, float("-inf"))
+    return out.scatter_reduce_(1, index, values, reduce="amax", include_self=True)
+
+
+def decide(
+    logits: torch.Tensor,
+    row_labels: torch.Tensor,
+    num_labels: int,
+    background_label: int | None,
+    head: DecisionHead,
+) -> torch.Tensor:
+    """Labels ``(B, H, W)`` (int64) from scaled logits ``(B, K, H, W)``."""
+    row_labels = row_labels.to(logits.device)
+    identity = len(row_labels) == num_labels  # one row per label: no pooling needed
+    needs_probs = head.area_thd is not None or (head.prob_thd > 0 and background_label is not None)
+    if not needs_probs:
+        return row_labels[logits.argmax(dim=1)]
+    probs = torch.softmax(logits.float(), dim=1)
+    probs = probs if identity else pool_rows(probs, row_labels, num_labels, "max")
+    if head.area_thd is not None:
+        probs = suppress_small_areas(probs, background_label, head.area_thd)
+    top, pred = probs.max(dim=1)
+    if head.prob_thd > 0 and background_label is not None:
+        pred = torch.where(top < head.prob_thd, background_label, pred)
+    return pred
+
+
+def suppress_small_areas(
+    probs: torch.Tensor, background_label: int | None, area_thd: float
+) -> torch.Tensor:
+    """Zero the foreground labels whose predicted area is under ``area_thd`` of the foreground.
+
+    Per image; as SCLIP: area counted on the argmax of ``probs`` over foreground pixels.
+    """
+    b, num_labels = probs.shape[:2]
+    pred = probs.argmax(dim=1).reshape(b, -1)
+    counts = torch.zeros(b, num_labels, device=probs.device).scatter_add_(
+        1, pred, torch.ones_like(pred, dtype=torch.float32)
+    )
+    foreground = torch.ones(num_labels, dtype=torch.bool, device=probs.device)
+    if background_label is not None:
+        foreground[background_label] = False
+    fg_counts = counts * foreground
+    keep = fg_counts > area_thd * fg_counts.sum(dim=1, keepdim=True)
+    keep = keep | ~foreground  # the background label is never suppressed
+    return probs * keep[:, :, None, None].to(probs.dtype)
+
+
+def confidence_of(
+    logits: torch.Tensor,
+    pred: torch.Tensor,
+    row_labels: torch.Tensor,
+    num_labels: int,
+    num_classes: int,
+    temperature: float,
+) -> torch.Tensor:
+    """Softmax mass of each pixel's label: ``(B, H, W)`` float32 in ``[0, 1]``."""
+    probs = torch.softmax(logits.float() / temperature, dim=1)
+    k = probs.shape[1]
+    plain = torch.equal(
+        row_labels.cpu(),
+        torch.cat([torch.arange(num_classes), torch.full((k - num_classes,), num_classes)])[:k],
+    )
+    if plain:  # classes then background words: the form spec section 6 has (kept bit for bit)
+        c = num_classes
+        if k > c:
+            probs = torch.cat([probs[:, :c], probs[:, c:].sum(dim=1, keepdim=True)], dim=1)
+    else:
+        probs = pool_rows(probs, row_labels, num_labels, "sum")
+    index = pred.to(probs.device).unsqueeze(1)
+    return probs.gather(1, index)[:, 0].clamp_(0, 1)
