@@ -66,7 +66,17 @@ def add_model_args(parser: argparse.ArgumentParser, title: str = "model") -> Non
         "--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="GPU only"
     )
     group.add_argument(
-        "--short-side", type=int, default=336, help="resize the short side to this (default 336)"
+        "--method",
+        default="cliptrase",
+        help="training-free method: cliptrase (default), maskclip, sclip, clearclip, naclip, gem "
+        "(docs/methods.md); jobs.evaluate also takes a comma-separated list or 'all' and "
+        "writes a comparison table",
+    )
+    group.add_argument(
+        "--short-side",
+        type=int,
+        default=None,
+        help="resize the short side to this (default: the method's, 336 for cliptrase)",
     )
     group.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
 
@@ -96,7 +106,7 @@ def add_vocabulary_args(parser: argparse.ArgumentParser, required: bool = True) 
     group.add_argument(
         "--drop-synonyms",
         action="store_true",
-        help="prompt each class by its name only (the segmentor does not score synonyms yet)",
+        help="prompt each class by its name only (default: a class scores as its best synonym)",
     )
 
 
@@ -162,8 +172,11 @@ def class_list(args: argparse.Namespace, options: dict | None = None) -> ClassLi
     return result
 
 
-def load_segmentor(args: argparse.Namespace, options: dict | None = None):
-    """The segmentor the model flags describe (random weights announced loudly)."""
+def load_segmentor(args: argparse.Namespace, options: dict | None = None, method=None):
+    """The segmentor the model flags describe (random weights announced loudly).
+
+    ``method``: a method name or :class:`cliptrase.Method` overriding ``--method``.
+    """
     import cliptrase
 
     pretrained = None if args.random_weights else args.weights
@@ -172,6 +185,7 @@ def load_segmentor(args: argparse.Namespace, options: dict | None = None):
         segmentor = cliptrase.load_segmentor(
             args.model,
             pretrained=pretrained,
+            method=method if method is not None else args.method,
             device=args.device,
             precision=args.precision,
             config=config,

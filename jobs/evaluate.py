@@ -139,7 +139,7 @@ def segmentor_pairs(
     """Segment each sample's image and yield ``(prediction, gt)``; optionally save the PNGs."""
     from tqdm import tqdm
 
-    vocab = segmentor.vocabulary(*classes.vocabulary_args())
+    vocab = segmentor.vocabulary_from(classes)  # synonyms scored by their max
     if vocab.names != classes.label_names:  # the segmentor must predict in the list's order
         raise DatasetError("the segmentor's label order differs from the class list's")
     with tqdm(total=len(samples), desc="segment", unit="img", disable=not progress) as bar:
@@ -322,33 +322,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         if args.run:
-            segmentor = _cli.load_segmentor(args, options)
-            meta.update(
-                model=segmentor.model_name,
-                weights=segmentor.weights.identity,
-                random_weights=segmentor.random_weights,
-                method=segmentor.method.name,
-                short_side=segmentor.config.short_side,
-            )
-            if segmentor.random_weights:
-                meta["note"] = _cli.RANDOM_WEIGHTS_BANNER
-                print(_cli.RANDOM_WEIGHTS_BANNER, flush=True)
-            pairs = segmentor_pairs(
-                samples,
-                layout,
-                segmentor,
-                classes,
-                args.batch_size,
-                options,
-                save_to=args.out if args.save_predictions else None,
-                progress=not (args.no_progress or args.quiet),
-            )
+            methods = _method_names(args.method)
+            if len(methods) > 1:
+                return _compare_methods(args, options, layout, classes, samples, meta, methods)
+            matrix, meta = _run_method(args, options, layout, classes, samples, meta, methods[0])
         else:
             meta["predictions"] = args.predictions
             pairs = prediction_pairs(samples, layout, classes.num_labels, args.predictions, options)
-        matrix = evaluate_predictions(
-            pairs, classes.num_labels, args.ignore_index, keys=[s.key for s in samples]
-        )
+            matrix = evaluate_predictions(
+                pairs, classes.num_labels, args.ignore_index, keys=[s.key for s in samples]
+            )
     except (DatasetError, ValueError) as err:  # bad files and labels, not bugs of ours
         raise _cli.CliError(str(err)) from None
     report = build_report(matrix, classes.label_names, meta)
@@ -358,6 +341,108 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_cli.RANDOM_WEIGHTS_BANNER)
     print(f"wrote {args.out.rstrip('/')}/metrics.json and per_class.csv", file=sys.stderr)
     return 0
+
+
+def _method_names(text: str) -> list[str]:
+    from cliptrase import METHODS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        names = sorted(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if not names or unknown:
+        raise _cli.CliError(
+            f"unknown --method {unknown or text!r}; known: {', '.join(sorted(METHODS))} or 'all'"
+        )
+    return names
+
+
+def _run_method(args, options, layout, classes, samples, meta, name: str):
+    """Segment and score one method under the dataset's protocol; returns (matrix, meta)."""
+    from cliptrase.methods import method_for_dataset
+
+    # The paper's per-dataset settings (logit scale, thresholds) where the list is a preset.
+    method = method_for_dataset(name, layout.preset) if layout.preset else name
+    segmentor = _cli.load_segmentor(args, options, method=method)
+    mode, short_side, crop, stride = segmentor.protocol()
+    meta = dict(
+        meta,
+        model=segmentor.model_name,
+        weights=segmentor.weights.identity,
+        random_weights=segmentor.random_weights,
+        method=segmentor.method.name,
+        protocol={"mode": mode, "short_side": short_side, "crop": crop, "stride": stride},
+    )
+    if segmentor.random_weights:
+        meta["note"] = _cli.RANDOM_WEIGHTS_BANNER
+        print(_cli.RANDOM_WEIGHTS_BANNER, flush=True)
+    save_to = args.out if args.save_predictions else None
+    if save_to is not None and len(_method_names(args.method)) > 1:
+        save_to = f"{args.out.rstrip('/')}/{name}"
+    pairs = segmentor_pairs(
+        samples,
+        layout,
+        segmentor,
+        classes,
+        args.batch_size,
+        options,
+        save_to=save_to,
+        progress=not (args.no_progress or args.quiet),
+    )
+    matrix = evaluate_predictions(
+        pairs, classes.num_labels, args.ignore_index, keys=[s.key for s in samples]
+    )
+    return matrix, meta
+
+
+def _compare_methods(args, options, layout, classes, samples, meta, methods) -> int:
+    """Every method under one protocol per dataset: one report each and a comparison table."""
+    rows = []
+    for name in methods:
+        log.info("method %s", name)
+        try:
+            matrix, method_meta = _run_method(args, options, layout, classes, samples, meta, name)
+        except (DatasetError, ValueError) as err:
+            raise _cli.CliError(str(err)) from None
+        report = build_report(matrix, classes.label_names, method_meta)
+        write_report(f"{args.out.rstrip('/')}/{name}", report, matrix, options)
+        protocol = method_meta["protocol"]
+        rows.append(
+            {
+                "method": name,
+                "mIoU": report["summary"]["mIoU"],
+                "aAcc": report["summary"]["aAcc"],
+                "mAcc": report["summary"]["mAcc"],
+                "protocol": f"{protocol['mode']} {protocol['short_side']}"
+                + (f" crop {protocol['crop']}/{protocol['stride']}" if protocol["crop"] else ""),
+            }
+        )
+    table = comparison_markdown(rows, layout.name, len(samples))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _write(args.out, "comparison.md", table.encode(), options)
+    _write(args.out, "comparison.csv", buffer.getvalue().encode(), options)
+    print(table)
+    if args.random_weights:
+        print(_cli.RANDOM_WEIGHTS_BANNER)
+    print(f"wrote {args.out.rstrip('/')}/comparison.md and comparison.csv", file=sys.stderr)
+    return 0
+
+
+def comparison_markdown(rows: list[dict], dataset: str, images: int) -> str:
+    """Methods side by side (percentages), one protocol per dataset."""
+    lines = [
+        f"| method | mIoU | aAcc | mAcc | protocol |  ({dataset}, {images} images)",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [
+            "n/a" if row[k] is None else f"{100 * row[k]:.2f}" for k in ("mIoU", "aAcc", "mAcc")
+        ]
+        lines.append(f"| {row['method']} | {' | '.join(cells)} | {row['protocol']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

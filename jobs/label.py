@@ -55,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     _cli.add_model_args(parser)
     parser.set_defaults(precision="bf16")  # GPU actors; the segmentor falls back to fp32 on CPU
     method = parser.add_argument_group("method")
-    method.add_argument("--method", default="cliptrase", choices=sorted(METHODS))
     method.add_argument(
         "--max-patches",
         type=int,
@@ -146,6 +145,10 @@ def config_from_args(args: argparse.Namespace, options: dict):
     """The pipeline's RunConfig for these arguments (Ray must be up for the GPU default)."""
     from pipeline import RunConfig, SegmentorSpec, SourceSpec
 
+    if args.method not in METHODS:
+        raise _cli.CliError(
+            f"unknown --method {args.method!r}; known: {', '.join(sorted(METHODS))}"
+        )
     if args.device != "auto":
         raise _cli.CliError(
             "jobs.label places models with --gpus-per-actor (Ray decides the device); "

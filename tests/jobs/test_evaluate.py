@@ -219,16 +219,46 @@ def test_missing_or_misshapen_predictions_are_user_errors(generic, tmp_path, cap
     assert "predictions must be at the GT's resolution" in capsys.readouterr().err
 
 
-def test_run_with_synonyms_points_to_drop_synonyms(generic, tmp_path, capsys):
+def test_run_scores_synonyms_of_a_preset(generic, tmp_path, capsys):
     root, _ = generic
+    out = tmp_path / "o"
     code = evaluate.main(
         [
             *f"--dataset generic --root {root} --preset voc20 --run {TINY_MODEL}".split(),
-            *f"--out {tmp_path / 'o'} --no-progress --limit 1".split(),
+            *f"--short-side 32 --out {out} --no-progress --limit 1".split(),
         ]
     )
-    assert code == 2
-    assert "--drop-synonyms" in capsys.readouterr().err
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "metrics.json").read_text())
+    assert len(report["classes"]) == 20 and report["images"] == 1
+
+
+def test_method_comparison_writes_one_row_per_method_from_its_own_report(generic, tmp_path):
+    root, _ = generic
+    out = tmp_path / "cmp"
+    code = evaluate.main(
+        [
+            *f"--dataset generic --root {root} --classes {CLASSES} --run {TINY_MODEL}".split(),
+            *f"--method cliptrase,sclip --short-side 32 --limit 2 --out {out}".split(),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO((out / "comparison.csv").read_text())))
+    assert [r["method"] for r in rows] == ["cliptrase", "sclip"]
+    for row in rows:
+        report = json.loads((out / row["method"] / "metrics.json").read_text())
+        assert report["method"] == row["method"] and report["images"] == 2
+        assert float(row["mIoU"]) == pytest.approx(report["summary"]["mIoU"])
+    assert rows[1]["protocol"].startswith("slide")  # SCLIP's published sliding window
+    assert "| cliptrase |" in (out / "comparison.md").read_text()
+
+
+def test_unknown_method_is_a_user_error(generic, tmp_path, capsys):
+    root, _ = generic
+    args = f"--dataset generic --root {root} --classes {CLASSES} --run {TINY_MODEL}".split()
+    assert evaluate.main([*args, "--method", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown --method" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------- layouts
