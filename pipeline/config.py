@@ -106,8 +106,9 @@ class SourceSpec:
         if self.images_per_shard < 1:
             raise ValueError("images_per_shard must be positive")
         object.__setattr__(
-            self, "extensions", tuple(e.lower() if e.startswith(".") else f".{e.lower()}"
-                                      for e in self.extensions)
+            self,
+            "extensions",
+            tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in self.extensions),
         )
 
 

@@ -47,7 +47,9 @@ def decode_image(data: bytes, max_image_pixels: int | None = 89_478_485) -> Deco
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(f"image too large (decompression-bomb guard): {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise InvalidImageError("not an image Pillow can identify (corrupt or unknown format)") from exc
+        raise InvalidImageError(
+            "not an image Pillow can identify (corrupt or unknown format)"
+        ) from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidImageError(f"cannot open image: {type(exc).__name__}: {exc}") from exc
     pixels = image.width * image.height

@@ -36,9 +36,7 @@ class RunLayout:
     root: str
 
     @classmethod
-    def open(
-        cls, output: str, config_hash: str, storage_options: dict | None = None
-    ) -> RunLayout:
+    def open(cls, output: str, config_hash: str, storage_options: dict | None = None) -> RunLayout:
         fs, path = fsspec.core.url_to_fs(output, **(storage_options or {}))
         return cls(fs, f"{path.rstrip('/')}/{config_hash}")
 

@@ -54,6 +54,7 @@ class RunSummary:
     startup_s: float = 0.0  # Ray start + first actor loading its model
     images_per_s: float = 0.0
     model_idle_fraction: float | None = None  # 1 - model time / shard time, over all actors
+    cpu_s: float = 0.0  # CPU seconds of the actor processes while labelling (all threads)
     actors: int = 0
     actor_restarts: int = 0
     torch_threads: list[int] = field(default_factory=list)  # per actor, as seen by torch
@@ -89,7 +90,10 @@ def run(
     )
     log.info(
         "pipeline: %d shards, %d already committed, %d to label -> %s",
-        len(shards), summary.shards_skipped, len(pending), summary.output,
+        len(shards),
+        summary.shards_skipped,
+        len(pending),
+        summary.output,
     )
     metadata = None
     if pending:
@@ -201,8 +205,13 @@ def _label(
     def retry_or_fail(shard: Shard, attempt: int, reason: str) -> None:
         if attempt < config.max_retries:
             backoff = min(2.0**attempt, _MAX_BACKOFF_S)
-            log.warning("shard %s attempt %d failed (%s); retrying in %.0fs",
-                        shard.shard_id, attempt + 1, reason, backoff)
+            log.warning(
+                "shard %s attempt %d failed (%s); retrying in %.0fs",
+                shard.shard_id,
+                attempt + 1,
+                reason,
+                backoff,
+            )
             queue.append((shard, attempt + 1, time.monotonic() + backoff))
         else:
             log.error("shard %s failed after %d attempts: %s", shard.shard_id, attempt + 1, reason)
@@ -285,6 +294,7 @@ def _finish(summary: RunSummary, t0: float) -> None:
     labelling = summary.seconds - summary.startup_s
     summary.images_per_s = images / labelling if images and labelling > 0 else 0.0
     summary.torch_threads = sorted({r.torch_threads for r in summary.results})
+    summary.cpu_s = sum(r.cpu_s for r in summary.results)
     shard_s = sum(r.seconds for r in summary.results)
     if shard_s > 0:
         summary.model_idle_fraction = 1.0 - sum(r.model_s for r in summary.results) / shard_s

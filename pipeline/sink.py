@@ -184,6 +184,7 @@ def write_shard(
     data = buf.getvalue()
     final = layout.shard_path(shard_id)
     if _is_local(layout.fs):
+        layout.makedirs()
         tmp = f"{layout.root}/shards/.tmp-{shard_id}-{uuid.uuid4().hex[:8]}.parquet"
         layout.fs.pipe_file(tmp, data)
         layout.fs.mv(tmp, final)

@@ -257,8 +257,9 @@ def _read_files(shard: Shard, fs) -> Iterator[ImageRecord]:
             data = fetched.get(path, fetched.get(fs._strip_protocol(path)))
             if isinstance(data, BaseException) or data is None:
                 reason = f"{type(data).__name__}: {data}" if data is not None else "missing"
-                yield ImageRecord(image_id, key, fs.unstrip_protocol(path), None,
-                                  f"cannot read file ({reason})")
+                yield ImageRecord(
+                    image_id, key, fs.unstrip_protocol(path), None, f"cannot read file ({reason})"
+                )
             else:
                 yield ImageRecord(image_id, key, fs.unstrip_protocol(path), bytes(data))
 

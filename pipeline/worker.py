@@ -50,6 +50,7 @@ class ShardResult:
     model_s: float  # inside segment_batch
     wait_s: float  # model thread blocked waiting for decoded images
     write_s: float  # waiting for PNG encodes + Parquet write + commit
+    cpu_s: float  # CPU time of the actor process (all threads) during the shard
     sha256: str
     node_id: str | None = None
     gpu_ids: list = field(default_factory=list)
@@ -140,7 +141,7 @@ class ShardLabeler:
     # ------------------------------------------------------------------ labelling
     def process_shard(self, shard: Shard) -> ShardResult:
         """Label every image of ``shard``, write its Parquet file and commit it."""
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fs, _ = fsspec.core.url_to_fs(shard.uri, **self.config.storage_options)
         rows, stats = self.label_records(read_shard(shard, fs, self.config.source), shard.shard_id)
         write_start = time.perf_counter()
@@ -158,6 +159,7 @@ class ShardLabeler:
             model_s=stats["model_s"],
             wait_s=stats["wait_s"],
             write_s=end - write_start,
+            cpu_s=time.process_time() - cpu_start,
             sha256=marker["sha256"],
             node_id=_node_id(),
             gpu_ids=_gpu_ids(),
@@ -222,8 +224,9 @@ class ShardLabeler:
             for _, _, ready in batch:
                 one = time.perf_counter()
                 try:
-                    outcomes.append((self.segmentor.segment_batch([ready.prepared], self.vocab)[0],
-                                     _ms(one)))
+                    outcomes.append(
+                        (self.segmentor.segment_batch([ready.prepared], self.vocab)[0], _ms(one))
+                    )
                 except Exception as single:  # noqa: BLE001 - becomes this image's error row
                     outcomes.append((single, _ms(one)))
         busy = time.perf_counter() - start

@@ -37,9 +37,10 @@ def test_config_hash_ignores_throughput_knobs_and_credentials():
     ],
 )
 def test_config_hash_changes_with_what_changes_the_labels(change):
-    assert tiny_config(["in/"], "out").config_hash() != tiny_config(
-        ["in/"], "out", **change
-    ).config_hash()
+    assert (
+        tiny_config(["in/"], "out").config_hash()
+        != tiny_config(["in/"], "out", **change).config_hash()
+    )
 
 
 def test_storage_options_never_in_repr_or_description():

@@ -20,9 +20,17 @@ from pipeline.manifest import (
 
 def _row(labels, confidence, num_labels, image_id="s/k"):
     return sink.ok_row(
-        image_id=image_id, shard_id="s", key="k", source_uri="file:///x.jpg", labels=labels,
-        confidence=confidence, num_labels=num_labels, exif_transposed=False, windows=1,
-        decode_ms=1.0, segment_ms=2.0,
+        image_id=image_id,
+        shard_id="s",
+        key="k",
+        source_uri="file:///x.jpg",
+        labels=labels,
+        confidence=confidence,
+        num_labels=num_labels,
+        exif_transposed=False,
+        windows=1,
+        decode_ms=1.0,
+        segment_ms=2.0,
     )
 
 
