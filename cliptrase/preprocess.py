@@ -72,14 +72,32 @@ def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     return int(short_side * height / width), short_side
 
 
+def bucketed_size(size: tuple[int, int], bucket: int) -> tuple[int, int]:
+    """``size`` with its longer side rounded to the nearest multiple of ``bucket`` (never below
+    the shorter side): images of similar aspect then share one shape and batch together."""
+    h, w = size
+    if h <= w:
+        return h, max(h, bucket * round(w / bucket))
+    return max(w, bucket * round(h / bucket)), w
+
+
 def prepare_whole_image(
-    image: Image.Image, short_side: int, patch_size: int, mean: tuple, std: tuple
+    image: Image.Image,
+    short_side: int,
+    patch_size: int,
+    mean: tuple,
+    std: tuple,
+    bucket: int | None = None,
 ) -> Prepared:
     """Resize (bicubic, aspect kept), normalise, pad right/bottom to a multiple of the patch.
 
-    Padding is zero in normalised space, i.e. the dataset-mean colour.
+    Padding is zero in normalised space, i.e. the dataset-mean colour. ``bucket`` (opt-in,
+    changes the labels slightly): the long side goes to a multiple of ``bucket`` instead,
+    stretching the aspect by at most ``bucket / 2`` pixels (:func:`bucketed_size`).
     """
     size = resized_size(image.height, image.width, short_side)
+    if bucket is not None:
+        size = bucketed_size(size, bucket)
     resized = TF.resize(image, list(size), interpolation=InterpolationMode.BICUBIC)
     pixels = TF.normalize(TF.to_tensor(resized), mean, std)
     pad_h = math.ceil(size[0] / patch_size) * patch_size - size[0]

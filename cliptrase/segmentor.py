@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +69,19 @@ class SegmentorConfig:
     # method's logit scale (CLIP's 100 for cliptrase), so temperature 1 is that calibration.
     confidence_temperature: float = 1.0
     mode: str | None = None  # "whole" or "slide"; None: slide iff the method has a crop
+    # Throughput only (labels unchanged): refine batch k (DBSCAN, cluster maps, vote,
+    # confidence; CPU work) in a worker thread while batch k+1 runs its forward. None: on when
+    # the device is CUDA (the forward then runs on the GPU, so the two really overlap); on a
+    # CPU both stages compete for the same cores (docs/benchmarks.md measures it).
+    overlap_refine: bool | None = None
+    # Opt-in aspect buckets, in pixels (a multiple of the patch size; None = off): the long
+    # side after the short-side resize is rounded to a multiple of ``bucket``, so images of
+    # similar aspect share one tensor shape and batch together instead of one forward each.
+    # This CHANGES the labels slightly (the aspect is stretched by at most bucket/2 pixels
+    # before labelling; labels are resized back to the original size). Padding to a common
+    # shape instead is not offered: padded patches join the attention and the correlation R,
+    # so DBSCAN's clusters, and the labels, change.
+    bucket: int | None = None
 
     def __post_init__(self):
         if (self.short_side is not None and self.short_side < 1) or self.max_patches < 1:
@@ -78,6 +92,10 @@ class SegmentorConfig:
             raise ValueError("confidence_temperature must be positive")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None, got {self.mode!r}")
+        if self.bucket is not None and self.bucket < 1:
+            raise ValueError(
+                f"bucket must be a positive number of pixels or None, got {self.bucket}"
+            )
 
 
 @dataclass
@@ -119,6 +137,17 @@ class DenseFeatures:
         return self.cls_features @ vocab.embeddings.to(self.cls_features.device, torch.float32).T
 
 
+@dataclass
+class _FirstPrediction:
+    """A batch between the device stage (forward, head) and the CPU stage (cluster vote)."""
+
+    logits: torch.Tensor  # (B, rows, H, W) on the device, at the input size
+    pred: np.ndarray  # (B, H, W) int64: the head's labels before the refiner
+    correlation: np.ndarray | None  # (B, hw, hw) R on the CPU, for the cluster vote
+    grid: tuple[int, int]
+    size: tuple[int, int]
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,11 +169,14 @@ class Segmentor:
         device: str | torch.device = "auto",
         precision: str = "fp32",
         config: SegmentorConfig | None = None,
+        allow_cpu_autocast: bool = False,
     ):
+        """``allow_cpu_autocast``: honour bf16/fp16 on the CPU (torch's CPU autocast) instead
+        of falling back to fp32; for tests and benchmarks of the reduced-precision path."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.device = resolve_device(device)
-        if self.device.type != "cuda" and precision != "fp32":
+        if self.device.type != "cuda" and precision != "fp32" and not allow_cpu_autocast:
             log.warning("precision %s needs a GPU; running on %s in fp32", precision, self.device)
             precision = "fp32"
         self.precision = precision
@@ -158,6 +190,10 @@ class Segmentor:
         self.clip = clip.to(self.device).eval().requires_grad_(False)
         self.backbone = ClipVisionBackbone(self.clip.visual)
         self.patch_size = self.backbone.patch_size
+        if config.bucket is not None and config.bucket % self.patch_size:
+            raise ValueError(
+                f"bucket must be a multiple of the patch size {self.patch_size}, got {config.bucket}"
+            )
         self.tokenizer = open_clip.get_tokenizer(model_name)
         preprocess = getattr(self.clip.visual, "preprocess_cfg", {}) or {}
         self.mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
@@ -345,6 +381,11 @@ class Segmentor:
         self, pixels: torch.Tensor, vocab: Vocabulary, with_confidence: bool = True
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Everything on one batch of same-size inputs: forward, head, refiners."""
+        return self._refined(self._first_prediction(pixels, vocab), vocab, with_confidence)
+
+    @torch.inference_mode()
+    def _first_prediction(self, pixels: torch.Tensor, vocab: Vocabulary) -> _FirstPrediction:
+        """The device stage: forward, logits at the input size, PAMR, the head's labels."""
         feats = self.dense_features(pixels)
         size = tuple(pixels.shape[-2:])
         logits = F.interpolate(
@@ -354,10 +395,21 @@ class Segmentor:
             logits = self.method.pamr(pixels.to(logits.device), logits)
         pred = self._decide(logits, vocab).cpu().numpy()
         refiner = self.method.refiner
+        correlation = None
         if refiner is not None:
-            correlation = feats.correlation.cpu().numpy()
+            correlation = feats.correlation.float().cpu().numpy()
+        return _FirstPrediction(logits, pred, correlation, feats.grid, size)
+
+    @torch.inference_mode()  # thread-local: this stage may run in the refine thread
+    def _refined(
+        self, first: _FirstPrediction, vocab: Vocabulary, with_confidence: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The CPU stage: cluster vote per image (DBSCAN is per image), then confidence."""
+        pred, logits = first.pred, first.logits
+        refiner = self.method.refiner
+        if refiner is not None:
             for i in range(pred.shape[0]):
-                regions = refiner.regions(correlation[i], feats.grid, size)
+                regions = refiner.regions(first.correlation[i], first.grid, first.size)
                 if regions is None:  # every patch is noise: the first prediction is final
                     continue
                 if refiner.vote == "mean_logits":
@@ -440,17 +492,30 @@ class Segmentor:
             for labels, confidence, windows in outputs
         ]
 
-    @staticmethod
-    def _batches(plans, batch_size: int):
-        """Chunks of ``(plan, tile)`` indices whose tiles share one shape."""
+    def _batches(self, plans, batch_size: int):
+        """Chunks of ``(plan, tile)`` indices whose tiles share one shape, and their pixels.
+
+        On CUDA the stacked batch is staged in pinned (page-locked) host memory and copied
+        asynchronously: the copy overlaps the previous batch's kernels still in the queue.
+        """
         by_shape: dict[tuple, list[tuple[int, int]]] = {}
         for p, plan in enumerate(plans):
             for u, tile in enumerate(plan.tiles):
                 by_shape.setdefault(tuple(tile.pixels.shape), []).append((p, u))
+        cuda = self.device.type == "cuda"
         for members in by_shape.values():
             for start in range(0, len(members), batch_size):
                 chunk = members[start : start + batch_size]
-                yield chunk, torch.stack([plans[p].tiles[u].pixels for p, u in chunk])
+                pixels = torch.stack([plans[p].tiles[u].pixels for p, u in chunk])
+                if cuda:
+                    pixels = pixels.float().pin_memory().to(self.device, non_blocking=True)
+                yield chunk, pixels
+
+    def _overlap_refine(self) -> bool:
+        overlap = self.config.overlap_refine
+        if overlap is None:
+            overlap = self.device.type == "cuda"
+        return overlap and self.method.refiner is not None
 
     def _segment_tiles(self, prepared, vocab, batch_size, crop, stride):
         plans = [
@@ -464,10 +529,28 @@ class Segmentor:
             )
             for item in prepared
         ]
-        for chunk, pixels in self._batches(plans, batch_size):
-            labels, confidence = self._label_pixels(pixels, vocab)
+
+        def place(chunk, labels, confidence):
             for (p, u), lab, conf in zip(chunk, labels, confidence):
                 plans[p].place(u, lab, conf)
+
+        batches = self._batches(plans, batch_size)
+        if not self._overlap_refine():
+            for chunk, pixels in batches:
+                place(chunk, *self._label_pixels(pixels, vocab))
+        else:
+            # Two-stage pipeline: the refine thread clusters batch k while this thread runs
+            # batch k+1's forward (torch, numpy and scikit-learn release the GIL in their
+            # kernels). Same functions on the same inputs: the labels are unchanged.
+            with ThreadPoolExecutor(1, thread_name_prefix="cliptrase-refine") as refiner:
+                pending = None
+                for chunk, pixels in batches:
+                    first = self._first_prediction(pixels, vocab)
+                    if pending is not None:
+                        place(pending[0], *pending[1].result())
+                    pending = (chunk, refiner.submit(self._refined, first, vocab))
+                if pending is not None:
+                    place(pending[0], *pending[1].result())
         return [(*plan.finish(vocab.num_labels), len(plan.tiles)) for plan in plans]
 
     @torch.inference_mode()
@@ -476,11 +559,9 @@ class Segmentor:
         plans = [SlidePlan.build(item, self.patch_size, crop, stride) for item in prepared]
         for chunk, pixels in self._batches(plans, batch_size):
             logits = self._scaled_logits(self.dense_features(pixels), vocab)
-            for (p, u), crop_logits in zip(chunk, logits):
-                up = F.interpolate(
-                    crop_logits[None], size=pixels.shape[-2:], mode="bilinear", align_corners=False
-                )
-                plans[p].add(u, up[0])
+            up = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+            for (p, u), crop_logits in zip(chunk, up):
+                plans[p].add(u, crop_logits)
         outputs = []
         for plan in plans:
             logits = plan.averaged()[None]
@@ -497,8 +578,9 @@ class Segmentor:
     def prepare(self, image: ImageLike) -> Prepared:
         """Validate, resize and normalise one image (CPU work; safe to run in a worker thread)."""
         rgb = as_rgb_image(image, min_side=self.patch_size)
+        config = self.config
         return prepare_whole_image(
-            rgb, self.config.short_side, self.patch_size, self.mean, self.std
+            rgb, config.short_side, self.patch_size, self.mean, self.std, config.bucket
         )
 
     def __repr__(self) -> str:
@@ -526,17 +608,25 @@ def load_segmentor(
     storage_options: dict | None = None,
     trust_pickle: bool = False,
     seed: int = 0,
+    allow_cpu_autocast: bool = False,
 ) -> Segmentor:
     """Load an open_clip ViT and wrap it as a segmentor.
 
     ``pretrained``: an open_clip tag (``"openai"``; downloaded by open_clip when online), a
     local checkpoint file, an fsspec URI (``s3://bucket/ckpt.safetensors``, read with
     ``storage_options``), or None for random weights drawn from ``seed`` (every output then
-    says ``random_weights=True``).
+    says ``random_weights=True``). ``allow_cpu_autocast``: see :class:`Segmentor`.
     """
     clip, weights = create_clip_model(
         model, pretrained, seed=seed, trust_pickle=trust_pickle, storage_options=storage_options
     )
     return Segmentor(
-        clip, model, weights, method=method, device=device, precision=precision, config=config
+        clip,
+        model,
+        weights,
+        method=method,
+        device=device,
+        precision=precision,
+        config=config,
+        allow_cpu_autocast=allow_cpu_autocast,
     )
