@@ -11,12 +11,13 @@ from .config import RunConfig, SegmentorSpec, SourceSpec, VocabularySpec
 from .manifest import committed_shard_ids, pending_shards
 from .runner import RunSummary, run
 from .sink import SCHEMA, decode_masks, read_rows, read_run_metadata
-from .sources import ImageRecord, Shard, list_shards, read_shard
+from .sources import ImageRecord, InvalidShardError, Shard, list_shards, read_shard
 from .worker import ShardResult
 
 __all__ = [
     "SCHEMA",
     "ImageRecord",
+    "InvalidShardError",
     "RunConfig",
     "RunSummary",
     "SegmentorSpec",

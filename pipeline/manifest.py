@@ -14,12 +14,14 @@ two concurrent runs from labelling the same shard twice.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,9 +63,13 @@ class RunLayout:
     def summary_path(self) -> str:
         return f"{self.root}/summary.json"
 
+    def tmp_dir(self) -> str:
+        """Local only: where a shard file is written before its rename into ``shards/``."""
+        return f"{self.root}/_tmp"
+
     def makedirs(self) -> None:
         if _is_local(self.fs):  # object stores have no directories to create
-            for sub in ("shards", "_committed", "_leases"):
+            for sub in ("shards", "_committed", "_leases", "_tmp"):
                 self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
 
 
@@ -135,9 +141,15 @@ def acquire_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) ->
         if current.get("owner") == owner:
             layout.fs.pipe_file(path, body)  # renew our own lease
             return True
-        if float(current.get("expires_at", 0)) > _utc_now():
+        if float(current.get("expires_at", 0)) > _utc_now() and not _owner_is_dead(
+            current.get("owner", "")
+        ):
             return False
-        log.info("lease on %s expired (owner %s); taking it over", shard_id, current.get("owner"))
+        log.info(
+            "lease on %s expired or its owner died (%s); taking it over",
+            shard_id,
+            current.get("owner"),
+        )
         _remove(layout.fs, path)
     return False
 
@@ -188,9 +200,89 @@ def _remove(fs, path: str) -> None:
 
 
 def new_owner() -> str:
-    import socket
-
+    """``host:pid:random``: unique per run; the host and pid let a restart on the same machine
+    see that the previous driver is gone and take its leases over at once (see _owner_is_dead).
+    """
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """True only when the owner ran on this host and its pid no longer exists.
+
+    Another host's owner is never presumed dead here: its lease expires (``lease_ttl_s``)
+    unless it keeps renewing it. A reused pid only delays the takeover until expiry.
+    """
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+# ----------------------------------------------------------------------------- retries
+
+_PERMANENT = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+_TRANSIENT_MODULES = (
+    "botocore",
+    "aiobotocore",
+    "aiohttp",
+    "urllib3",
+    "requests",
+    "google",
+    "gcsfs",
+    "adlfs",
+    "azure",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection resets, timeouts, 5xx/throttling and unreachable endpoints: worth a retry."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, OSError):
+        return exc.errno not in (errno.EINVAL, errno.ENOENT, errno.EACCES, errno.EPERM)
+    return type(exc).__module__.split(".", 1)[0] in _TRANSIENT_MODULES
+
+
+def with_retries(
+    fn: Callable[..., Any], *args: Any, attempts: int = 6, first_backoff_s: float = 0.5, **kwargs
+) -> Any:
+    """``fn(*args, **kwargs)``, retried on transient storage errors with bounded backoff.
+
+    0.5, 1, 2, 4, 8 s between six attempts (plus the client's own retries inside each), so a
+    store that is away for ~15-45 s costs a pause, not the run; then the error propagates.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            backoff = min(first_backoff_s * 2**attempt, 8.0)
+            log.warning(
+                "storage: %s failed (%s); retry %d/%d in %.1fs",
+                getattr(fn, "__name__", "call"),
+                type(exc).__name__,
+                attempt + 1,
+                attempts - 1,
+                backoff,
+            )
+            time.sleep(backoff)
+    raise AssertionError("unreachable")
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from .config import RunConfig
 from .manifest import (
@@ -27,14 +27,22 @@ from .manifest import (
     read_marker,
     record_run,
     release_lease,
+    with_retries,
     write_summary,
 )
-from .sources import Shard, list_shards
+from .sink import remove_uncommitted
+from .sources import InvalidShardError, Shard, list_shards
 from .worker import SegmentorActor, ShardResult
 
 log = logging.getLogger("pipeline")
 
 _MAX_BACKOFF_S = 30.0
+# A replacement actor that cannot be placed (its node is gone, the cluster is full) is waited
+# for this long while no other actor is alive; other actors carry on meanwhile.
+_ACTOR_START_TIMEOUT_S = 600.0
+# A shard that is not what its name says, or is gone or forbidden, fails at once: retrying
+# cannot help, and the next run (which lists the inputs again) tries it afresh.
+_PERMANENT_SHARD_ERRORS = (InvalidShardError, FileNotFoundError, PermissionError)
 
 
 @dataclass
@@ -78,10 +86,10 @@ def run(
     started_at = datetime.now(timezone.utc).isoformat()
     t0 = time.perf_counter()
     layout = RunLayout.open(config.output, config.config_hash(), config.storage_options)
-    layout.makedirs()
+    with_retries(layout.makedirs)
     if shards is None:
-        shards = list_shards(config.inputs, config.storage_options, config.source)
-    pending = pending_shards(shards, layout)
+        shards = with_retries(list_shards, config.inputs, config.storage_options, config.source)
+    pending = with_retries(pending_shards, shards, layout)
     summary = RunSummary(
         config_hash=config.config_hash(),
         output=layout.uri,
@@ -111,8 +119,9 @@ def run(
             if started_ray:
                 ray.shutdown()
     _finish(summary, t0)
-    write_summary(layout, summary.to_dict())
-    record_run(
+    with_retries(write_summary, layout, summary.to_dict())
+    with_retries(
+        record_run,
         layout,
         config=config.describe(),
         metadata=metadata,
@@ -174,10 +183,15 @@ class _ActorPool:
         except RayActorError as exc:
             raise RuntimeError(f"the segmentor actor failed to start: {exc}") from exc
 
-    def replace(self, slot: int) -> None:
-        ray.kill(self.actors[slot], no_restart=True)
+    def replace(self, slot: int) -> ray.ObjectRef:
+        """A new actor in ``slot``; returns a ref that resolves once it has loaded its model."""
+        try:
+            ray.kill(self.actors[slot], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone with its node
+            pass
         self.actors[slot] = self._new()
         self.restarts += 1
+        return self.actors[slot].placement.remote()
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -197,13 +211,30 @@ def _label(
     owner = new_owner()
     queue: deque[tuple[Shard, int, float]] = deque((s, 0, 0.0) for s in pending)
     in_flight: dict[ray.ObjectRef, tuple[int, Shard, int]] = {}
+    starting: dict[ray.ObjectRef, int] = {}  # replacement actors loading their model
     idle = deque(range(pool.size))
     max_restarts = (config.max_retries + 1) * pool.size
     bar = tqdm(total=len(pending), unit="shard", disable=not progress, dynamic_ncols=True)
     labelling_start = time.perf_counter()
+    # Leases are renewed while their shard is in flight, so a shard may take longer than the
+    # TTL and a dead driver's leases still expire one TTL after its last renewal.
+    renew_every = min(config.lease_ttl_s / 3, 300.0)
+    last_renewal = time.monotonic()
+    no_actor_since: float | None = None
 
-    def retry_or_fail(shard: Shard, attempt: int, reason: str) -> None:
-        if attempt < config.max_retries:
+    def release(shard: Shard) -> None:
+        try:
+            with_retries(release_lease, layout, shard.shard_id, owner)
+        except Exception as exc:  # noqa: BLE001 - an orphan lease only expires; keep going
+            log.warning("could not release the lease of %s: %s", shard.shard_id, exc)
+
+    def replace(slot: int, exc: BaseException) -> None:
+        if pool.restarts >= max_restarts:
+            raise RuntimeError(f"segmentor actors died {pool.restarts} times; giving up") from exc
+        starting[pool.replace(slot)] = slot
+
+    def retry_or_fail(shard: Shard, attempt: int, reason: str, permanent: bool = False) -> None:
+        if attempt < config.max_retries and not permanent:
             backoff = min(2.0**attempt, _MAX_BACKOFF_S)
             log.warning(
                 "shard %s attempt %d failed (%s); retrying in %.0fs",
@@ -216,37 +247,67 @@ def _label(
         else:
             log.error("shard %s failed after %d attempts: %s", shard.shard_id, attempt + 1, reason)
             summary.shards_failed += 1
-            summary.failures.append({"shard_id": shard.shard_id, "error": reason[-2000:]})
-            release_lease(layout, shard.shard_id, owner)
+            summary.failures.append(
+                {
+                    "shard_id": shard.shard_id,
+                    "uri": _public(shard.uri),
+                    "attempts": attempt + 1,
+                    "error": reason[-2000:],
+                }
+            )
+            release(shard)
             bar.update(1)
 
     try:
         while queue or in_flight:
             _dispatch(queue, idle, in_flight, pool, layout, config, owner, summary, bar)
-            if not in_flight:
+            if time.monotonic() - last_renewal > renew_every:
+                _renew_leases(layout, [s for _, s, _ in in_flight.values()], owner, config)
+                last_renewal = time.monotonic()
+            if not in_flight and not starting:
                 if queue:  # everything waits on a backoff
                     time.sleep(max(0.05, min(t for _, _, t in queue) - time.monotonic()))
                 continue
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            if in_flight or idle:
+                no_actor_since = None
+            elif no_actor_since is None:
+                no_actor_since = time.monotonic()
+            elif time.monotonic() - no_actor_since > _ACTOR_START_TIMEOUT_S:
+                raise RuntimeError(
+                    f"no segmentor actor could be started in {_ACTOR_START_TIMEOUT_S:.0f}s "
+                    "(nodes lost, or no resources left for an actor)"
+                )
+            done, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=1.0)
             for ref in done:
+                if ref in starting:
+                    slot = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except RayActorError as exc:
+                        replace(slot, exc)
+                    else:
+                        idle.append(slot)
+                    continue
                 slot, shard, attempt = in_flight.pop(ref)
                 try:
                     result: ShardResult = ray.get(ref)
                 except RayActorError as exc:
-                    if pool.restarts >= max_restarts:
-                        raise RuntimeError(
-                            f"segmentor actors died {pool.restarts} times; giving up"
-                        ) from exc
-                    pool.replace(slot)
-                    retry_or_fail(shard, attempt, f"actor died: {exc}")
+                    # The slot gets a new actor; it takes work once its model is loaded, and
+                    # until then the other actors carry on (a lost node may never come back).
+                    replace(slot, exc)
+                    retry_or_fail(shard, attempt, f"actor died: {_first_line(exc)}")
+                    continue
                 except RayTaskError as exc:
-                    retry_or_fail(shard, attempt, _short_error(exc))
+                    permanent = isinstance(getattr(exc, "cause", None), _PERMANENT_SHARD_ERRORS)
+                    retry_or_fail(shard, attempt, _short_error(exc), permanent=permanent)
+                except RayError as exc:  # its result object lost with a node, a worker crash
+                    retry_or_fail(shard, attempt, f"{type(exc).__name__}: {_first_line(exc)}")
                 else:
                     summary.results.append(result)
                     summary.shards_done += 1
                     summary.images_ok += result.ok
                     summary.images_error += result.errors
-                    release_lease(layout, shard.shard_id, owner)
+                    release(shard)
                     bar.update(1)
                     elapsed = time.perf_counter() - labelling_start
                     images = summary.images_ok + summary.images_error
@@ -255,7 +316,15 @@ def _label(
     finally:
         bar.close()
         for _, shard, _ in in_flight.values():
-            release_lease(layout, shard.shard_id, owner)
+            release(shard)
+
+
+def _renew_leases(layout: RunLayout, shards: list[Shard], owner: str, config: RunConfig) -> None:
+    for shard in shards:
+        try:
+            acquire_lease(layout, shard.shard_id, owner, config.lease_ttl_s)
+        except Exception as exc:  # noqa: BLE001 - the next renewal tries again
+            log.warning("could not renew the lease of %s: %s", shard.shard_id, type(exc).__name__)
 
 
 def _dispatch(queue, idle, in_flight, pool, layout, config, owner, summary, bar) -> None:
@@ -267,18 +336,34 @@ def _dispatch(queue, idle, in_flight, pool, layout, config, owner, summary, bar)
         if not_before > now:
             deferred.append((shard, attempt, not_before))
             continue
-        if not acquire_lease(layout, shard.shard_id, owner, config.lease_ttl_s):
+        if not with_retries(acquire_lease, layout, shard.shard_id, owner, config.lease_ttl_s):
             summary.shards_leased_elsewhere += 1
             bar.update(1)
             continue
-        if read_marker(layout, shard.shard_id) is not None:  # committed by a concurrent run
-            release_lease(layout, shard.shard_id, owner)
+        if with_retries(read_marker, layout, shard.shard_id) is not None:  # a concurrent run's
+            with_retries(release_lease, layout, shard.shard_id, owner)
             summary.shards_skipped += 1
             bar.update(1)
             continue
+        # Ours now and not committed: whatever a dead attempt left (a temporary file, a whole
+        # but uncommitted Parquet file) goes, so no reader ever sees a stray file.
+        leftovers = with_retries(remove_uncommitted, layout, shard.shard_id)
+        if leftovers:
+            log.info("removed %d leftover file(s) of %s", len(leftovers), shard.shard_id)
         slot = idle.popleft()
         in_flight[pool.actors[slot].process_shard.remote(shard)] = (slot, shard, attempt)
     queue.extendleft(reversed(deferred))
+
+
+def _public(uri: str) -> str:
+    from .config import redact_uri
+
+    return redact_uri(uri) or ""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _short_error(exc: RayTaskError) -> str:

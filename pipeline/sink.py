@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -184,8 +185,9 @@ def write_shard(
     data = buf.getvalue()
     final = layout.shard_path(shard_id)
     if _is_local(layout.fs):
+        # The temporary file lives outside shards/, so shards/ only ever holds whole files.
         layout.makedirs()
-        tmp = f"{layout.root}/shards/.tmp-{shard_id}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = f"{layout.tmp_dir()}/{shard_id}.{uuid.uuid4().hex[:8]}.parquet"
         layout.fs.pipe_file(tmp, data)
         layout.fs.mv(tmp, final)
     else:
@@ -204,6 +206,27 @@ def write_shard(
     }
     layout.fs.pipe_file(layout.marker_path(shard_id), json.dumps(marker, sort_keys=True).encode())
     return marker
+
+
+def remove_uncommitted(layout: RunLayout, shard_id: str) -> list[str]:
+    """Delete what a dead attempt at ``shard_id`` left: its temporary files and an uncommitted
+    final file. Call it only while holding the shard's lease and with no marker present."""
+    removed = []
+    candidates = [layout.shard_path(shard_id)]
+    if _is_local(layout.fs):
+        try:
+            names = layout.fs.ls(layout.tmp_dir(), detail=False)
+        except FileNotFoundError:
+            names = []
+        mine = re.compile(rf"{re.escape(shard_id)}\.[0-9a-f]{{8}}\.parquet")
+        candidates += [n for n in names if mine.fullmatch(n.rsplit("/", 1)[-1])]
+    for path in candidates:
+        try:
+            layout.fs.rm_file(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 # ----------------------------------------------------------------------------- reading

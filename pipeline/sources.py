@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import SourceSpec
@@ -26,6 +27,14 @@ KINDS = ("tar", "parquet", "files")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _FETCH_CHUNK = 32  # loose files fetched concurrently (s3fs cat of many paths) per request
+
+
+class InvalidShardError(ValueError):
+    """The shard's content cannot be read as its kind (not a tar, not Parquet, no image column).
+
+    Permanent: the runner fails such a shard at once instead of retrying it; transient storage
+    errors (connection resets, timeouts) stay ordinary exceptions and are retried.
+    """
 
 
 @dataclass(frozen=True)
@@ -192,6 +201,15 @@ def _is_unsafe_member(name: str) -> bool:
 
 
 def _read_tar(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
+    try:
+        yield from _read_tar_members(shard, fs, source)
+    except tarfile.TarError as exc:  # not a tar, or cut short: the file itself is bad
+        raise InvalidShardError(
+            f"{_redacted(shard.uri)} is not a readable tar archive ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _read_tar_members(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
     keys = _Keys()
     with fs.open(shard.path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         # Streaming mode: members are read in order, nothing is extracted to disk.
@@ -219,10 +237,15 @@ def _read_tar(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
 def _read_parquet(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
     keys = _Keys()
     with fs.open(shard.path, "rb") as f:
-        pf = pq.ParquetFile(f)
+        try:
+            pf = pq.ParquetFile(f)
+        except pa.ArrowInvalid as exc:
+            raise InvalidShardError(
+                f"{_redacted(shard.uri)} is not a readable Parquet file ({exc})"
+            ) from exc
         names = pf.schema_arrow.names
         if source.image_column not in names:
-            raise KeyError(
+            raise InvalidShardError(
                 f"{_redacted(shard.uri)} has no image column {source.image_column!r} "
                 f"(columns: {names}); set SourceSpec(image_column=...)"
             )

@@ -157,6 +157,7 @@ def tiny_config(inputs, output, **overrides) -> pipeline.RunConfig:
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": never join another Ray that happens to run on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -180,10 +180,16 @@ def test_a_killed_actor_is_replaced_and_its_shard_redone(tmp_path, photos):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
             if committed.is_dir() and any(committed.iterdir()):
-                for proc in psutil.process_iter(["pid", "cmdline"]):
-                    if any("ray::ShardLabeler" in part for part in proc.info["cmdline"] or []):
-                        os.kill(proc.info["pid"], signal.SIGKILL)
-                        killed.append(proc.info["pid"])
+                # Only this test's actors: descendants of this process (its Ray's raylet),
+                # never those of another run sharing the machine.
+                for proc in psutil.Process().children(recursive=True):
+                    try:
+                        cmdline = proc.cmdline()
+                    except psutil.Error:
+                        continue
+                    if any("ray::ShardLabeler" in part for part in cmdline):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
             time.sleep(0.01)
 
     killer = threading.Thread(target=kill_the_actor_after_its_first_commit)

@@ -7,7 +7,7 @@ import fsspec
 import pytest
 
 import pipeline
-from pipeline.sources import read_shard
+from pipeline.sources import InvalidShardError, read_shard
 
 from .conftest import jpeg, make_parquet, make_tar
 
@@ -95,7 +95,7 @@ def test_parquet_struct_column_and_duplicate_ids(tmp_path, photos):
 def test_missing_image_column_is_a_shard_error(tmp_path, photos):
     make_parquet(tmp_path / "d.parquet", ["x"], [jpeg(photos["rocket"])])
     (shard,) = pipeline.list_shards(str(tmp_path / "d.parquet"))
-    with pytest.raises(KeyError, match="image_column"):
+    with pytest.raises(InvalidShardError, match="image_column"):
         _records(shard, pipeline.SourceSpec(image_column="nope"))
 
 

@@ -1,0 +1,125 @@
+"""Hostile inputs, real faults and load: builders shared by the reliability tests.
+
+Every test runs the real thing: a local Ray (or a ``ray.cluster_utils.Cluster``), the tiny
+random-weight model, real tar/Parquet files, a real S3 server (moto) on loopback, and real
+process kills. See docs/reliability.md for the failure model these tests prove.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pipeline
+from tests.pipeline.conftest import (  # noqa: F401 - fixtures re-exported to this package
+    FAKE_SECRET,
+    TINY,
+    VOCAB,
+    jpeg,
+    make_parquet,
+    make_tar,
+    photos,
+    png,
+    tiny_config,
+)
+
+TINY_FLAGS = [
+    "--model", "ViT-Tiny-16-test", "--random-weights", "--short-side", "64",
+    "--max-patches", "64", "--batch-size", "4", "--no-progress",
+    "--classes", "person,cat,cup,rocket", "--background", "sky",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    # address="local": never join another Ray that happens to run on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def encoded(image: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def output_files(root: Path) -> dict[str, list[str]]:
+    """Files under a run root by folder (shards, _committed, _leases, _tmp)."""
+    return {
+        sub: sorted(p.name for p in (root / sub).iterdir()) if (root / sub).is_dir() else []
+        for sub in ("shards", "_committed", "_leases", "_tmp")
+    }
+
+
+def assert_committed_exactly_once(root: Path, expected_ids: list[str]) -> None:
+    """One row per image across committed shards; shards/ holds exactly the committed files,
+    each whole (its sha256 is the marker's); no lease or temporary file is left."""
+    import hashlib
+
+    files = output_files(root)
+    assert [n.removesuffix(".parquet") for n in files["shards"]] == [
+        n.removesuffix(".json") for n in files["_committed"]
+    ]
+    assert files["_leases"] == [] and files["_tmp"] == []
+    for name in files["_committed"]:
+        marker = json.loads((root / "_committed" / name).read_text())
+        data = (root / "shards" / name.replace(".json", ".parquet")).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == marker["sha256"]
+    ids = pipeline.read_rows(str(root), columns=["image_id"]).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids))
+    assert sorted(ids) == sorted(expected_ids)
+
+
+def expected_ids(config: pipeline.RunConfig) -> list[str]:
+    import fsspec
+
+    ids = []
+    for shard in pipeline.list_shards(config.inputs, config.storage_options, config.source):
+        fs, _ = fsspec.core.url_to_fs(shard.uri, **config.storage_options)
+        ids += [r.image_id for r in pipeline.read_shard(shard, fs, config.source)]
+    return ids
+
+
+def job_env(**extra: str) -> dict:
+    # RAY_ADDRESS=local: each job starts its own Ray, never joining one already on the machine.
+    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "RAY_ADDRESS": "local", **extra}
+
+
+def run_label(*args: str, env: dict | None = None, timeout: float = 300):
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.label", *args],
+        capture_output=True,
+        text=True,
+        env=env or job_env(),
+        timeout=timeout,
+    )
+
+
+def summaries(stdout: str) -> list[dict]:
+    decoder, out, pos = json.JSONDecoder(), [], 0
+    while (start := stdout.find("{", pos)) != -1:
+        value, pos = decoder.raw_decode(stdout, start)
+        out.append(value)
+    return out
+
+
+def small_images(n: int, size: int, seed: int = 0) -> list[bytes]:
+    """``n`` distinct small JPEGs (smooth random colour fields, so they compress like photos)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        corners = rng.integers(0, 256, (2, 2, 3), dtype=np.uint8)
+        image = Image.fromarray(corners).resize((size, size), Image.BILINEAR)
+        out.append(encoded(image, "JPEG", quality=85))
+    return out
