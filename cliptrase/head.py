@@ -66,7 +66,9 @@ def decide(
     identity = len(row_labels) == num_labels  # one row per label: no pooling needed
     needs_probs = head.area_thd is not None or (head.prob_thd > 0 and background_label is not None)
     if not needs_probs:
-        return row_labels[logits.argmax(dim=1)]
+        # max(dim).indices, not argmax(dim): the same first-maximum index, but torch's CPU
+        # argmax over a non-last dimension is ~5x slower (100 ms on 8 x 7 x 336 x 336).
+        return row_labels[logits.max(dim=1).indices]
     probs = torch.softmax(logits.float(), dim=1)
     probs = probs if identity else pool_rows(probs, row_labels, num_labels, "max")
     if head.area_thd is not None:
@@ -85,7 +87,7 @@ def suppress_small_areas(
     Per image; as SCLIP: area counted on the argmax of ``probs`` over foreground pixels.
     """
     b, num_labels = probs.shape[:2]
-    pred = probs.argmax(dim=1).reshape(b, -1)
+    pred = probs.max(dim=1).indices.reshape(b, -1)  # = argmax(dim=1), faster (see decide)
     counts = torch.zeros(b, num_labels, device=probs.device).scatter_add_(
         1, pred, torch.ones_like(pred, dtype=torch.float32)
     )
