@@ -34,6 +34,20 @@ def redact_uri(uri: str | None) -> str | None:
     return uri
 
 
+def reject_uri_credentials(uri: str) -> str:
+    """``uri`` unchanged, or ValueError if it carries ``user:secret@`` (http(s) aside).
+
+    Object-store clients do not read credentials from a URI: they take ``key:secret@bucket`` as
+    the bucket name and echo it in their errors, so the secret would reach logs and messages.
+    """
+    if _URI_CREDENTIALS.match(uri) and not uri.lower().startswith(("http://", "https://")):
+        raise ValueError(
+            f"{redact_uri(uri)}: credentials in a URI (scheme://key:secret@...) are not "
+            "supported; pass them in storage_options (--storage-options)"
+        )
+    return uri
+
+
 @dataclass(frozen=True)
 class SegmentorSpec:
     """Which segmentor every actor loads (see :func:`cliptrase.load_segmentor`)."""
@@ -139,6 +153,8 @@ class RunConfig:
             object.__setattr__(self, "inputs", tuple(self.inputs))
         if not self.inputs:
             raise ValueError("give at least one input URI, glob or prefix")
+        for uri in (*self.inputs, self.output):
+            reject_uri_credentials(uri)
         if self.num_actors is not None and self.num_actors < 1:
             raise ValueError("num_actors must be positive (or None for as many as fit)")
         if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0:

@@ -154,6 +154,17 @@ def acquire_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) ->
     return False
 
 
+def remove_committed_leases(layout: RunLayout) -> int:
+    """Drop leases of shards that are committed (a driver killed after its actor committed
+    leaves one behind). Safe for a live holder too: nobody labels a shard with a marker."""
+    stale = set(_list_names(layout.fs, f"{layout.root}/_leases", ".json")) & committed_shard_ids(
+        layout
+    )
+    for shard_id in stale:
+        _remove(layout.fs, layout.lease_path(shard_id))
+    return len(stale)
+
+
 def release_lease(layout: RunLayout, shard_id: str, owner: str) -> None:
     """Drop our lease (someone else's is left alone)."""
     path = layout.lease_path(shard_id)

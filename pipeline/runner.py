@@ -27,6 +27,7 @@ from .manifest import (
     read_marker,
     record_run,
     release_lease,
+    remove_committed_leases,
     with_retries,
     write_summary,
 )
@@ -90,6 +91,8 @@ def run(
     if shards is None:
         shards = with_retries(list_shards, config.inputs, config.storage_options, config.source)
     pending = with_retries(pending_shards, shards, layout)
+    if stale := with_retries(remove_committed_leases, layout):
+        log.info("removed %d leftover lease(s) of committed shards", stale)
     summary = RunSummary(
         config_hash=config.config_hash(),
         output=layout.uri,

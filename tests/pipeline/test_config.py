@@ -66,3 +66,11 @@ def test_bad_vocabulary_fails_on_the_driver_with_vocabulary_error(classes, backg
 
 def test_vocabulary_names_pool_background_words_into_one_label():
     assert VOCAB.names == ["person", "cat", "coffee cup", "rocket", "background"]
+
+
+def test_credentials_in_a_uri_are_refused_without_echoing_them():
+    with pytest.raises(ValueError, match="credentials in a URI") as err:
+        pipeline.RunConfig(inputs=("s3://AKIA:hunter2@bucket/x/",), output="s3://bucket/out")
+    assert "hunter2" not in str(err.value) and "s3://bucket/x/" in str(err.value)
+    with pytest.raises(ValueError, match="credentials in a URI"):
+        pipeline.RunConfig(inputs=("s3://bucket/x/",), output="gs://user:pw@bucket/out")
