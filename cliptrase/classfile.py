@@ -120,17 +120,14 @@ class ClassList:
         return ClassList(self.names, (), self.background, self.templates, self.class_templates)
 
     def vocabulary_args(self) -> tuple[list[str], list[str], list[str] | None]:
-        """``(classes, background, templates)`` for :meth:`cliptrase.Segmentor.vocabulary`."""
-        if self.has_synonyms:
-            with_synonyms = [n for n, s in zip(self.names, self.synonyms) if s]
-            raise VocabularyError(
-                f"classes {with_synonyms[:5]} have synonyms, which the segmentor does not score "
-                "yet (they arrive with the multi-method decision head, 'synonym max'); use "
-                "ClassList.without_synonyms() (CLI: --drop-synonyms) to prompt names only"
-            )
+        """``(classes, background, templates)`` for :meth:`cliptrase.Segmentor.vocabulary`.
+
+        Synonyms are not part of these; pass :attr:`synonyms` as ``synonyms=`` (or use
+        :meth:`cliptrase.Segmentor.vocabulary_from`). Per-class templates are refused here.
+        """
         if any(t is not None for t in self.class_templates):
             raise VocabularyError(
-                "per-class templates are not supported by the segmentor yet; "
+                "per-class templates are not supported by the labelling pipeline yet; "
                 "give templates for the whole file instead"
             )
         templates = list(self.templates) if self.templates is not None else None

@@ -124,7 +124,10 @@ def _vocabulary(args: argparse.Namespace, options: dict):
     try:
         names, background, templates = classes.vocabulary_args()
         return VocabularySpec(
-            tuple(names), tuple(background), None if templates is None else tuple(templates)
+            tuple(names),
+            tuple(background),
+            None if templates is None else tuple(templates),
+            synonyms=classes.synonyms,
         )
     except ValueError as err:  # VocabularyError is a ValueError too
         raise _cli.CliError(str(err)) from None

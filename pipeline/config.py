@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cliptrase import SegmentorConfig
-from cliptrase.text import validate_names
+from cliptrase.text import validate_names, validate_synonyms
 
 # Bump when the row schema or the layout under <output>/<hash>/ changes incompatibly.
 OUTPUT_FORMAT = 1
@@ -85,12 +85,16 @@ class VocabularySpec:
     classes: tuple[str, ...]
     background: tuple[str, ...] = ()
     templates: tuple[str, ...] | None = None  # None: cliptrase's default templates
+    # Extra phrases per class (one tuple per class, or empty for none): a class scores as the
+    # best of its name and synonyms ("synonym max").
+    synonyms: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self):
         # Validated here, on the driver, so a typo fails before any actor loads a model.
         classes, background = validate_names(self.classes, self.background)
         object.__setattr__(self, "classes", classes)
         object.__setattr__(self, "background", background)
+        object.__setattr__(self, "synonyms", validate_synonyms(classes, background, self.synonyms))
         if self.templates is not None:
             if isinstance(self.templates, str):
                 raise ValueError("templates must be a list of strings such as 'a photo of a {}.'")
@@ -177,6 +181,12 @@ class RunConfig:
                 "templates": None
                 if self.vocabulary.templates is None
                 else list(self.vocabulary.templates),
+                # Only when given, so that hashes of runs without synonyms stay as they were.
+                **(
+                    {"synonyms": [list(s) for s in self.vocabulary.synonyms]}
+                    if self.vocabulary.synonyms
+                    else {}
+                ),
             },
             # Keys and shard grouping decide image ids; the pixel limit decides error rows.
             "source": {

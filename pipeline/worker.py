@@ -103,7 +103,9 @@ class ShardLabeler:
             seed=spec.seed,
         )
         voc = config.vocabulary
-        self.vocab = self.segmentor.vocabulary(voc.classes, voc.background, voc.templates)
+        self.vocab = self.segmentor.vocabulary(
+            voc.classes, voc.background, voc.templates, synonyms=voc.synonyms or None
+        )
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         self.config_hash = config.config_hash()
         self.layout = RunLayout.open(config.output, self.config_hash, config.storage_options)

@@ -161,12 +161,12 @@ def test_unknown_preset_lists_the_known_ones():
         ClassList.from_preset("voc2012")
 
 
-def test_vocabulary_args_refuse_synonyms_until_the_segmentor_scores_them():
+def test_vocabulary_args_leave_synonyms_to_the_synonyms_field():
     cl = ClassList.from_preset("voc21")
-    with pytest.raises(VocabularyError, match="synonym max"):
-        cl.vocabulary_args()
-    classes, background, templates = cl.without_synonyms().vocabulary_args()
+    classes, background, templates = cl.vocabulary_args()
     assert classes[14] == "person" and len(background) == 26 and templates is None
+    assert len(cl.synonyms) == len(classes) and any(cl.synonyms)
+    assert classes == list(cl.without_synonyms().vocabulary_args()[0])
 
 
 def test_vocabulary_args_compile_in_the_segmentor(tiny):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(900)
 TINY_FLAGS = [
     "--model", "ViT-Tiny-16-test", "--random-weights", "--short-side", "64",
     "--max-patches", "64", "--batch-size", "4", "--actors", "1", "--no-progress",
-    "--classes", "person,cat,cup,rocket", "--background", "sky,wall",
+    "--classes", "person;man,cat,cup,rocket", "--background", "sky,wall",
 ]  # fmt: skip
 
 

@@ -74,3 +74,22 @@ def test_credentials_in_a_uri_are_refused_without_echoing_them():
     assert "hunter2" not in str(err.value) and "s3://bucket/x/" in str(err.value)
     with pytest.raises(ValueError, match="credentials in a URI"):
         pipeline.RunConfig(inputs=("s3://bucket/x/",), output="gs://user:pw@bucket/out")
+
+
+def test_synonyms_change_the_hash_only_when_given():
+    plain = pipeline.VocabularySpec(("person", "cat"), ("sky",))
+    empty = pipeline.VocabularySpec(("person", "cat"), ("sky",), synonyms=((), ()))
+    with_synonyms = pipeline.VocabularySpec(("person", "cat"), ("sky",), synonyms=(("man",), ()))
+    hashes = [
+        pipeline.RunConfig(inputs=("x",), output="y", vocabulary=v).config_hash()
+        for v in (plain, empty, with_synonyms)
+    ]
+    assert hashes[0] == hashes[1] != hashes[2]
+    assert with_synonyms.names == ["person", "cat", "background"]
+
+
+def test_synonyms_are_validated_on_the_driver():
+    with pytest.raises(VocabularyError, match="one list of phrases per class"):
+        pipeline.VocabularySpec(("person", "cat"), synonyms=(("man",),))
+    with pytest.raises(VocabularyError, match="duplicate"):
+        pipeline.VocabularySpec(("person", "cat"), synonyms=(("cat",), ()))
