@@ -57,6 +57,7 @@ class RunSummary:
     shards_skipped: int = 0  # already committed before (or by a concurrent run)
     shards_failed: int = 0
     shards_leased_elsewhere: int = 0  # a live lease of another run: left to it
+    shard_retries: int = 0  # attempts requeued after an actor died or a shard raised
     images_ok: int = 0
     images_error: int = 0
     seconds: float = 0.0
@@ -247,6 +248,7 @@ def _label(
                 backoff,
             )
             queue.append((shard, attempt + 1, time.monotonic() + backoff))
+            summary.shard_retries += 1
         else:
             log.error("shard %s failed after %d attempts: %s", shard.shard_id, attempt + 1, reason)
             summary.shards_failed += 1
