@@ -64,10 +64,12 @@ def shard_id_for(relative: str, full_uri: str) -> str:
     """A filesystem-safe id: readable part from the relative name, uniqueness from the full URI.
 
     The hash makes ``a/00001.tar`` under two different inputs (or buckets) two different ids.
+    Only ``[A-Za-z0-9._-]``, starting with a letter or digit: no path separators, no hidden
+    files, no names a shell takes for options, whatever the input was called.
     """
-    readable = _UNSAFE_ID_CHARS.sub("_", relative.replace("/", "__")).strip("._") or "shard"
+    readable = _UNSAFE_ID_CHARS.sub("_", relative.replace("/", "__"))[-80:].strip("._-")
     digest = hashlib.sha256(full_uri.encode()).hexdigest()[:8]
-    return f"{readable[-80:]}-{digest}"
+    return f"{readable or 'shard'}-{digest}"
 
 
 def list_shards(
