@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     tick.add_argument(
         "--lease-ttl",
         type=float,
-        default=6 * 3600.0,
+        default=900.0,
         metavar="SECONDS",
-        help="a shard lease older than this is taken over (its holder is presumed dead); "
-        "set it above the time one shard takes (default 6 h)",
+        help="a lease not renewed for this long is taken over (its holder is presumed dead); "
+        "live runs renew theirs every min(ttl/3, 5 min) (default 900 s)",
     )
     return parser
 

@@ -26,8 +26,8 @@ TINY_FLAGS = [
 
 
 def run_job(module: str, *args: str, env: dict | None = None, check: bool = True):
-    environment = {**os.environ, "RAY_ADDRESS": "", **(env or {})}
-    environment.pop("RAY_ADDRESS")  # each job starts its own local Ray
+    # Each job starts its own local Ray (never joins another Ray running on this machine).
+    environment = {**os.environ, "RAY_ADDRESS": "local", **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,
