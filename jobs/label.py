@@ -235,7 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample and status == 0:
         from . import visualize
 
-        overlays = os.path.abspath(os.path.join(SAMPLE_ROOT, "overlays"))
+        # Beside the labels when --output was given (under `ray job submit` the working dir is
+        # a temporary copy), else in outputs/sample/.
+        overlays = (
+            f"{args.output.rstrip('/')}/overlays"
+            if args.output
+            else os.path.abspath(os.path.join(SAMPLE_ROOT, "overlays"))
+        )
         visualize.main(["--labels", summary.output, "--out", overlays, "--quiet"])
         print(f"Overlays: {overlays}/overlays/  (areas.png: pixel area per class)", file=sys.stderr)
     return status

@@ -56,7 +56,7 @@ class SegmentorSpec:
     pretrained: str | None = "openai"  # open_clip tag, file path or fsspec URI; None = random
     method: str = "cliptrase"
     precision: str = "bf16"  # the segmentor itself falls back to fp32 on a CPU
-    short_side: int = 336
+    short_side: int | None = None  # None: the method's (336 for cliptrase)
     max_patches: int = 1344
     batch_size: int = 16
     confidence_temperature: float = 1.0
