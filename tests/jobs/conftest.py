@@ -19,25 +19,10 @@ import skimage.data
 from PIL import Image
 
 import pipeline
+from tests.pipeline.conftest import CORRUPT, TINY, VOCAB, _small
 
-TINY = pipeline.SegmentorSpec(
-    model="ViT-Tiny-16-test",
-    pretrained=None,
-    precision="fp32",
-    short_side=64,
-    max_patches=64,
-    batch_size=4,
-)
-VOCAB = pipeline.VocabularySpec(("person", "cat", "coffee cup", "rocket"), background=("sky",))
 HOSTILE_IDS = ["../../escape", "/etc/passwd", "a\\..\\b", "ok name"]
 FAKE_SECRET = "fake-s3cr3t-jobs-export-4b1d"  # must never appear in an output
-CORRUPT = b"\xff\xd8\xff\xe0 this is not a JPEG at all"
-
-
-def _small(array, long_side: int) -> Image.Image:
-    image = Image.fromarray(array)
-    scale = long_side / max(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
 
 
 def _encode(image: Image.Image, fmt: str, orientation: int | None = None) -> bytes:
