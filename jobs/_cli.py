@@ -209,6 +209,13 @@ def load_segmentor(args: argparse.Namespace, options: dict | None = None, method
     return segmentor
 
 
+def parse_job_args(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
+    """Every job's prologue: parse the flags, set up logging, read the storage options."""
+    args = parser.parse_args(argv)
+    setup_logging(args)
+    return args, storage_options(args)
+
+
 def setup_logging(args: argparse.Namespace | None = None) -> None:
     level = logging.INFO
     if args is not None and getattr(args, "verbose", False):

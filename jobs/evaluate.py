@@ -297,9 +297,7 @@ def resolve_classes(layout: DatasetLayout, given: ClassList | None) -> ClassList
 
 @_cli.exit_on_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _cli.setup_logging(args)
-    options = _cli.storage_options(args)
+    args, options = _cli.parse_job_args(build_parser(), argv)
     if args.limit is not None and args.limit < 1:
         raise _cli.CliError("--limit must be positive")
     if args.save_predictions and not args.run:

@@ -683,9 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @_cli.exit_on_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _cli.setup_logging(args)
-    options = _cli.storage_options(args)
+    args, options = _cli.parse_job_args(build_parser(), argv)
     if not 0.0 <= args.min_confidence <= 1.0:
         raise _cli.CliError("--min-confidence must be within 0..1")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.split) or args.split in (".", ".."):

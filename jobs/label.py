@@ -211,9 +211,7 @@ def config_from_args(args: argparse.Namespace, options: dict):
 
 @_cli.exit_on_user_errors
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _cli.setup_logging(args)
-    options = _cli.storage_options(args)
+    args, options = _cli.parse_job_args(build_parser(), argv)
     if not 0 <= args.max_error_rate <= 1:
         raise _cli.CliError("--max-error-rate is a fraction between 0 and 1")
     _vocabulary(args, options)  # a bad vocabulary fails before Ray starts

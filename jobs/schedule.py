@@ -58,9 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @_cli.exit_on_user_errors
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _cli.setup_logging(args)
-    options = _cli.storage_options(args)
+    args, options = _cli.parse_job_args(build_parser(), argv)
     if args.every < 0 or (args.max_ticks is not None and args.max_ticks < 1):
         raise _cli.CliError("--every must be >= 0 and --max-ticks >= 1")
     if args.lease_ttl <= 0:

@@ -245,9 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @_cli.exit_on_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _cli.setup_logging(args)
-    options = _cli.storage_options(args)
+    args, options = _cli.parse_job_args(build_parser(), argv)
     if args.limit < 0:
         raise _cli.CliError("--limit cannot be negative")
     if not 0.0 <= args.alpha <= 1.0:
