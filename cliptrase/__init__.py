@@ -3,30 +3,42 @@
 T. Shao et al., "Explore the Potential of CLIP for Training-Free Open Vocabulary Semantic
 Segmentation", ECCV 2024 (arXiv 2407.08268), and its kin by name (``METHODS``: maskclip,
 sclip, clearclip, naclip, gem; docs/methods.md). Pure computation; no Ray, no storage.
+
+Names load on first use (PEP 562): a job's driver reads :class:`SegmentorConfig` and the
+errors without paying torch's and open_clip's import (seconds, and ~0.5 GB it never uses).
 """
 
-from .errors import (
-    CheckpointError,
-    CliptraseError,
-    InvalidImageError,
-    UnsupportedModelError,
-    VocabularyError,
-    WeightsUnavailableError,
-)
-from .head import DecisionHead
-from .methods import DATASET_OVERRIDES, METHODS, Method, method_for_dataset
-from .preprocess import parity_transform
-from .refine import PAMR, ClusterVote
-from .segmentor import (
-    DenseFeatures,
-    SegmentationResult,
-    Segmentor,
-    SegmentorConfig,
-    load_segmentor,
-)
-from .text import Vocabulary
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "CheckpointError": "errors",
+    "CliptraseError": "errors",
+    "InvalidImageError": "errors",
+    "UnsupportedModelError": "errors",
+    "VocabularyError": "errors",
+    "WeightsUnavailableError": "errors",
+    "METHOD_NAMES": "config",
+    "SegmentorConfig": "config",
+    "DecisionHead": "head",
+    "DATASET_OVERRIDES": "methods",
+    "METHODS": "methods",
+    "Method": "methods",
+    "method_for_dataset": "methods",
+    "parity_transform": "preprocess",
+    "PAMR": "refine",
+    "ClusterVote": "refine",
+    "DenseFeatures": "segmentor",
+    "SegmentationResult": "segmentor",
+    "Segmentor": "segmentor",
+    "load_segmentor": "segmentor",
+    "Vocabulary": "text",
+}
 
 __all__ = [
     "CheckpointError",
@@ -37,6 +49,7 @@ __all__ = [
     "DenseFeatures",
     "InvalidImageError",
     "METHODS",
+    "METHOD_NAMES",
     "Method",
     "PAMR",
     "SegmentationResult",
@@ -51,3 +64,34 @@ __all__ = [
     "method_for_dataset",
     "parity_transform",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static tools see the names without the lazy import
+    from .config import METHOD_NAMES, SegmentorConfig
+    from .errors import (
+        CheckpointError,
+        CliptraseError,
+        InvalidImageError,
+        UnsupportedModelError,
+        VocabularyError,
+        WeightsUnavailableError,
+    )
+    from .head import DecisionHead
+    from .methods import DATASET_OVERRIDES, METHODS, Method, method_for_dataset
+    from .preprocess import parity_transform
+    from .refine import PAMR, ClusterVote
+    from .segmentor import DenseFeatures, SegmentationResult, Segmentor, load_segmentor
+    from .text import Vocabulary

@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-from cliptrase import METHODS
+from cliptrase.config import METHOD_NAMES
 
 from . import _cli
 
@@ -148,9 +148,9 @@ def config_from_args(args: argparse.Namespace, options: dict):
     """The pipeline's RunConfig for these arguments (Ray must be up for the GPU default)."""
     from pipeline import RunConfig, SegmentorSpec, SourceSpec
 
-    if args.method not in METHODS:
+    if args.method not in METHOD_NAMES:
         raise _cli.CliError(
-            f"unknown --method {args.method!r}; known: {', '.join(sorted(METHODS))}"
+            f"unknown --method {args.method!r}; known: {', '.join(sorted(METHOD_NAMES))}"
         )
     if args.device != "auto":
         raise _cli.CliError(

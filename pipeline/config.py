@@ -13,8 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cliptrase import SegmentorConfig
-from cliptrase.text import validate_names, validate_synonyms
+from cliptrase.config import SegmentorConfig
+from cliptrase.names import validate_names, validate_synonyms
 
 # Bump when the row schema or the layout under <output>/<hash>/ changes incompatibly.
 OUTPUT_FORMAT = 1

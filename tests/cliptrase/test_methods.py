@@ -224,6 +224,7 @@ def test_dataset_overrides_and_options():
     assert method_for_dataset("clearclip", "voc21").head.prob_thd == 0.5
     assert method_for_dataset("cliptrase", "voc21") is METHODS["cliptrase"]
     assert set(DATASET_OVERRIDES) <= set(METHODS)
+    assert cliptrase.METHOD_NAMES == tuple(METHODS)  # the torch-free list the driver reads
     with_vote = METHODS["sclip"].with_options(refiner=ClusterVote())
     assert with_vote.correlation_block == -2  # the vote brings its correlation
     with pytest.raises(ValueError, match="unknown method"):

@@ -1,0 +1,66 @@
+"""Run options that need no torch: the driver of a distributed job imports these alone.
+
+:class:`SegmentorConfig` and the method names are read by ``pipeline`` and ``jobs`` on the
+driver, which never runs a model; keeping them here (not in ``segmentor.py``) spares the
+driver torch's and open_clip's import time and memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The presets of ``cliptrase.methods.METHODS``, in its order (a test keeps the two equal).
+METHOD_NAMES: tuple[str, ...] = ("cliptrase", "maskclip", "sclip", "clearclip", "naclip", "gem")
+
+MODES = ("whole", "slide")
+
+
+@dataclass(frozen=True)
+class SegmentorConfig:
+    """Whole-image behaviour of ``segment``/``segment_batch`` (the product, beyond the paper).
+
+    ``short_side``, ``mode``, ``window`` and ``stride`` None take the method's protocol
+    (``Method.short_side/crop/stride``: e.g. 336 whole for ``cliptrase``, 336 with 224/112
+    sliding windows for ``sclip``).
+    """
+
+    short_side: int | None = None
+    # Whole mode: above this many patches an image is labelled in owned windows (bounded
+    # memory; the correlation is quadratic in the patch count). 1344 = 336 x 1024 at patch 16.
+    max_patches: int = 1344
+    # Whole mode: the fallback window side (None: short_side) and stride (None: 2/3 window).
+    # Slide mode: the crop and stride (None: the method's; stride default crop / 2).
+    window: int | None = None
+    stride: int | None = None
+    batch_size: int = 16
+    # Confidence = softmax(logits / temperature) mass of the chosen label; logits carry the
+    # method's logit scale (CLIP's 100 for cliptrase), so temperature 1 is that calibration.
+    confidence_temperature: float = 1.0
+    mode: str | None = None  # "whole" or "slide"; None: slide iff the method has a crop
+    # Throughput only (labels unchanged): refine batch k (DBSCAN, cluster maps, vote,
+    # confidence; CPU work) in a worker thread while batch k+1 runs its forward. None: on when
+    # the device is CUDA (the forward then runs on the GPU, so the two really overlap); on a
+    # CPU both stages compete for the same cores (docs/benchmarks.md measures it).
+    overlap_refine: bool | None = None
+    # Opt-in aspect buckets, in pixels (a multiple of the patch size; None = off): the long
+    # side after the short-side resize is rounded to a multiple of ``bucket``, so images of
+    # similar aspect share one tensor shape and batch together instead of one forward each.
+    # This CHANGES the labels slightly (the aspect is stretched by at most bucket/2 pixels
+    # before labelling; labels are resized back to the original size). Padding to a common
+    # shape instead is not offered: padded patches join the attention and the correlation R,
+    # so DBSCAN's clusters, and the labels, change.
+    bucket: int | None = None
+
+    def __post_init__(self):
+        if (self.short_side is not None and self.short_side < 1) or self.max_patches < 1:
+            raise ValueError("short_side, max_patches and batch_size must be positive")
+        if self.batch_size < 1:
+            raise ValueError("short_side, max_patches and batch_size must be positive")
+        if self.confidence_temperature <= 0:
+            raise ValueError("confidence_temperature must be positive")
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} or None, got {self.mode!r}")
+        if self.bucket is not None and self.bucket < 1:
+            raise ValueError(
+                f"bucket must be a positive number of pixels or None, got {self.bucket}"
+            )
