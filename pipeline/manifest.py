@@ -5,6 +5,7 @@ Layout under ``<output>/<config_hash>/``::
     shards/<shard_id>.parquet      one file per input shard (pipeline.sink)
     _committed/<shard_id>.json     written last; a shard is done iff its marker exists
     _leases/<shard_id>.json        who is labelling the shard now, until when
+    _batches/<folder>-<n>.json.gz  loose-file inputs: which files batch n of a folder holds
     manifest.json                  config, model, vocabulary, runs (ticks) with counts
     summary.json                   the latest run's summary
 
@@ -15,6 +16,8 @@ two concurrent runs from labelling the same shard twice.
 from __future__ import annotations
 
 import errno
+import gzip
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +57,10 @@ class RunLayout:
 
     def lease_path(self, shard_id: str) -> str:
         return f"{self.root}/_leases/{shard_id}.json"
+
+    @property
+    def batches_dir(self) -> str:
+        return f"{self.root}/_batches"
 
     @property
     def manifest_path(self) -> str:
@@ -108,6 +115,90 @@ def read_marker(layout: RunLayout, shard_id: str) -> dict | None:
         return json.loads(layout.fs.cat_file(layout.marker_path(shard_id)))
     except FileNotFoundError:
         return None
+
+
+# ----------------------------------------------------------------------------- folder batches
+
+
+@dataclass(frozen=True)
+class FolderBatchLog:
+    """Which loose files of an input folder form which batch, fixed once recorded.
+
+    Folder shards are groups of a sorted listing. Regrouped on every run, a file added between
+    runs would shift every later group: images labelled twice, others never. So the first run
+    to see a file records it: batch ``n`` of a folder is the files no earlier batch holds, in
+    ``_batches/<folder digest>-<n>.json.gz``, created exclusively (a second run racing for the
+    same ``n`` re-reads and takes ``n + 1`` with what is left), never changed. Shards are
+    groups within a batch, so their members never change either. A :class:`FolderBatcher`
+    for :func:`pipeline.sources.list_shards`.
+    """
+
+    layout: RunLayout
+    attempts: int = 20
+
+    def __call__(self, folder_uri: str, names: list[str]) -> list[list[str]]:
+        for _ in range(self.attempts):
+            batches = self._read(folder_uri)
+            recorded = {name for batch in batches for name in batch}
+            new = sorted(set(names) - recorded)
+            if not new:
+                return batches
+            body = gzip.compress(
+                json.dumps({"folder": folder_uri, "batch": len(batches), "files": new}).encode(),
+                mtime=0,
+            )
+            if self._create(self._path(folder_uri, len(batches)), body):
+                log.info(
+                    "folder %s: batch %d records %d new file(s)", folder_uri, len(batches), len(new)
+                )
+                return [*batches, new]
+        raise RuntimeError(f"could not record a batch of {folder_uri} in {self.attempts} tries")
+
+    def _path(self, folder_uri: str, batch: int) -> str:
+        return f"{self.layout.batches_dir}/{self._prefix(folder_uri)}{batch:06d}.json.gz"
+
+    @staticmethod
+    def _prefix(folder_uri: str) -> str:
+        return hashlib.sha256(folder_uri.encode()).hexdigest()[:16] + "-"
+
+    def _read(self, folder_uri: str) -> list[list[str]]:
+        prefix = self._prefix(folder_uri)
+        names = [
+            n for n in _list_names(self.layout.fs, self.layout.batches_dir, ".json.gz")
+            if n.startswith(prefix)
+        ]  # fmt: skip
+        paths = [f"{self.layout.batches_dir}/{n}.json.gz" for n in sorted(names)]
+        bodies = self.layout.fs.cat(paths) if paths else {}
+        batches = []
+        for number, path in enumerate(paths):
+            body = bodies.get(path, bodies.get(self.layout.fs.unstrip_protocol(path)))
+            record = json.loads(gzip.decompress(body))
+            if record["batch"] != number or record["folder"] != folder_uri:
+                raise RuntimeError(f"batch log {path} is out of sequence; it was edited by hand?")
+            batches.append(record["files"])
+        return batches
+
+    def _create(self, path: str, body: bytes) -> bool:
+        fs = self.layout.fs
+        if _is_local(fs):  # write aside, then link: atomic and exclusive
+            fs.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(body)
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        created = _create_exclusive(fs, path, body)  # S3: one conditional PUT
+        if created is None:  # no exclusive create here: narrow the race as leases do
+            if fs.exists(path):
+                return False
+            fs.pipe_file(path, body)
+            return fs.cat_file(path) == body
+        return created
 
 
 # ----------------------------------------------------------------------------- leases

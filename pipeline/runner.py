@@ -20,6 +20,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from .config import RunConfig
 from .manifest import (
+    FolderBatchLog,
     RunLayout,
     acquire_lease,
     new_owner,
@@ -90,7 +91,13 @@ def run(
     layout = RunLayout.open(config.output, config.config_hash(), config.storage_options)
     with_retries(layout.makedirs)
     if shards is None:
-        shards = with_retries(list_shards, config.inputs, config.storage_options, config.source)
+        shards = with_retries(
+            list_shards,
+            config.inputs,
+            config.storage_options,
+            config.source,
+            FolderBatchLog(layout),
+        )
     pending = with_retries(pending_shards, shards, layout)
     if stale := with_retries(remove_committed_leases, layout):
         log.info("removed %d leftover lease(s) of committed shards", stale)

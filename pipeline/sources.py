@@ -12,7 +12,7 @@ import logging
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -27,6 +27,10 @@ KINDS = ("tar", "parquet", "files")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _FETCH_CHUNK = 32  # loose files fetched concurrently (s3fs cat of many paths) per request
+
+# (folder URI, sorted file names relative to it) -> batches of those names, each fixed once
+# recorded; ``manifest.FolderBatchLog`` is the runner's (see ``list_shards``).
+FolderBatcher = Callable[[str, list[str]], list[list[str]]]
 
 
 class InvalidShardError(ValueError):
@@ -76,12 +80,16 @@ def list_shards(
     inputs: Iterable[str] | str,
     storage_options: dict | None = None,
     source: SourceSpec | None = None,
+    batcher: FolderBatcher | None = None,
 ) -> list[Shard]:
     """Expand URIs, globs and prefixes into shards, in a stable order.
 
     ``.tar`` and ``.parquet`` files are one shard each; loose image files under one input are
-    sorted and grouped ``source.images_per_shard`` at a time. Other files (``.json`` sidecars,
-    ``_SUCCESS``...) are ignored. Raises ``FileNotFoundError`` for an input that matches nothing.
+    sorted and grouped ``source.images_per_shard`` at a time within each batch ``batcher``
+    returns (None: one batch of everything listed now; the runner passes the output's
+    append-only batch log, so files added later form new shards and old shards keep their
+    members). Other files (``.json`` sidecars, ``_SUCCESS``...) are ignored. Raises
+    ``FileNotFoundError`` for an input that matches nothing.
     """
     source = source or SourceSpec()
     if isinstance(inputs, str):
@@ -110,8 +118,10 @@ def list_shards(
             full = fs.unstrip_protocol(file)
             sid = shard_id_for(_relative(file, root), full)
             shards.setdefault(sid, Shard(sid, kind, full, file, root))
-        for shard in _group_loose_files(fs, root, sorted(loose), source.images_per_shard):
-            shards.setdefault(shard.shard_id, shard)
+        if loose:
+            grouped = _group_loose_files(fs, root, sorted(loose), source.images_per_shard, batcher)
+            for shard in grouped:
+                shards.setdefault(shard.shard_id, shard)
     return sorted(shards.values(), key=lambda s: (s.uri, s.shard_id))
 
 
@@ -149,15 +159,26 @@ def _relative(file: str, root: str) -> str:
 
 
 def _group_loose_files(
-    fs: fsspec.AbstractFileSystem, root: str, files: list[str], per_shard: int
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    files: list[str],
+    per_shard: int,
+    batcher: FolderBatcher | None,
 ) -> Iterator[Shard]:
     root_uri = fs.unstrip_protocol(root) if root else fs.unstrip_protocol("/")
     label = posixpath.basename(root.rstrip("/")) or "files"
-    for index, start in enumerate(range(0, len(files), per_shard)):
-        # Grouping depends on the sorted listing: the shard size is part of the config hash,
-        # and a folder that grows is better labelled as a new prefix (see docs/architecture.md).
-        sid = shard_id_for(f"{label}-{index:05d}", f"{root_uri}#n={per_shard}&i={index}")
-        yield Shard(sid, "files", root_uri, root, root, tuple(files[start : start + per_shard]))
+    path_of = {_relative(file, root): file for file in files}
+    names = sorted(path_of)
+    for batch, members in enumerate(batcher(root_uri, names) if batcher else [names]):
+        # A recorded batch may name a file deleted since: it stays a member, and reading it
+        # gives an error row ("cannot read file"), so no image silently drops out.
+        paths = [path_of.get(name) or posixpath.join(root, name) for name in members]
+        for index, start in enumerate(range(0, len(paths), per_shard)):
+            # Batch 0 keeps the ids of shards grouped before batches existed.
+            tag = f"{root_uri}#n={per_shard}&i={index}" + (f"&b={batch}" if batch else "")
+            readable = f"{label}-{index:05d}" if not batch else f"{label}-b{batch}-{index:05d}"
+            sid = shard_id_for(readable, tag)
+            yield Shard(sid, "files", root_uri, root, root, tuple(paths[start : start + per_shard]))
 
 
 # ----------------------------------------------------------------------------- reading
