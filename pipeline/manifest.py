@@ -180,20 +180,8 @@ class FolderBatchLog:
 
     def _create(self, path: str, body: bytes) -> bool:
         fs = self.layout.fs
-        if _is_local(fs):  # write aside, then link: atomic and exclusive
-            fs.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(body)
-            try:
-                os.link(tmp, path)
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
-        created = _create_exclusive(fs, path, body)  # S3: one conditional PUT
-        if created is None:  # no exclusive create here: narrow the race as leases do
+        created = _create_exclusive(fs, path, body)
+        if created is None:  # no exclusive create on this store: write, then see who won
             if fs.exists(path):
                 return False
             fs.pipe_file(path, body)
@@ -211,7 +199,7 @@ def _utc_now() -> float:
 def acquire_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) -> bool:
     """Claim a shard for ``ttl_s`` seconds; False if someone else holds a live lease.
 
-    Local files: exclusive create (``O_EXCL``), race-free. Object stores: ``open(..., "xb")``
+    Local files: exclusive create (a hard link), race-free. Object stores: ``open(..., "xb")``
     which s3fs turns into a conditional PUT (``If-None-Match: *``) where the store supports it;
     where it does not, we fall back to write-then-read-back, which narrows but does not close the
     race (two writers may both read their own body before one overwrites the other). An expired
@@ -266,15 +254,18 @@ def release_lease(layout: RunLayout, shard_id: str, owner: str) -> None:
 
 def _create_exclusive(fs, path: str, body: bytes) -> bool | None:
     """True: created; False: it already exists; None: this filesystem cannot create exclusively."""
-    if _is_local(fs):
+    if _is_local(fs):  # write aside, then hard-link: exclusive, and never seen half-written
         fs.makedirs(os.path.dirname(path), exist_ok=True)
+        aside = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(aside, "wb") as f:
+            f.write(body)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(aside, path)
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-        return True
+        finally:
+            os.unlink(aside)
     if "s3" in _protocols(fs) or "s3a" in _protocols(fs):
         try:
             with fs.open(path, "xb") as f:
