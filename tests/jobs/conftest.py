@@ -19,7 +19,7 @@ import skimage.data
 from PIL import Image
 
 import pipeline
-from tests.pipeline.conftest import CORRUPT, TINY, VOCAB, _small
+from tests.pipeline.conftest import CORRUPT, TINY, VOCAB, _small, fresh_s3fs, s3_options
 
 HOSTILE_IDS = ["../../escape", "/etc/passwd", "a\\..\\b", "ok name"]
 FAKE_SECRET = "fake-s3cr3t-jobs-export-4b1d"  # must never appear in an output
@@ -129,15 +129,8 @@ def run_job(module: str, *args: str, expect: int = 0):
 @pytest.fixture(scope="module")
 def s3_labels(s3_endpoint, labelled) -> dict:
     """The labelled output (and its inputs) copied to a real S3 server (moto)."""
-    import s3fs
-
-    options = {
-        "key": "testing",
-        "secret": FAKE_SECRET,
-        "client_kwargs": {"endpoint_url": s3_endpoint},
-    }
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(**options)
+    options = s3_options(s3_endpoint, FAKE_SECRET)
+    fs = fresh_s3fs(options)
     # moto keeps one in-memory store per process: fresh bucket names for each test module.
     tag = uuid.uuid4().hex[:8]
     buckets = {name: f"{name}-{tag}" for name in ("labels", "inputs", "exports")}

@@ -27,6 +27,19 @@ VOCAB = pipeline.VocabularySpec(("person", "cat", "coffee cup", "rocket"), backg
 FAKE_SECRET = "fake-s3cr3t-must-never-leak-7f3a"
 
 
+def s3_options(endpoint: str, secret: str = FAKE_SECRET) -> dict:
+    """s3fs options for the test S3 server; ``secret`` is one a test asserts never leaks."""
+    return {"key": "testing", "secret": secret, "client_kwargs": {"endpoint_url": endpoint}}
+
+
+def fresh_s3fs(options: dict):
+    """An s3fs client of its own: s3fs reuses instances by options, across tests too."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3fs.S3FileSystem(**options)
+
+
 def _small(array: np.ndarray, long_side: int) -> Image.Image:
     image = Image.fromarray(array)
     scale = long_side / max(image.size)

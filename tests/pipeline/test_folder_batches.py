@@ -6,25 +6,19 @@ import threading
 import uuid
 
 import pytest
-import s3fs
 
 import pipeline
 from pipeline.manifest import FolderBatchLog, RunLayout
 
-from .conftest import FAKE_SECRET, jpeg, tiny_config
+from .conftest import fresh_s3fs, jpeg, s3_options, tiny_config
 
 FOLDER = "s3://inputs/photos"
 
 
 @pytest.fixture
 def s3_layout(s3_endpoint):
-    options = {
-        "key": "testing",
-        "secret": FAKE_SECRET,
-        "client_kwargs": {"endpoint_url": s3_endpoint},
-    }
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(**options)
+    options = s3_options(s3_endpoint)
+    fs = fresh_s3fs(options)
     bucket = f"batches-{uuid.uuid4().hex[:12]}"
     fs.mkdir(bucket)
     return RunLayout.open(f"s3://{bucket}/out", "cfg", options)

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import pytest
-import s3fs
 
 import pipeline
 from pipeline.manifest import RunLayout, _create_exclusive, acquire_lease, release_lease
 
-from .conftest import FAKE_SECRET, tiny_config
+from .conftest import FAKE_SECRET, fresh_s3fs, s3_options, tiny_config
 
 
 @pytest.fixture(scope="module")
 def storage_options(s3_endpoint):
-    return {"key": "testing", "secret": FAKE_SECRET, "client_kwargs": {"endpoint_url": s3_endpoint}}
+    return s3_options(s3_endpoint)
 
 
 @pytest.fixture(scope="module")
 def s3(storage_options, dataset):
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(**storage_options)
+    fs = fresh_s3fs(storage_options)
     fs.mkdir("inputs")
     fs.mkdir("labels")
     fs.put(str(dataset["root"]) + "/", "inputs/", recursive=True)

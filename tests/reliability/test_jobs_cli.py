@@ -18,7 +18,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-import s3fs
+
+from tests.pipeline.conftest import fresh_s3fs, s3_options
 
 from .conftest import (
     FAKE_SECRET,
@@ -45,13 +46,8 @@ def ray_tmp():
 
 @pytest.fixture(scope="module")
 def s3(s3_endpoint, photos, tmp_path_factory):
-    options = {
-        "key": "testing",
-        "secret": FAKE_SECRET,
-        "client_kwargs": {"endpoint_url": s3_endpoint},
-    }
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(**options)
+    options = s3_options(s3_endpoint, FAKE_SECRET)
+    fs = fresh_s3fs(options)
     fs.mkdir("rel")
     local = tmp_path_factory.mktemp("cli-inputs")
     members, expect = bad_image_members(photos)
