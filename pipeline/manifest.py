@@ -6,7 +6,8 @@ Layout under ``<output>/<config_hash>/``::
     _committed/<shard_id>.json     written last; a shard is done iff its marker exists
     _leases/<shard_id>.json        who is labelling the shard now, until when
     _batches/<folder>-<n>.json.gz  loose-file inputs: which files batch n of a folder holds
-    manifest.json                  config, model, vocabulary, runs (ticks) with counts
+    _runs/<run_id>.json            one record per run (scheduler tick): counts, failures
+    manifest.json                  config, model, vocabulary, and an index of the runs
     summary.json                   the latest run's summary
 
 A scheduler labels only new shards with ``pending_shards(list_shards(...), ...)``; leases keep
@@ -26,6 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import fsspec
@@ -63,6 +65,13 @@ class RunLayout:
         return f"{self.root}/_batches"
 
     @property
+    def runs_dir(self) -> str:
+        return f"{self.root}/_runs"
+
+    def run_path(self, run_id: str) -> str:
+        return f"{self.runs_dir}/{run_id}.json"
+
+    @property
     def manifest_path(self) -> str:
         return f"{self.root}/manifest.json"
 
@@ -76,8 +85,25 @@ class RunLayout:
 
     def makedirs(self) -> None:
         if _is_local(self.fs):  # object stores have no directories to create
-            for sub in ("shards", "_committed", "_leases", "_tmp"):
+            for sub in ("shards", "_committed", "_leases", "_runs", "_tmp"):
                 self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
+
+
+def write_whole(layout: RunLayout, path: str, data: bytes) -> None:
+    """Write ``path`` so that readers see the old content or the new, never a part.
+
+    Object stores: one PUT, atomic already. Local files: written under ``_tmp/`` and renamed
+    over ``path`` (same filesystem), so a reader or a SIGKILL never meets a half-written file.
+    """
+    fs = layout.fs
+    if not _is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(layout.tmp_dir(), exist_ok=True)
+    aside = f"{layout.tmp_dir()}/{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.part"
+    with open(aside, "wb") as f:
+        f.write(data)
+    os.replace(aside, path)
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -218,7 +244,7 @@ def acquire_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) ->
                 return (_read_lease(layout.fs, path) or {}).get("owner") == owner
             continue  # released between our create and our read: try again
         if current.get("owner") == owner:
-            layout.fs.pipe_file(path, body)  # renew our own lease
+            write_whole(layout, path, body)  # renew our own lease
             return True
         if float(current.get("expires_at", 0)) > _utc_now() and not _owner_is_dead(
             current.get("owner", "")
@@ -388,6 +414,11 @@ def read_manifest(layout: RunLayout) -> dict | None:
         return None
 
 
+def new_run_id(started_at: datetime) -> str:
+    """``20261125T234000Z-1a2b3c4d``: sorts by start time, unique across concurrent runs."""
+    return f"{started_at.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
+
+
 def record_run(
     layout: RunLayout,
     *,
@@ -395,23 +426,40 @@ def record_run(
     metadata: dict[str, Any] | None,
     run: dict[str, Any],
 ) -> dict:
-    """Add one run (a scheduler tick) to ``manifest.json``; returns the new manifest.
+    """Record one run (a scheduler tick, ``run["run_id"]``); returns the new manifest.
 
-    Read-modify-write: two runs finishing at the same instant may lose one run entry (never a
-    shard: shards are tracked by their markers, not here).
+    The record is ``_runs/<run_id>.json``: one object per run, nothing shared, so no run is
+    lost. ``manifest.json`` indexes them by read-modify-write: two runs finishing at the same
+    instant may each miss the other's entry there, and the next run adds back every run file
+    the index lacks. Idempotent, so the caller may retry it.
     """
+    run_id = run["run_id"]
+    write_whole(layout, layout.run_path(run_id), _json_bytes(run))
     manifest = read_manifest(layout) or {"config_hash": config.get("config_hash"), "runs": []}
     manifest["config"] = config
     if metadata:
         manifest["metadata"] = metadata
-    manifest["runs"].append(run)
+    indexed = {r.get("run_id") for r in manifest["runs"]}
+    missing = [
+        layout.run_path(name)
+        for name in _list_names(layout.fs, layout.runs_dir, ".json")
+        if name not in indexed and name != run_id
+    ]
+    if missing:
+        bodies = layout.fs.cat(missing)
+        for path in missing:
+            body = bodies.get(path, bodies.get(layout.fs.unstrip_protocol(path)))
+            manifest["runs"].append(json.loads(body))
+    if run_id not in indexed:
+        manifest["runs"].append(run)
+    manifest["runs"].sort(key=lambda r: (r.get("started_at", ""), r.get("run_id", "")))
     manifest["committed_shards"] = len(committed_shard_ids(layout))
-    layout.fs.pipe_file(layout.manifest_path, _json_bytes(manifest))
+    write_whole(layout, layout.manifest_path, _json_bytes(manifest))
     return manifest
 
 
 def write_summary(layout: RunLayout, summary: dict[str, Any]) -> None:
-    layout.fs.pipe_file(layout.summary_path, _json_bytes(summary))
+    write_whole(layout, layout.summary_path, _json_bytes(summary))
 
 
 def _json_bytes(obj: Any) -> bytes:

@@ -24,6 +24,7 @@ from .manifest import (
     RunLayout,
     acquire_lease,
     new_owner,
+    new_run_id,
     pending_shards,
     read_marker,
     record_run,
@@ -86,7 +87,8 @@ def run(
     Committed shards are skipped, so re-running the same config resumes; ``summary.json`` and a
     new entry in ``manifest.json`` are written under ``<output>/<config_hash>/`` either way.
     """
-    started_at = datetime.now(timezone.utc).isoformat()
+    started = datetime.now(timezone.utc)
+    started_at, run_id = started.isoformat(), new_run_id(started)
     t0 = time.perf_counter()
     layout = RunLayout.open(config.output, config.config_hash(), config.storage_options)
     with_retries(layout.makedirs)
@@ -137,6 +139,7 @@ def run(
         config=config.describe(),
         metadata=metadata,
         run={
+            "run_id": run_id,
             "started_at": started_at,
             "finished_at": datetime.now(timezone.utc).isoformat(),
             **{k: v for k, v in summary.to_dict().items() if k not in ("output", "config_hash")},

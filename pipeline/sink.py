@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .manifest import RunLayout, _is_local, committed_shard_ids
+from .manifest import RunLayout, _is_local, committed_shard_ids, write_whole
 
 METADATA_KEY = b"cliptrase"
 
@@ -204,7 +204,7 @@ def write_shard(
         "config_hash": metadata.get("config_hash"),
         "committed_at": time.time(),
     }
-    layout.fs.pipe_file(layout.marker_path(shard_id), json.dumps(marker, sort_keys=True).encode())
+    write_whole(layout, layout.marker_path(shard_id), json.dumps(marker, sort_keys=True).encode())
     return marker
 
 
