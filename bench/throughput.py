@@ -53,12 +53,7 @@ def prepared_photos(seg: cliptrase.Segmentor, size: int, count: int) -> list:
 
 
 def with_config(seg: cliptrase.Segmentor, precision: str = "fp32", **changes):
-    return cliptrase.Segmentor(
-        seg.clip,
-        seg.model_name,
-        seg.weights,
-        method=seg.method,
-        device=seg.device,
+    return seg.variant(
         precision=precision,
         config=dataclasses.replace(seg.config, **changes),
         allow_cpu_autocast=True,

@@ -130,6 +130,7 @@ class Segmentor:
         self.weights = weights
         self.method = method_preset(method)
         config = config or SegmentorConfig()
+        self._requested_config = config  # before the method fills its protocol in (variant)
         if config.short_side is None:
             config = dataclasses.replace(config, short_side=self.method.short_side)
         self.config = config
@@ -156,6 +157,31 @@ class Segmentor:
     @property
     def random_weights(self) -> bool:
         return self.weights.random
+
+    def variant(
+        self,
+        *,
+        method: str | Method | None = None,
+        config: SegmentorConfig | None = None,
+        precision: str | None = None,
+        allow_cpu_autocast: bool = False,
+    ) -> Segmentor:
+        """This CLIP model and its weights under another method, config or precision.
+
+        No reload: the model is shared, so comparing methods (``jobs.evaluate --method all``)
+        fetches the weights once. Unchanged arguments are this segmentor's; a config left
+        None takes the new method's protocol as a fresh segmentor would.
+        """
+        return Segmentor(
+            self.clip,
+            self.model_name,
+            self.weights,
+            method=self.method if method is None else method,
+            device=self.device,
+            precision=self.precision if precision is None else precision,
+            config=self._requested_config if config is None else config,
+            allow_cpu_autocast=allow_cpu_autocast,
+        )
 
     # ----------------------------------------------------------------- text side
     def vocabulary(

@@ -323,7 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             methods = _method_names(args.method)
             if len(methods) > 1:
                 return _compare_methods(args, options, layout, classes, samples, meta, methods)
-            matrix, meta = _run_method(args, options, layout, classes, samples, meta, methods[0])
+            base = _cli.load_segmentor(args, options, method=methods[0])
+            matrix, meta = _run_method(
+                args, options, layout, classes, samples, meta, base, methods[0]
+            )
         else:
             meta["predictions"] = args.predictions
             pairs = prediction_pairs(samples, layout, classes.num_labels, args.predictions, options)
@@ -355,13 +358,14 @@ def _method_names(text: str) -> list[str]:
     return names
 
 
-def _run_method(args, options, layout, classes, samples, meta, name: str):
-    """Segment and score one method under the dataset's protocol; returns (matrix, meta)."""
+def _run_method(args, options, layout, classes, samples, meta, base, name: str):
+    """Segment and score one method (on ``base``'s model) under the dataset's protocol;
+    returns (matrix, meta)."""
     from cliptrase.methods import method_for_dataset
 
     # The paper's per-dataset settings (logit scale, thresholds) where the list is a preset.
     method = method_for_dataset(name, layout.preset) if layout.preset else name
-    segmentor = _cli.load_segmentor(args, options, method=method)
+    segmentor = base.variant(method=method)
     mode, short_side, crop, stride = segmentor.protocol()
     meta = dict(
         meta,
@@ -396,10 +400,13 @@ def _run_method(args, options, layout, classes, samples, meta, name: str):
 def _compare_methods(args, options, layout, classes, samples, meta, methods) -> int:
     """Every method under one protocol per dataset: one report each and a comparison table."""
     rows = []
+    base = _cli.load_segmentor(args, options, method=methods[0])  # weights fetched once
     for name in methods:
         log.info("method %s", name)
         try:
-            matrix, method_meta = _run_method(args, options, layout, classes, samples, meta, name)
+            matrix, method_meta = _run_method(
+                args, options, layout, classes, samples, meta, base, name
+            )
         except (DatasetError, ValueError) as err:
             raise _cli.CliError(str(err)) from None
         report = build_report(matrix, classes.label_names, method_meta)

@@ -131,7 +131,7 @@ def test_mean_logits_vote_takes_the_regions_mean():
 
 def _without_refiner(seg, **method_options):
     method = seg.method.with_options(refiner=None, correlation_block=None, **method_options)
-    return type(seg)(seg.clip, seg.model_name, seg.weights, method=method)
+    return seg.variant(method=method)
 
 
 def test_background_words_collapse_to_one_label(tiny, chelsea):

@@ -145,7 +145,7 @@ def _ref_dense_patch_features(visual, pixels, method):
 
 @pytest.mark.parametrize("name", ["maskclip", "sclip", "clearclip", "naclip", "gem"])
 def test_each_method_forward_matches_a_literal_block_by_block_reference(tiny, astronaut, name):
-    seg = type(tiny)(tiny.clip, tiny.model_name, tiny.weights, method=name, device="cpu")
+    seg = tiny.variant(method=name)
     pixels = parity_pixels(seg, astronaut, 224)
     feats = seg.dense_features(pixels)
     expected = _ref_dense_patch_features(seg.clip.visual, pixels, seg.method)
@@ -156,10 +156,7 @@ def test_each_method_forward_matches_a_literal_block_by_block_reference(tiny, as
 def test_methods_really_differ(tiny, astronaut):
     pixels = parity_pixels(tiny, astronaut, 224)
     feats = {
-        name: type(tiny)(tiny.clip, tiny.model_name, tiny.weights, method=name)
-        .dense_features(pixels)
-        .patch_features
-        for name in METHODS
+        name: tiny.variant(method=name).dense_features(pixels).patch_features for name in METHODS
     }
     names = sorted(feats)
     for i, a in enumerate(names):
@@ -232,12 +229,10 @@ def test_dataset_overrides_and_options():
 
 
 def test_config_short_side_none_takes_the_methods_and_explicit_wins(tiny):
-    seg = type(tiny)(tiny.clip, tiny.model_name, tiny.weights, method="clearclip")
+    seg = tiny.variant(method="clearclip")
+    assert seg.clip is tiny.clip  # a variant shares the model: no reload
     assert seg.config.short_side == 448 and seg.protocol() == ("slide", 448, 448, 224)
-    seg = type(tiny)(
-        tiny.clip,
-        tiny.model_name,
-        tiny.weights,
+    seg = tiny.variant(
         method="clearclip",
         config=SegmentorConfig(short_side=224, mode="whole"),
     )
@@ -278,7 +273,7 @@ def test_head_matches_sclips_postprocess_with_synonyms_and_thresholds(area_thd):
 
 
 def test_synonym_max_scores_a_class_by_its_best_phrase(tiny, chelsea):
-    seg = type(tiny)(tiny.clip, tiny.model_name, tiny.weights, method="sclip")
+    seg = tiny.variant(method="sclip")
     vocab = seg.vocabulary(["cat", "grass"], ["sky", "wall"], synonyms=[["kitten", "kitty"], []])
     assert vocab.names == ["cat", "grass", "background"]
     assert vocab.row_labels.tolist() == [0, 1, 2, 2, 0, 0]
@@ -377,11 +372,8 @@ def test_pamr_keeps_constant_logits_and_averages():
 def test_pamr_and_the_cluster_vote_run_on_any_method(tiny, astronaut):
     vocab = tiny.vocabulary(["person", "rocket", "grass"], ["sky"])
     pixels = parity_pixels(tiny, astronaut, 224)
-    plain = type(tiny)(tiny.clip, tiny.model_name, tiny.weights, method="sclip")
-    voted = type(tiny)(
-        tiny.clip,
-        tiny.model_name,
-        tiny.weights,
+    plain = tiny.variant(method="sclip")
+    voted = tiny.variant(
         method=METHODS["sclip"].with_options(refiner=ClusterVote()),
     )
     a = plain.segment_pixels(pixels, vocab)[0].numpy()
@@ -391,16 +383,10 @@ def test_pamr_and_the_cluster_vote_run_on_any_method(tiny, astronaut):
     regions = ClusterVote().regions(feats.correlation[0].numpy(), feats.grid, (224, 224))
     for r in np.unique(regions):
         assert len(np.unique(b[regions == r])) == 1
-    smoothed = type(tiny)(
-        tiny.clip,
-        tiny.model_name,
-        tiny.weights,
+    smoothed = tiny.variant(
         method=METHODS["cliptrase"].with_options(pamr=PAMR(10, (8, 16)), refiner=None),
     )
-    first = type(tiny)(
-        tiny.clip,
-        tiny.model_name,
-        tiny.weights,
+    first = tiny.variant(
         method=METHODS["cliptrase"].with_options(refiner=None),
     )
     c = smoothed.segment_pixels(pixels, vocab)[0].numpy()
@@ -473,7 +459,7 @@ def _ref_slide_logits(seg, pixels, vocab, crop, stride, scale):
 
 
 def test_sliding_window_equals_the_published_loop(tiny, chelsea):
-    seg = type(tiny)(tiny.clip, tiny.model_name, tiny.weights, method="naclip")
+    seg = tiny.variant(method="naclip")
     vocab = seg.vocabulary(["cat", "grass", "floor"], ["background", "wall"])
     prepared = seg.prepare(chelsea)  # 336 x 505 -> padded 336 x 512
     assert prepared.resized == (336, 505)
@@ -494,7 +480,7 @@ def test_batched_inference_equals_one_at_a_time(tiny, astronaut, chelsea, name):
     method = METHODS[name]
     if name == "naclip":
         method = method.with_options(pamr=PAMR(2, (4, 8)))
-    seg = type(tiny)(tiny.clip, tiny.model_name, tiny.weights, method=method)
+    seg = tiny.variant(method=method)
     vocab = seg.vocabulary(["person", "cat", "grass"], ["sky", "wall"], synonyms=[["man"], [], []])
     images = [astronaut[:256, :300], chelsea, astronaut[:200, :150].copy(), chelsea[::-1].copy()]
     batched = seg.segment_batch(images, vocab, batch_size=5)

@@ -28,14 +28,7 @@ def photos(astronaut, chelsea) -> list[np.ndarray]:
 
 def _with(seg, **changes):
     """The same model and weights under another :class:`SegmentorConfig`."""
-    return cliptrase.Segmentor(
-        seg.clip,
-        seg.model_name,
-        seg.weights,
-        method=seg.method,
-        device=seg.device,
-        config=dataclasses.replace(seg.config, **changes),
-    )
+    return seg.variant(config=dataclasses.replace(seg.config, **changes))
 
 
 @pytest.mark.parametrize("vote", ["majority", "mean_logits"])
@@ -94,32 +87,16 @@ def test_bucket_must_be_a_patch_multiple(tiny):
 
 
 def test_reduced_precision_on_cpu_needs_the_opt_in(tiny):
-    fallback = cliptrase.Segmentor(
-        tiny.clip, tiny.model_name, tiny.weights, device="cpu", precision="bf16"
-    )
+    fallback = tiny.variant(precision="bf16")
     assert fallback.precision == "fp32"
-    opted = cliptrase.Segmentor(
-        tiny.clip,
-        tiny.model_name,
-        tiny.weights,
-        device="cpu",
-        precision="bf16",
-        allow_cpu_autocast=True,
-    )
+    opted = tiny.variant(precision="bf16", allow_cpu_autocast=True)
     assert opted.precision == "bf16"
 
 
 def test_bf16_labels_agree_with_fp32_on_a_real_photo(vit_b16, astronaut):
     """ViT-B/16, fixed random weights (seed 0), the astronaut at 336: bf16 autocast (the GPU
     path's arithmetic, here through torch's CPU autocast) against fp32. Measured: 99.9%."""
-    bf16 = cliptrase.Segmentor(
-        vit_b16.clip,
-        vit_b16.model_name,
-        vit_b16.weights,
-        device="cpu",
-        precision="bf16",
-        allow_cpu_autocast=True,
-    )
+    bf16 = vit_b16.variant(precision="bf16", allow_cpu_autocast=True)
     fp32 = vit_b16.segment(astronaut, vit_b16.vocabulary(CLASSES, BACKGROUND))
     low = bf16.segment(astronaut, bf16.vocabulary(CLASSES, BACKGROUND))
     assert len(np.unique(fp32.labels)) >= 3  # a real multi-label map, not one class everywhere
