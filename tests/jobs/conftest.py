@@ -8,6 +8,7 @@ sanitise the file names they derive from image ids.
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import uuid
 from pathlib import Path
@@ -66,6 +67,15 @@ def _write_inputs(root: Path) -> tuple[str, ...]:
     (folder / "cat.jpg").write_bytes(_encode(photos["chelsea"], "JPEG"))
     (folder / "cup.png").write_bytes(_encode(photos["coffee"], "PNG"))
     return (str(root / "00000.tar"), str(root / "table.parquet"), str(folder))
+
+
+def summaries(stdout: str) -> list[dict]:
+    """The JSON summaries a job printed (one per tick)."""
+    decoder, out, pos = json.JSONDecoder(), [], 0
+    while (start := stdout.find("{", pos)) != -1:
+        value, pos = decoder.raw_decode(stdout, start)
+        out.append(value)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,8 @@ from PIL import Image
 
 from tests.pipeline.conftest import jpeg, make_tar
 
+from .conftest import summaries
+
 pytestmark = pytest.mark.timeout(900)
 
 TINY_FLAGS = [
@@ -38,15 +40,6 @@ def run_job(module: str, *args: str, env: dict | None = None, check: bool = True
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} exited {proc.returncode}\n{proc.stderr[-4000:]}")
     return proc
-
-
-def summaries(stdout: str) -> list[dict]:
-    """The JSON summaries a job printed (one per tick)."""
-    decoder, out, pos = json.JSONDecoder(), [], 0
-    while (start := stdout.find("{", pos)) != -1:
-        value, pos = decoder.raw_decode(stdout, start)
-        out.append(value)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 import pipeline
+from tests.jobs.conftest import summaries  # noqa: F401 - re-exported to this package
 from tests.pipeline.conftest import (  # noqa: F401 - fixtures re-exported to this package
     FAKE_SECRET,
     TINY,
@@ -104,14 +105,6 @@ def run_label(*args: str, env: dict | None = None, timeout: float = 300):
         env=env or job_env(),
         timeout=timeout,
     )
-
-
-def summaries(stdout: str) -> list[dict]:
-    decoder, out, pos = json.JSONDecoder(), [], 0
-    while (start := stdout.find("{", pos)) != -1:
-        value, pos = decoder.raw_decode(stdout, start)
-        out.append(value)
-    return out
 
 
 def small_images(n: int, size: int, seed: int = 0) -> list[bytes]:
