@@ -115,6 +115,12 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
+def _cat_all(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes]:
+    """Every path's bytes, in order, from one ``cat`` (s3fs fetches the paths concurrently)."""
+    bodies = fs.cat(paths) if paths else {}
+    return [bodies.get(path, bodies.get(fs.unstrip_protocol(path))) for path in paths]
+
+
 def _list_names(fs: fsspec.AbstractFileSystem, directory: str, suffix: str) -> list[str]:
     try:
         fs.invalidate_cache(directory)
@@ -194,10 +200,8 @@ class FolderBatchLog:
             if n.startswith(prefix)
         ]  # fmt: skip
         paths = [f"{self.layout.batches_dir}/{n}.json.gz" for n in sorted(names)]
-        bodies = self.layout.fs.cat(paths) if paths else {}
         batches = []
-        for number, path in enumerate(paths):
-            body = bodies.get(path, bodies.get(self.layout.fs.unstrip_protocol(path)))
+        for number, (path, body) in enumerate(zip(paths, _cat_all(self.layout.fs, paths))):
             record = json.loads(gzip.decompress(body))
             if record["batch"] != number or record["folder"] != folder_uri:
                 raise RuntimeError(f"batch log {path} is out of sequence; it was edited by hand?")
@@ -445,11 +449,7 @@ def record_run(
         for name in _list_names(layout.fs, layout.runs_dir, ".json")
         if name not in indexed and name != run_id
     ]
-    if missing:
-        bodies = layout.fs.cat(missing)
-        for path in missing:
-            body = bodies.get(path, bodies.get(layout.fs.unstrip_protocol(path)))
-            manifest["runs"].append(json.loads(body))
+    manifest["runs"] += [json.loads(body) for body in _cat_all(layout.fs, missing)]
     if run_id not in indexed:
         manifest["runs"].append(run)
     manifest["runs"].sort(key=lambda r: (r.get("started_at", ""), r.get("run_id", "")))
