@@ -13,6 +13,10 @@ from dataclasses import dataclass
 METHOD_NAMES: tuple[str, ...] = ("cliptrase", "maskclip", "sclip", "clearclip", "naclip", "gem")
 
 MODES = ("whole", "slide")
+# Where the decision is taken: "original" (scores stretched bilinearly to the image's size and
+# decided there, as the official SCLIP/NACLIP/ClearCLIP code does) or "processing" (decided
+# at the processing resolution, labels nearest-resized: this product's behaviour before).
+RESOLUTIONS = ("original", "processing")
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,7 @@ class SegmentorConfig:
     # method's logit scale (CLIP's 100 for cliptrase), so temperature 1 is that calibration.
     confidence_temperature: float = 1.0
     mode: str | None = None  # "whole" or "slide"; None: slide iff the method has a crop
-    # Throughput only (labels unchanged): refine batch k (DBSCAN, cluster maps, vote,
-    # confidence; CPU work) in a worker thread while batch k+1 runs its forward. None: on when
-    # the device is CUDA (the forward then runs on the GPU, so the two really overlap); on a
-    # CPU both stages compete for the same cores (docs/benchmarks.md measures it).
-    overlap_refine: bool | None = None
+    resolution: str = "original"  # one of RESOLUTIONS; changes the labels (hashed)
     # Opt-in aspect buckets, in pixels (a multiple of the patch size; None = off): the long
     # side after the short-side resize is rounded to a multiple of ``bucket``, so images of
     # similar aspect share one tensor shape and batch together instead of one forward each.
@@ -60,6 +60,10 @@ class SegmentorConfig:
             raise ValueError("confidence_temperature must be positive")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None, got {self.mode!r}")
+        if self.resolution not in RESOLUTIONS:
+            raise ValueError(
+                f"resolution must be one of {RESOLUTIONS}, got {self.resolution!r}"
+            )
         if self.bucket is not None and self.bucket < 1:
             raise ValueError(
                 f"bucket must be a positive number of pixels or None, got {self.bucket}"

@@ -60,8 +60,13 @@ def decide(
     num_labels: int,
     background_label: int | None,
     head: DecisionHead,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Labels ``(B, H, W)`` (int64) from scaled logits ``(B, K, H, W)``."""
+    """Labels ``(B, H, W)`` (int64) from scaled logits ``(B, K, H, W)``.
+
+    ``keep`` ``(B, L)`` bool: the labels ``area_thd`` keeps, when counted elsewhere (over a
+    whole image decided in strips); None counts them on ``logits``.
+    """
     row_labels = row_labels.to(logits.device)
     identity = len(row_labels) == num_labels  # one row per label: no pooling needed
     needs_probs = head.area_thd is not None or (head.prob_thd > 0 and background_label is not None)
@@ -72,32 +77,36 @@ def decide(
     probs = torch.softmax(logits.float(), dim=1)
     probs = probs if identity else pool_rows(probs, row_labels, num_labels, "max")
     if head.area_thd is not None:
-        probs = suppress_small_areas(probs, background_label, head.area_thd)
+        if keep is None:
+            # = argmax(dim=1), faster (see above); per image, as SCLIP.
+            plain = probs.max(dim=1).indices
+            keep = kept_labels(plain, num_labels, background_label, head.area_thd)
+        probs = probs * keep[:, :, None, None].to(probs.dtype)
     top, pred = probs.max(dim=1)
     if head.prob_thd > 0 and background_label is not None:
         pred = torch.where(top < head.prob_thd, background_label, pred)
     return pred
 
 
-def suppress_small_areas(
-    probs: torch.Tensor, background_label: int | None, area_thd: float
+def kept_labels(
+    plain: torch.Tensor, num_labels: int, background_label: int | None, area_thd: float
 ) -> torch.Tensor:
-    """Zero the foreground labels whose predicted area is under ``area_thd`` of the foreground.
+    """``(B, L)`` bool: the labels ``area_thd`` keeps, from the plain argmax labels ``(B, ...)``.
 
-    Per image; as SCLIP: area counted on the argmax of ``probs`` over foreground pixels.
+    A foreground label is suppressed when its predicted area is at most ``area_thd`` of the
+    image's foreground prediction (as SCLIP); the background label is never suppressed.
     """
-    b, num_labels = probs.shape[:2]
-    pred = probs.max(dim=1).indices.reshape(b, -1)  # = argmax(dim=1), faster (see decide)
-    counts = torch.zeros(b, num_labels, device=probs.device).scatter_add_(
-        1, pred, torch.ones_like(pred, dtype=torch.float32)
+    b = plain.shape[0]
+    plain = plain.reshape(b, -1)
+    counts = torch.zeros(b, num_labels, device=plain.device).scatter_add_(
+        1, plain, torch.ones_like(plain, dtype=torch.float32)
     )
-    foreground = torch.ones(num_labels, dtype=torch.bool, device=probs.device)
+    foreground = torch.ones(num_labels, dtype=torch.bool, device=plain.device)
     if background_label is not None:
         foreground[background_label] = False
     fg_counts = counts * foreground
     keep = fg_counts > area_thd * fg_counts.sum(dim=1, keepdim=True)
-    keep = keep | ~foreground  # the background label is never suppressed
-    return probs * keep[:, :, None, None].to(probs.dtype)
+    return keep | ~foreground
 
 
 def confidence_of(

@@ -17,11 +17,9 @@ share one forward):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .preprocess import Prepared
 
@@ -56,13 +54,6 @@ class WholeImagePlan:
 
     prepared: Prepared
     tiles: list[Tile]
-    labels: np.ndarray = field(init=False)
-    confidence: np.ndarray = field(init=False)
-
-    def __post_init__(self):
-        h, w = self.prepared.resized
-        self.labels = np.zeros((h, w), dtype=np.int64)
-        self.confidence = np.zeros((h, w), dtype=np.float32)
 
     @classmethod
     def build(
@@ -91,35 +82,6 @@ class WholeImagePlan:
                 pixels = prepared.pixels[:, top : top + wy, left : left + wx]
                 tiles.append(Tile(pixels, top, left, (y0, y1, x0, x1)))
         return cls(prepared, tiles)
-
-    def place(self, index: int, labels: np.ndarray, confidence: np.ndarray) -> None:
-        tile = self.tiles[index]
-        y0, y1, x0, x1 = tile.owns
-        src = (slice(y0 - tile.top, y1 - tile.top), slice(x0 - tile.left, x1 - tile.left))
-        self.labels[y0:y1, x0:x1] = labels[src]
-        self.confidence[y0:y1, x0:x1] = confidence[src]
-
-    def finish(self, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
-        """Labels and confidence at the original size: nearest and bilinear resampling."""
-        return resize_to_original(self.labels, self.confidence, self.prepared.original, num_labels)
-
-
-def resize_to_original(
-    labels: np.ndarray, confidence: np.ndarray, original: tuple[int, int], num_labels: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (nearest) and confidence (bilinear) at the original ``(H, W)``."""
-    height, width = original
-    dtype = np.uint8 if num_labels <= 255 else np.uint16
-    labels = torch.from_numpy(np.ascontiguousarray(labels))[None, None].float()
-    labels = F.interpolate(labels, size=(height, width), mode="nearest-exact")
-    confidence = torch.from_numpy(np.ascontiguousarray(confidence))[None, None]
-    confidence = F.interpolate(
-        confidence, size=(height, width), mode="bilinear", align_corners=False
-    )
-    return (
-        labels[0, 0].numpy().astype(dtype),
-        confidence[0, 0].clamp_(0, 1).numpy(),
-    )
 
 
 @dataclass

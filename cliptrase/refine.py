@@ -1,14 +1,17 @@
 """Refiners: turn a first per-pixel prediction into the final label map.
 
-Two, usable on any method (``Method.refiner`` and ``Method.pamr``):
+Two, usable on any method (``Method.refiner`` and ``Method.pamr``), both torch on the
+segmentor's device, batched over the images of a batch:
 
 * The CLIPtrase cluster vote (spec section 8): DBSCAN over the rows of the recalibrated
-  correlation ``R``, smoothed cluster maps, and a vote inside each cluster region. Runs on the
-  CPU with numpy/scipy/scikit-learn, off the GPU's critical path. ``eps="auto"`` picks DBSCAN's
-  radius from the data (a k-distance knee) for backbones where the published one collapses.
+  correlation ``R`` (:mod:`cliptrase.dbscan`, scikit-learn's labels exactly), smoothed cluster
+  maps, and a vote inside each cluster region. ``eps="auto"`` picks DBSCAN's radius from the
+  data (a k-distance knee) for backbones where the published one collapses.
 * PAMR (pixel-adaptive mask refinement, Araslanov & Roth 2020, as SCLIP/NACLIP ship it in
   ``pamr.py``): logits are repeatedly replaced by an image-affinity-weighted average of their
   dilated 8-neighbourhoods. Acts on the logits, before the decision head.
+
+scipy / scikit-learn versions of every step live in the tests as references.
 """
 
 from __future__ import annotations
@@ -16,15 +19,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from numpy.lib.stride_tricks import sliding_window_view
-from sklearn.cluster import DBSCAN
-from sklearn.neighbors import NearestNeighbors
+
+from . import dbscan as _dbscan
 
 # Published (eps, min_samples) by patch count: 224 px (14x14) and 336 px (21x21) at patch 16.
 PUBLISHED_DBSCAN = {196: (0.7, 3), 441: (1.1, 7)}
+MAP_UPSAMPLE = 4  # cluster maps: bilinear x4, then a (2 * 4 - 1)-square median filter
 
 
 def dbscan_parameters(num_patches: int) -> tuple[float, int]:
@@ -38,98 +40,104 @@ def dbscan_parameters(num_patches: int) -> tuple[float, int]:
     return 0.7 * math.sqrt(num_patches / 196), max(1, round(3 * num_patches / 196))
 
 
-def k_distance_knee(correlation: np.ndarray, min_samples: int) -> float:
-    """DBSCAN ``eps`` from the data: the knee of the sorted k-distance curve of the rows of ``R``.
+def symmetric_pad(maps: torch.Tensor, r: int) -> torch.Tensor:
+    """Pad the last two dims by ``r``, mirroring with the edge repeated (scipy's "reflect",
+    numpy's "symmetric"; torch's own "reflect" drops the edge)."""
 
-    ``k``-distance of a row: its Euclidean distance to its ``min_samples - 1``-th nearest other
-    row (scikit-learn counts the point itself in ``min_samples``, so a row is a core point
-    exactly when its k-distance is ``<= eps``). Sorted ascending, the curve is flat inside
-    clusters and rises steeply for outliers; the knee is the point farthest below the chord
-    from the first to the last point, both axes scaled to ``[0, 1]``. Scaling ``R`` scales the
-    knee's ``eps`` alike, so the clustering does not depend on the backbone's correlation range
-    (the published ``eps`` is in ViT-B/16's units and leaves ViT-L/14 with one cluster or none).
-    """
-    n = correlation.shape[0]
-    k = max(1, min(min_samples, n) - 1)
-    if n < 3:
-        return 1e-6
-    dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(correlation).kneighbors(correlation)
-    curve = np.sort(dist[:, k])
-    span = curve[-1] - curve[0]
-    if span <= 0:
-        return max(float(curve[0]), 1e-6)
-    x = np.linspace(0.0, 1.0, n)
-    y = (curve - curve[0]) / span
-    knee = int(np.argmax(x - y))  # chord y = x; farthest below it
-    # A hair above the knee's own k-distance, so float rounding cannot drop it from the core.
-    return max(float(curve[knee]) * (1 + 1e-6), 1e-6)
+    def index(n: int) -> torch.Tensor:
+        i = torch.arange(-r, n + r, device=maps.device)
+        i = torch.where(i < 0, -i - 1, i)
+        i = torch.where(i >= n, 2 * n - 1 - i, i)
+        return i.clamp_(0, n - 1)  # only reached when n < r (scipy reflects again; we clamp)
+
+    h, w = maps.shape[-2:]
+    return maps[..., index(h), :][..., index(w)]
 
 
-def cluster_patches(correlation: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
-    """DBSCAN labels (``-1`` = noise) of the ``hw`` rows of ``R``, Euclidean distance."""
-    return DBSCAN(eps=eps, min_samples=min_samples).fit_predict(correlation)
+def median_filter_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """``size x size`` median filter of each ``(..., H, W)`` map, borders mirrored: equal to
+    ``scipy.ndimage.median_filter(maps, size=(1, size, size))`` (mode "reflect").
 
-
-def cluster_regions(
-    correlation: np.ndarray,
-    cluster_labels: np.ndarray,
-    grid: tuple[int, int],
-    size: tuple[int, int],
-) -> np.ndarray | None:
-    """Assign every output pixel to one cluster: ``(H, W)`` int array, or None without clusters.
-
-    Per cluster the mean of its rows of ``R`` as an ``h x w`` map; bilinear x4; 7x7 median
-    filter (scipy, reflect); bilinear to ``H x W``; argmax over clusters.
-    """
-    h, w = grid
-    n = int(cluster_labels.max()) + 1 if cluster_labels.size else 0
-    if n <= 0:
-        return None
-    members = (cluster_labels[None, :] == np.arange(n)[:, None]).astype(np.float32)  # (n, hw)
-    means = (members @ correlation) / members.sum(axis=1, keepdims=True)
-    maps = torch.from_numpy(means.astype(np.float32)).reshape(1, n, h, w)
-    ratio = 4
-    maps = F.interpolate(maps, size=(ratio * h, ratio * w), mode="bilinear", align_corners=False)
-    smoothed = median_filter_maps(maps[0].numpy(), 2 * ratio - 1)
-    maps = F.interpolate(
-        torch.from_numpy(smoothed)[None], size=size, mode="bilinear", align_corners=False
-    )
-    # = argmax(dim=0) (first maximum), ~5x faster on the CPU than argmax over a leading dim.
-    return maps[0].max(dim=0).indices.numpy()
-
-
-def median_filter_maps(maps: np.ndarray, size: int) -> np.ndarray:
-    """``size x size`` median filter of each ``(n, H, W)`` map, borders mirrored.
-
-    Equal to ``scipy.ndimage.median_filter(maps, size=(1, size, size))`` (mode "reflect" is
-    numpy's "symmetric" padding) but about 4x faster: one vectorised partial sort of every
-    window instead of scipy's per-pixel selection, which dominated the refiner's cost.
+    The median of an odd window is one of its values, so the result is exact. Maps are taken
+    in groups so the ``size**2`` window copies stay within ~256 MB.
     """
     r = size // 2
-    padded = np.pad(maps, ((0, 0), (r, r), (r, r)), mode="symmetric")
-    windows = sliding_window_view(padded, (size, size), axis=(1, 2)).reshape(*maps.shape, -1)
-    middle = size * size // 2
-    return np.partition(windows, middle, axis=-1)[..., middle]
+    shape = maps.shape
+    flat = maps.reshape(-1, *shape[-2:])
+    out = torch.empty_like(flat)
+    per_map = shape[-2] * shape[-1] * size * size
+    group = max(1, (64 << 20) // per_map)
+    for start in range(0, flat.shape[0], group):
+        padded = symmetric_pad(flat[start : start + group], r)
+        windows = padded.unfold(1, size, 1).unfold(2, size, 1)  # (g, H, W, size, size)
+        windows = windows.reshape(*windows.shape[:3], -1)
+        out[start : start + group] = windows.median(dim=-1).values
+    return out.reshape(shape)
 
 
-def majority_vote(pred: np.ndarray, regions: np.ndarray, num_labels: int) -> np.ndarray:
+def cluster_maps(
+    correlation: torch.Tensor,
+    cluster_labels: torch.Tensor,
+    grid: tuple[int, int],
+    size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smoothed cluster maps of a batch: ``((B, n_max, H, W) float32, (B,) cluster counts)``.
+
+    Per cluster (ascending label, noise excluded) the mean of its rows of ``R`` as an
+    ``h x w`` map; bilinear x4; 7x7 median filter (scipy's reflect borders); bilinear to
+    ``H x W``. Channels beyond an image's own cluster count are ``-inf``, so an argmax over
+    channels picks a real cluster (the first maximum, as the paper's argmax).
+    """
+    b, hw, _ = correlation.shape
+    h, w = grid
+    counts = (cluster_labels.max(dim=1).values + 1).clamp_(min=0)
+    n_max = int(counts.max()) if b else 0
+    maps = torch.full((b, n_max, *size), float("-inf"), device=correlation.device)
+    if n_max == 0:
+        return maps, counts
+    members = (
+        cluster_labels[:, None, :] == torch.arange(n_max, device=correlation.device)[:, None]
+    ).float()  # (B, n_max, hw)
+    means = (members @ correlation.float()) / members.sum(dim=2, keepdim=True).clamp_(min=1)
+    real = torch.arange(n_max, device=correlation.device)[None, :] < counts[:, None]
+    chosen = means[real].reshape(1, -1, h, w)  # only the real clusters, all images at once
+    ratio = MAP_UPSAMPLE
+    chosen = F.interpolate(chosen, size=(ratio * h, ratio * w), mode="bilinear", align_corners=False)
+    chosen = median_filter_maps(chosen[0], 2 * ratio - 1)
+    chosen = F.interpolate(chosen[None], size=size, mode="bilinear", align_corners=False)
+    maps[real] = chosen[0]
+    return maps, counts
+
+
+def vote_winners(
+    pred: torch.Tensor, regions: torch.Tensor, num_regions: int, num_labels: int
+) -> torch.Tensor:
+    """``(num_regions,)``: each region's most frequent label of ``pred`` (ties: the smallest)."""
+    votes = torch.bincount(
+        (regions.reshape(-1) * num_labels + pred.reshape(-1)), minlength=num_regions * num_labels
+    )
+    # argmax returns the first maximum, i.e. the smallest label among tied ones.
+    return votes.reshape(num_regions, num_labels).argmax(dim=1)
+
+
+def majority_vote(pred: torch.Tensor, regions: torch.Tensor, num_labels: int) -> torch.Tensor:
     """Every region takes its most frequent label of ``pred`` (ties: the smallest label)."""
     n = int(regions.max()) + 1
-    votes = np.bincount((regions * num_labels + pred).ravel(), minlength=n * num_labels)
-    winners = votes.reshape(n, num_labels).argmax(axis=1)  # first maximum = smallest label
-    return winners[regions]
+    return vote_winners(pred, regions, n, num_labels)[regions]
 
 
-def mean_logits_vote(logits: torch.Tensor, regions: np.ndarray) -> np.ndarray:
-    """Every region takes the argmax of its mean upsampled logits ``(K, H, W)``."""
+def region_logit_sums(logits: torch.Tensor, regions: torch.Tensor, num_regions: int) -> torch.Tensor:
+    """``(num_regions, K)`` float32 sums of the logits ``(K, ...)`` over each region's pixels."""
     k = logits.shape[0]
-    region_t = torch.from_numpy(regions).reshape(-1).long()
-    n = int(region_t.max()) + 1
-    sums = torch.zeros(n, k, dtype=torch.float32).index_add_(
-        0, region_t, logits.reshape(k, -1).T.float()
-    )
-    winners = sums.argmax(dim=1)  # the mean's argmax is the sum's argmax
-    return winners[region_t].reshape(regions.shape).numpy()
+    sums = torch.zeros(num_regions, k, dtype=torch.float32, device=logits.device)
+    return sums.index_add_(0, regions.reshape(-1), logits.reshape(k, -1).T.float())
+
+
+def mean_logits_vote(logits: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Every region takes the argmax of its mean upsampled logits ``(K, H, W)`` (a row index)."""
+    n = int(regions.max()) + 1
+    winners = region_logit_sums(logits, regions, n).argmax(dim=1)  # mean's argmax = sum's
+    return winners[regions]
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,7 @@ class ClusterVote:
     """The CLIPtrase refiner.
 
     ``eps``: a number, None (the published pair at 196/441 patches, else scaled to the grid,
-    :func:`dbscan_parameters`) or ``"auto"`` (per image, :func:`k_distance_knee` on ``R``).
+    :func:`dbscan_parameters`) or ``"auto"`` (per image, a k-distance knee on ``R``).
     ``min_samples`` None: from the grid size.
     """
 
@@ -160,19 +168,31 @@ class ClusterVote:
             self.min_samples if self.min_samples is not None else min_samples,
         )
 
-    def eps_for(self, correlation: np.ndarray) -> tuple[float, int]:
-        """The ``(eps, min_samples)`` DBSCAN runs with on this ``R``."""
-        eps, min_samples = self.parameters_for(correlation.shape[0])
+    def eps_for(self, correlation: torch.Tensor) -> tuple[float | torch.Tensor, int]:
+        """The ``(eps, min_samples)`` DBSCAN runs with on ``R`` ``(B, hw, hw)`` (or one
+        ``(hw, hw)``); ``eps`` a ``(B,)`` tensor when chosen per image (``"auto"``)."""
+        eps, min_samples = self.parameters_for(correlation.shape[-1])
         if eps == "auto":
-            eps = k_distance_knee(correlation, min_samples)
-        return float(eps), min_samples
+            eps = _dbscan.k_distance_knee(correlation, min_samples)
+        return eps, min_samples
+
+    def cluster(self, correlation: torch.Tensor) -> torch.Tensor:
+        """DBSCAN labels ``(B, hw)`` (``-1`` noise) of the rows of each image's ``R``."""
+        eps, min_samples = self.eps_for(correlation)
+        return _dbscan.dbscan(correlation, eps, min_samples)
+
+    def maps(
+        self, correlation: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cluster maps ``(B, n_max, H, W)`` and cluster counts ``(B,)`` of a batch's ``R``."""
+        return cluster_maps(correlation, self.cluster(correlation), grid, size)
 
     def regions(
-        self, correlation: np.ndarray, grid: tuple[int, int], size: tuple[int, int]
-    ) -> np.ndarray | None:
-        eps, min_samples = self.eps_for(correlation)
-        labels = cluster_patches(correlation, eps, min_samples)
-        return cluster_regions(correlation, labels, grid, size)
+        self, correlation: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
+    ) -> torch.Tensor | None:
+        """One image's cluster regions ``(H, W)`` int64, or None when every patch is noise."""
+        maps, counts = self.maps(correlation[None], grid, size)
+        return None if int(counts[0]) == 0 else maps[0].max(dim=0).indices
 
 
 # ------------------------------------------------------------------------------------- PAMR

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +13,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from . import fullsize
 from .attention import (
     ATTENTION_STRATEGIES,
     AttentionContext,
@@ -25,12 +25,13 @@ from .backbone import ClipVisionBackbone
 from .classfile import ClassList
 from .config import SegmentorConfig
 from .errors import InvalidImageError
+from .fullsize import Canvas, OutputWindow
 from .head import confidence_of, decide
-from .inference import SlidePlan, WholeImagePlan, resize_to_original
+from .inference import SlidePlan, WholeImagePlan
 from .methods import Method, method_preset
 from .names import validate_names, validate_synonyms
 from .preprocess import ImageLike, Prepared, as_rgb_image, prepare_whole_image
-from .refine import majority_vote, mean_logits_vote
+from .refine import region_logit_sums, vote_winners
 from .text import (
     DEFAULT_TEMPLATES,
     Template,
@@ -49,10 +50,16 @@ class SegmentationResult:
     """A label map of the whole image at its original size."""
 
     labels: np.ndarray  # (H, W) uint8 (uint16 above 255 labels): index into ``names``
-    confidence: np.ndarray  # (H, W) float32 in [0, 1]
+    confidence_u8: np.ndarray  # (H, W) uint8: round(255 * confidence)
+    counts: np.ndarray  # (num_labels,) int64: pixels per label
     names: list[str]
     random_weights: bool = False  # True: the model had random weights, labels are meaningless
     windows: int = 1  # sliding windows used (1 = whole image)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """``(H, W)`` float32 in ``[0, 1]``, in steps of 1/255 (as stored)."""
+        return self.confidence_u8.astype(np.float32) / 255.0
 
 
 @dataclass
@@ -84,14 +91,13 @@ class DenseFeatures:
 
 
 @dataclass
-class _FirstPrediction:
-    """A batch between the device stage (forward, head) and the CPU stage (cluster vote)."""
+class _Processed:
+    """A batch of same-size inputs at the processing resolution, on the device."""
 
-    logits: torch.Tensor  # (B, rows, H, W) on the device, at the input size
-    pred: np.ndarray  # (B, H, W) int64: the head's labels before the refiner
-    correlation: np.ndarray | None  # (B, hw, hw) R on the CPU, for the cluster vote
-    grid: tuple[int, int]
-    size: tuple[int, int]
+    logits: torch.Tensor  # (B, rows, H, W) scaled, upsampled to the input size, after PAMR
+    pred: torch.Tensor  # (B, H, W) int64: the head's labels before the refiner
+    maps: torch.Tensor | None  # (B, n_max, H, W) cluster maps (-inf past an image's clusters)
+    clusters: torch.Tensor | None  # (B,) cluster count per image
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -331,10 +337,11 @@ class Segmentor:
     def segment_pixels(self, pixels: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
         """Label maps ``(B, H, W)`` (int64, on the CPU) of normalised pixels, sections 1-8.
 
-        One pass per input (no sliding window): the method's attention, head and refiners.
+        One pass per input (no sliding window): the method's attention, head and refiners,
+        all at the input's resolution (the paper's parity mode).
         """
-        labels, _ = self._label_pixels(pixels, vocab, with_confidence=False)
-        return torch.from_numpy(labels)
+        processed = self._process(pixels, vocab)
+        return self._processing_labels(processed, vocab).cpu()
 
     @property
     def logit_scale_used(self) -> float:
@@ -349,15 +356,9 @@ class Segmentor:
             logits = logits * feats.cls_logits(vocab)[:, :, None, None]
         return logits
 
-    def _label_pixels(
-        self, pixels: torch.Tensor, vocab: Vocabulary, with_confidence: bool = True
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Everything on one batch of same-size inputs: forward, head, refiners."""
-        return self._refined(self._first_prediction(pixels, vocab), vocab, with_confidence)
-
     @torch.inference_mode()
-    def _first_prediction(self, pixels: torch.Tensor, vocab: Vocabulary) -> _FirstPrediction:
-        """The device stage: forward, logits at the input size, PAMR, the head's labels."""
+    def _process(self, pixels: torch.Tensor, vocab: Vocabulary) -> _Processed:
+        """Forward, logits at the input size, PAMR, the head's labels and the cluster maps."""
         feats = self.dense_features(pixels)
         size = tuple(pixels.shape[-2:])
         logits = F.interpolate(
@@ -365,55 +366,49 @@ class Segmentor:
         )
         if self.method.pamr is not None:
             logits = self.method.pamr(pixels.to(logits.device), logits)
-        pred = self._decide(logits, vocab).cpu().numpy()
-        refiner = self.method.refiner
-        correlation = None
-        if refiner is not None:
-            correlation = feats.correlation.float().cpu().numpy()
-        return _FirstPrediction(logits, pred, correlation, feats.grid, size)
+        maps = clusters = None
+        if self.method.refiner is not None:
+            correlation = feats.correlation.float()  # DBSCAN in fp32 even under autocast
+            maps, clusters = self.method.refiner.maps(correlation, feats.grid, size)
+        return _Processed(logits, self._decide(logits, vocab), maps, clusters)
 
-    @torch.inference_mode()  # thread-local: this stage may run in the refine thread
-    def _refined(
-        self, first: _FirstPrediction, vocab: Vocabulary, with_confidence: bool = True
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The CPU stage: cluster vote per image (DBSCAN is per image), then confidence."""
-        pred, logits = first.pred, first.logits
+    def _processing_labels(self, processed: _Processed, vocab: Vocabulary) -> torch.Tensor:
+        """``(B, H, W)`` final labels at the processing resolution: the vote per image."""
+        pred = processed.pred
         refiner = self.method.refiner
-        if refiner is not None:
-            for i in range(pred.shape[0]):
-                regions = refiner.regions(first.correlation[i], first.grid, first.size)
-                if regions is None:  # every patch is noise: the first prediction is final
-                    continue
-                if refiner.vote == "mean_logits":
-                    pred[i] = self._refine_mean_logits(logits[i], regions, vocab)
-                else:
-                    pred[i] = majority_vote(pred[i], regions, vocab.num_labels)
-        confidence = self._confidence(logits, pred, vocab) if with_confidence else None
-        return pred, confidence
+        if refiner is None:
+            return pred
+        out = pred.clone()
+        for i in range(pred.shape[0]):
+            n = int(processed.clusters[i])
+            if n == 0:  # every patch is noise: the first prediction is final
+                continue
+            regions = processed.maps[i, :n].max(dim=0).indices  # = argmax, first maximum
+            if refiner.vote == "mean_logits":
+                winners = region_logit_sums(processed.logits[i], regions, n).argmax(dim=1)
+                winners = vocab.row_labels.to(pred.device)[winners]
+            else:
+                winners = vote_winners(pred[i], regions, n, vocab.num_labels)
+            out[i] = winners[regions]
+        return out
 
     def _decide(self, logits: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
         return decide(
             logits, vocab.row_labels, vocab.num_labels, vocab.background_label, self.method.head
         )
 
-    @staticmethod
-    def _refine_mean_logits(
-        logits: torch.Tensor, regions: np.ndarray, vocab: Vocabulary
-    ) -> np.ndarray:
-        voted = mean_logits_vote(logits.cpu(), regions)  # winning row
-        return vocab.row_labels.numpy()[voted]
-
-    def _confidence(self, logits: torch.Tensor, pred: np.ndarray, vocab: Vocabulary) -> np.ndarray:
+    def _confidence(
+        self, logits: torch.Tensor, pred: torch.Tensor, vocab: Vocabulary
+    ) -> torch.Tensor:
         """Softmax mass of each pixel's final label (synonyms and background words pooled)."""
-        confidence = confidence_of(
+        return confidence_of(
             logits,
-            torch.from_numpy(pred),
+            pred,
             vocab.row_labels,
             vocab.num_labels,
             vocab.num_classes,
             self.config.confidence_temperature,
         )
-        return confidence.cpu().numpy().astype(np.float32)
 
     # ------------------------------------------------------------- whole images
     def protocol(self) -> tuple[str, int, int | None, int | None]:
@@ -442,7 +437,9 @@ class Segmentor:
 
         Items may be images or the output of :meth:`prepare` (so callers can resize in other
         threads). Raises :class:`InvalidImageError` if any image is unusable; callers that need
-        per-image isolation call :meth:`prepare` first and drop the failures.
+        per-image isolation call :meth:`prepare` first and drop the failures. Everything after
+        decoding runs on the segmentor's device; only the uint8 label and confidence maps and
+        the per-label pixel counts come back to the host.
         """
         batch_size = batch_size or self.config.batch_size
         prepared = [
@@ -453,16 +450,24 @@ class Segmentor:
             outputs = self._segment_sliding(prepared, vocab, batch_size, crop, stride)
         else:  # whole images, or owned windows (each clustered on its own)
             outputs = self._segment_tiles(prepared, vocab, batch_size, crop, stride)
-        return [
-            SegmentationResult(
-                labels=labels,
-                confidence=confidence,
-                names=vocab.names,
-                random_weights=self.random_weights,
-                windows=windows,
+        host = _to_host([t for labels, confidence, counts, _ in outputs
+                         for t in (labels, confidence, counts)])
+        results = []
+        for index, (_, _, _, windows) in enumerate(outputs):
+            labels, confidence, counts = (x.numpy() for x in host[3 * index : 3 * index + 3])
+            if labels.dtype != np.uint8:
+                labels = labels.astype(np.uint16)
+            results.append(
+                SegmentationResult(
+                    labels=labels,
+                    confidence_u8=confidence,
+                    counts=counts.astype(np.int64, copy=False),
+                    names=vocab.names,
+                    random_weights=self.random_weights,
+                    windows=windows,
+                )
             )
-            for labels, confidence, windows in outputs
-        ]
+        return results
 
     def _batches(self, plans, batch_size: int):
         """Chunks of ``(plan, tile)`` indices whose tiles share one shape, and their pixels.
@@ -483,12 +488,10 @@ class Segmentor:
                     pixels = pixels.float().pin_memory().to(self.device, non_blocking=True)
                 yield chunk, pixels
 
-    def _overlap_refine(self) -> bool:
-        overlap = self.config.overlap_refine
-        if overlap is None:
-            overlap = self.device.type == "cuda"
-        return overlap and self.method.refiner is not None
+    def _canvas(self, prepared: Prepared) -> Canvas:
+        return Canvas(prepared.resized, prepared.original, self.config.resolution, self.device)
 
+    @torch.inference_mode()
     def _segment_tiles(self, prepared, vocab, batch_size, crop, stride):
         plans = [
             WholeImagePlan.build(
@@ -501,33 +504,44 @@ class Segmentor:
             )
             for item in prepared
         ]
+        canvases = [self._canvas(item) for item in prepared]
+        for chunk, pixels in self._batches(plans, batch_size):
+            processed = self._process(pixels, vocab)
+            final = self._processing_labels(processed, vocab)
+            confidence = self._confidence(processed.logits, final, vocab)
+            for b, (p, u) in enumerate(chunk):
+                tile, canvas = plans[p].tiles[u], canvases[p]
+                canvas.place_confidence(tile.owns, tile.top, tile.left, confidence[b])
+                if canvas.resolution != "original":
+                    canvas.place_processing_labels(tile.owns, tile.top, tile.left, final[b])
+                    continue
+                window = canvas.window(tile.owns, tile.top, tile.left)
+                labels = self._original_labels(processed, b, window, vocab)
+                canvas.place_labels(window, labels)
+        return [(*c.finish(vocab.num_labels), len(plan.tiles)) for c, plan in zip(canvases, plans)]
 
-        def place(chunk, labels, confidence):
-            for (p, u), lab, conf in zip(chunk, labels, confidence):
-                plans[p].place(u, lab, conf)
-
-        batches = self._batches(plans, batch_size)
-        if not self._overlap_refine():
-            for chunk, pixels in batches:
-                place(chunk, *self._label_pixels(pixels, vocab))
-        else:
-            # Two-stage pipeline: the refine thread clusters batch k while this thread runs
-            # batch k+1's forward (torch, numpy and scikit-learn release the GIL in their
-            # kernels). Same functions on the same inputs: the labels are unchanged.
-            with ThreadPoolExecutor(1, thread_name_prefix="cliptrase-refine") as refiner:
-                pending = None
-                for chunk, pixels in batches:
-                    first = self._first_prediction(pixels, vocab)
-                    if pending is not None:
-                        place(pending[0], *pending[1].result())
-                    pending = (chunk, refiner.submit(self._refined, first, vocab))
-                if pending is not None:
-                    place(pending[0], *pending[1].result())
-        return [(*plan.finish(vocab.num_labels), len(plan.tiles)) for plan in plans]
+    def _original_labels(
+        self, processed: _Processed, b: int, window: OutputWindow, vocab: Vocabulary
+    ) -> torch.Tensor:
+        """Tile ``b``'s labels over the output pixels it owns, decided at the original size."""
+        logits = processed.logits[b]
+        first = fullsize.first_prediction(
+            logits, window, vocab.row_labels, vocab.num_labels, vocab.background_label,
+            self.method.head,
+        )
+        refiner = self.method.refiner
+        n = 0 if refiner is None else int(processed.clusters[b])
+        if n == 0:
+            return first
+        labels, _ = fullsize.vote(
+            first, processed.maps[b, :n], logits, window, vocab.row_labels, vocab.num_labels,
+            refiner.vote,
+        )
+        return labels
 
     @torch.inference_mode()
     def _segment_sliding(self, prepared, vocab, batch_size, crop, stride):
-        """The SCLIP-lineage protocol: crop logits averaged, then head and PAMR per image."""
+        """The SCLIP-lineage protocol: crop logits averaged, then PAMR and the head per image."""
         plans = [SlidePlan.build(item, self.patch_size, crop, stride) for item in prepared]
         for chunk, pixels in self._batches(plans, batch_size):
             logits = self._scaled_logits(self.dense_features(pixels), vocab)
@@ -539,12 +553,18 @@ class Segmentor:
             logits = plan.averaged()[None]
             if self.method.pamr is not None:
                 logits = self.method.pamr(plan.image()[None].to(logits.device), logits)
-            pred = self._decide(logits, vocab).cpu().numpy()
-            confidence = self._confidence(logits, pred, vocab)
-            labels, confidence = resize_to_original(
-                pred[0], confidence[0], plan.prepared.original, vocab.num_labels
-            )
-            outputs.append((labels, confidence, len(plan.tiles)))
+            pred = self._decide(logits, vocab)
+            canvas = self._canvas(plan.prepared)
+            h, w = plan.prepared.resized
+            whole = (0, h, 0, w)
+            canvas.place_confidence(whole, 0, 0, self._confidence(logits, pred, vocab)[0])
+            if canvas.resolution == "original":
+                window = canvas.window(whole, 0, 0)
+                processed = _Processed(logits, pred, None, None)
+                canvas.place_labels(window, self._original_labels(processed, 0, window, vocab))
+            else:
+                canvas.place_processing_labels(whole, 0, 0, pred[0])
+            outputs.append((*canvas.finish(vocab.num_labels), len(plan.tiles)))
         return outputs
 
     def prepare(self, image: ImageLike) -> Prepared:
@@ -560,6 +580,17 @@ class Segmentor:
             f"Segmentor(model={self.model_name!r}, weights={self.weights.identity!r}, "
             f"method={self.method.name!r}, device={str(self.device)!r}, precision={self.precision!r})"
         )
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Device tensors on the host; from CUDA through pinned buffers, one synchronisation."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.cpu() for t in tensors]
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for target, source in zip(host, tensors):
+        target.copy_(source, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return host
 
 
 def _as_template(template: Template | str) -> Template:

@@ -70,20 +70,21 @@ def ok_row(
     key: str,
     source_uri: str,
     labels: np.ndarray,
-    confidence: np.ndarray,
-    num_labels: int,
+    confidence_u8: np.ndarray,
+    counts: np.ndarray,
     exif_transposed: bool,
     windows: int,
     decode_ms: float,
     segment_ms: float,
 ) -> dict[str, Any]:
-    """The row of a labelled image (PNG encoding included: call it off the model thread)."""
-    labels = labels if num_labels > 256 else labels.astype(np.uint8, copy=False)
+    """The row of a labelled image (PNG encoding included: call it off the model thread).
+
+    ``labels`` uint8/uint16, ``confidence_u8`` ``round(255 c)`` and ``counts`` (pixels per
+    label) as :class:`cliptrase.SegmentationResult` carries them from the device.
+    """
     if labels.dtype not in (np.uint8, np.uint16):
-        labels = labels.astype(np.uint16)
-    counts = np.bincount(labels.ravel(), minlength=num_labels)
+        raise TypeError(f"labels must be uint8 or uint16, got {labels.dtype}")
     present = np.flatnonzero(counts)
-    conf8 = np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8)
     return {
         "image_id": image_id,
         "shard_id": shard_id,
@@ -94,7 +95,7 @@ def ok_row(
         "width": int(labels.shape[1]),
         "height": int(labels.shape[0]),
         "mask_png": encode_png(labels),
-        "confidence_png": encode_png(conf8),
+        "confidence_png": encode_png(confidence_u8),
         "class_ids": present.astype(np.int32).tolist(),
         "class_pixels": counts[present].astype(np.int64).tolist(),
         "exif_transposed": bool(exif_transposed),

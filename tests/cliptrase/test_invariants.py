@@ -97,7 +97,7 @@ def test_every_cluster_region_carries_one_label(tiny, astronaut):
     pixels = parity_pixels(tiny, astronaut, 224)
     vocab = tiny.vocabulary(["person", "rocket", "grass"], background=["sky", "wall"])
     feats = tiny.dense_features(pixels)
-    regions = tiny.method.refiner.regions(feats.correlation[0].numpy(), feats.grid, (224, 224))
+    regions = tiny.method.refiner.regions(feats.correlation[0], feats.grid, (224, 224)).numpy()
     assert regions is not None and regions.max() >= 1  # several regions on this photo
     labels = tiny.segment_pixels(pixels, vocab)[0].numpy()
     for region in np.unique(regions):
@@ -110,13 +110,14 @@ def test_median_filter_maps_equals_scipy_reflect(shape):
     maps = rng.random(shape, dtype=np.float32)
     maps[0, :3] = 0.5  # ties and flat areas
     expected = np.stack([median_filter(m, size=7) for m in maps])
-    np.testing.assert_array_equal(median_filter_maps(maps, 7), expected)
+    out = median_filter_maps(torch.from_numpy(maps), 7).numpy()
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_majority_vote_breaks_ties_towards_the_smallest_label():
     regions = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])
     pred = np.array([[3, 2, 1, 1], [2, 3, 0, 4]])
-    out = majority_vote(pred, regions, num_labels=5)
+    out = majority_vote(torch.from_numpy(pred), torch.from_numpy(regions), num_labels=5).numpy()
     np.testing.assert_array_equal(out, [[2, 2, 1, 1], [2, 2, 1, 1]])
 
 
@@ -125,8 +126,10 @@ def test_mean_logits_vote_takes_the_regions_mean():
     # Region 0: pixel 0 prefers label 0, pixel 1 label 1; a majority vote would tie to 0,
     # the mean logits (-1.5 vs 0) choose 1.
     logits = torch.tensor([[[1.0, -4.0, 0.0]], [[0.0, 0.0, 1.0]]])  # (K=2, 1, 3)
-    np.testing.assert_array_equal(mean_logits_vote(logits, regions), [[1, 1, 1]])
-    np.testing.assert_array_equal(majority_vote(np.array([[0, 1, 1]]), regions, 2), [[0, 0, 1]])
+    regions = torch.from_numpy(regions)
+    np.testing.assert_array_equal(mean_logits_vote(logits, regions).numpy(), [[1, 1, 1]])
+    majority = majority_vote(torch.tensor([[0, 1, 1]]), regions, 2)
+    np.testing.assert_array_equal(majority.numpy(), [[0, 0, 1]])
 
 
 def _without_refiner(seg, **method_options):

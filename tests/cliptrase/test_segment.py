@@ -54,9 +54,13 @@ def test_confidence_is_the_probability_of_the_chosen_label(tiny, chelsea):
     probs = torch.softmax(
         torch.nn.functional.interpolate(logits, size=pixels.shape[-2:], mode="bilinear"), dim=1
     )
-    labels, confidence = seg._label_pixels(pixels, vocab)
+    processed = seg._process(pixels, vocab)
+    confidence = seg._confidence(processed.logits, processed.pred, vocab)
     np.testing.assert_allclose(confidence[0], probs.max(dim=1).values[0].numpy(), atol=1e-6)
     assert confidence.min() >= 0.5  # two classes: the argmax has at least half the mass
+    # Stored as round(255 c) at the original size: the same map, stretched and quantised.
+    result = seg.segment(chelsea, vocab)
+    assert result.confidence_u8.dtype == np.uint8 and result.confidence_u8.min() >= 127
 
 
 def test_batch_equals_one_at_a_time(tiny, vocab, astronaut, chelsea):
@@ -65,7 +69,7 @@ def test_batch_equals_one_at_a_time(tiny, vocab, astronaut, chelsea):
     for image, result in zip(images, batched):
         single = tiny.segment(image, vocab)
         np.testing.assert_array_equal(result.labels, single.labels)
-        np.testing.assert_allclose(result.confidence, single.confidence, atol=1e-5)
+        np.testing.assert_allclose(result.confidence, single.confidence, atol=1 / 255 + 1e-6)
 
 
 def test_panoramas_use_sliding_windows(tiny, vocab, astronaut):

@@ -1,7 +1,7 @@
-"""The throughput paths (issue 6): overlapped refining, aspect buckets, reduced precision.
+"""The throughput paths (issue 6): aspect buckets, reduced precision.
 
-Overlap and pinned copies must not change a single label; buckets are opt-in because they do;
-bf16 must agree with fp32 on nearly every pixel.
+Buckets are opt-in because they change labels; bf16 must agree with fp32 on nearly every pixel.
+(The overlapped refine thread is gone: the refiner runs on the segmentor's device now.)
 """
 
 from __future__ import annotations
@@ -29,31 +29,6 @@ def photos(astronaut, chelsea) -> list[np.ndarray]:
 def _with(seg, **changes):
     """The same model and weights under another :class:`SegmentorConfig`."""
     return seg.variant(config=dataclasses.replace(seg.config, **changes))
-
-
-@pytest.mark.parametrize("vote", ["majority", "mean_logits"])
-def test_overlapped_refining_returns_the_same_labels_and_confidence(tiny, photos, vote):
-    method = dataclasses.replace(
-        tiny.method, refiner=dataclasses.replace(tiny.method.refiner, vote=vote)
-    )
-    base = cliptrase.Segmentor(
-        tiny.clip, tiny.model_name, tiny.weights, method=method, device="cpu"
-    )
-    serial = _with(base, overlap_refine=False, batch_size=2)
-    overlapped = _with(base, overlap_refine=True, batch_size=2)
-    vocab = serial.vocabulary(CLASSES, BACKGROUND)
-    expected = serial.segment_batch(photos, vocab)
-    got = overlapped.segment_batch(photos, overlapped.vocabulary(CLASSES, BACKGROUND))
-    assert len(got) == len(photos)
-    for a, b in zip(expected, got):
-        np.testing.assert_array_equal(a.labels, b.labels)
-        np.testing.assert_array_equal(a.confidence, b.confidence)
-
-
-def test_overlap_is_on_by_default_only_on_cuda(tiny):
-    assert tiny.config.overlap_refine is None
-    assert not tiny._overlap_refine()  # a CPU segmentor refines in line
-    assert _with(tiny, overlap_refine=True)._overlap_refine()
 
 
 def test_buckets_are_off_by_default_and_leave_shapes_alone(tiny):

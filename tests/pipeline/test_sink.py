@@ -19,14 +19,15 @@ from pipeline.manifest import (
 
 
 def _row(labels, confidence, num_labels, image_id="s/k"):
+    """A row as the worker writes it from a segmentation result of these arrays."""
     return sink.ok_row(
         image_id=image_id,
         shard_id="s",
         key="k",
         source_uri="file:///x.jpg",
         labels=labels,
-        confidence=confidence,
-        num_labels=num_labels,
+        confidence_u8=np.rint(confidence * 255.0).astype(np.uint8),
+        counts=np.bincount(labels.ravel(), minlength=num_labels),
         exif_transposed=False,
         windows=1,
         decode_ms=1.0,

@@ -1,0 +1,193 @@
+"""Labels at the original image size from the processing-resolution scores, on the device.
+
+The processing stage (forward, logits bilinearly upsampled to the input, PAMR, cluster maps)
+runs at the processing resolution as the papers run it. Here its *scores* are stretched
+bilinearly to the original size and decided there, as the official SCLIP / NACLIP / ClearCLIP
+code decides at the original size; the old behaviour (decide at the processing resolution,
+nearest-resize the labels) is ``SegmentorConfig(resolution="processing")``.
+
+Per tile of an image (the whole image, an owned window, or the averaged sliding-window
+canvas), over the output pixels the tile owns:
+
+* first prediction: the head on the stretched logits. With a plain head (no ``prob_thd``)
+  only boundary pixels need their ``K`` logits (:func:`~cliptrase.resample.stretched_argmax`);
+  ``area_thd`` counts that prediction and repeats it over the kept rows; ``prob_thd`` needs the
+  top probability of every pixel, computed in strips;
+* cluster vote: regions are the argmax of the stretched cluster maps; the majority vote counts
+  full-size pixels; ``mean_logits`` sums the stretched logits per region, in strips;
+* confidence: the processing-resolution confidence of the processing-resolution final label,
+  stretched (it is smooth; a per-pixel softmax at full size would cost ``K x H x W``).
+
+Only integer maps ever exist at the full size; float temporaries are strips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .head import DecisionHead, decide, kept_labels
+from .refine import region_logit_sums
+from .resample import LinearAxis, stretched, stretched_argmax, strips
+
+
+@dataclass
+class OutputWindow:
+    """The output pixels a tile owns and the taps that read them from the tile's tensors."""
+
+    rows: LinearAxis  # in tile coordinates
+    cols: LinearAxis
+    y: slice  # output rows / columns of the image
+    x: slice
+
+    @classmethod
+    def of_tile(
+        cls,
+        rows: LinearAxis,
+        cols: LinearAxis,
+        owns: tuple[int, int, int, int],
+        top: int,
+        left: int,
+    ) -> OutputWindow:
+        """``rows``/``cols``: the image's taps (processing -> original); ``owns``: the canvas
+        region ``(y0, y1, x0, x1)`` the tile owns. An output pixel belongs to the tile that
+        owns its upper-left source tap; its other tap lies inside the tile too (windows
+        overlap beyond what they own)."""
+        y0, y1, x0, x1 = owns
+        ys = _owned(rows.lo, y0, y1)
+        xs = _owned(cols.lo, x0, x1)
+        return cls(
+            rows.part(ys.start, ys.stop).shifted(top),
+            cols.part(xs.start, xs.stop).shifted(left),
+            ys,
+            xs,
+        )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.rows), len(self.cols)
+
+
+def _owned(lo: torch.Tensor, start: int, stop: int) -> slice:
+    inside = torch.nonzero((lo >= start) & (lo < stop))
+    if inside.numel() == 0:
+        return slice(0, 0)
+    return slice(int(inside[0]), int(inside[-1]) + 1)
+
+
+def first_prediction(
+    logits: torch.Tensor,
+    window: OutputWindow,
+    row_labels: torch.Tensor,
+    num_labels: int,
+    background_label: int | None,
+    head: DecisionHead,
+) -> torch.Tensor:
+    """The head's labels ``(h, w)`` int64 on the stretched logits ``(K, th, tw)``."""
+    row_labels = row_labels.to(logits.device)
+    rows, cols = window.rows, window.cols
+    keep = None
+    if head.area_thd is not None:
+        plain = row_labels[stretched_argmax(logits, rows, cols)]
+        keep = kept_labels(plain[None], num_labels, background_label, head.area_thd)
+    if head.prob_thd > 0 and background_label is not None:
+        out = torch.empty(window.shape, dtype=torch.int64, device=logits.device)
+        for y0, y1 in strips(len(rows), len(cols), logits.shape[0]):
+            part = stretched(logits, rows.part(y0, y1), cols)[None]
+            out[y0:y1] = decide(part, row_labels, num_labels, background_label, head, keep)[0]
+        return out
+    if keep is not None and not bool(keep.all()):
+        # The kept labels' best row: what the head's argmax over kept probabilities picks.
+        # Finite, not -inf: a zero-weight tap times -inf would be NaN.
+        lowest = torch.finfo(logits.dtype).min
+        logits = logits.masked_fill(~keep[0][row_labels][:, None, None], lowest)
+    return row_labels[stretched_argmax(logits, rows, cols)]
+
+
+def vote(
+    first: torch.Tensor,
+    maps: torch.Tensor,
+    logits: torch.Tensor,
+    window: OutputWindow,
+    row_labels: torch.Tensor,
+    num_labels: int,
+    how: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster vote at the full size: ``(labels (h, w), label per cluster (n,))``.
+
+    ``maps`` ``(n, th, tw)``: the tile's real cluster maps at the processing resolution.
+    """
+    rows, cols = window.rows, window.cols
+    regions = stretched_argmax(maps, rows, cols)
+    n = maps.shape[0]
+    if how == "mean_logits":
+        sums = torch.zeros(n, logits.shape[0], device=logits.device)
+        for y0, y1 in strips(len(rows), len(cols), logits.shape[0]):
+            part = stretched(logits, rows.part(y0, y1), cols)
+            sums += region_logit_sums(part, regions[y0:y1], n)
+        winners = row_labels.to(logits.device)[sums.argmax(dim=1)]
+    else:
+        votes = torch.bincount(regions.reshape(-1) * num_labels + first.reshape(-1),
+                               minlength=n * num_labels)
+        winners = votes.reshape(n, num_labels).argmax(dim=1)  # ties: the smallest label
+    return winners[regions], winners
+
+
+def stretched_confidence(confidence: torch.Tensor, rows: LinearAxis, cols: LinearAxis) -> torch.Tensor:
+    """``(Hr, Wr)`` float confidence -> ``(H, W)`` uint8 ``round(255 c)``, in strips."""
+    out = torch.empty(len(rows), len(cols), dtype=torch.uint8, device=confidence.device)
+    for y0, y1 in strips(len(rows), len(cols), 2):
+        part = stretched(confidence, rows.part(y0, y1), cols)
+        out[y0:y1] = quantised(part)
+    return out
+
+
+def quantised(confidence: torch.Tensor) -> torch.Tensor:
+    """``round(255 c)`` as uint8 (half to even, as ``np.rint``)."""
+    return (confidence.clamp(0, 1) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class Canvas:
+    """One image's outputs as its tiles finish: labels and the processing-resolution confidence.
+
+    ``resolution="original"``: labels at the original size, filled tile by tile through
+    :class:`OutputWindow`; ``"processing"``: the old behaviour, labels at the processing size,
+    nearest-resized at the end. Confidence is kept at the processing resolution either way and
+    stretched bilinearly at the end.
+    """
+
+    def __init__(self, resized: tuple[int, int], original: tuple[int, int], resolution: str,
+                 device: torch.device):
+        self.resized, self.original, self.resolution = resized, original, resolution
+        self.confidence = torch.zeros(resized, dtype=torch.float32, device=device)
+        labels_size = original if resolution == "original" else resized
+        self.labels = torch.zeros(labels_size, dtype=torch.int64, device=device)
+        self.rows = LinearAxis.build(resized[0], original[0], device)
+        self.cols = LinearAxis.build(resized[1], original[1], device)
+
+    def window(self, owns: tuple[int, int, int, int], top: int, left: int) -> OutputWindow:
+        return OutputWindow.of_tile(self.rows, self.cols, owns, top, left)
+
+    def place_confidence(self, owns, top: int, left: int, confidence: torch.Tensor) -> None:
+        y0, y1, x0, x1 = owns
+        self.confidence[y0:y1, x0:x1] = confidence[y0 - top : y1 - top, x0 - left : x1 - left]
+
+    def place_processing_labels(self, owns, top: int, left: int, labels: torch.Tensor) -> None:
+        y0, y1, x0, x1 = owns
+        self.labels[y0:y1, x0:x1] = labels[y0 - top : y1 - top, x0 - left : x1 - left]
+
+    def place_labels(self, window: OutputWindow, labels: torch.Tensor) -> None:
+        self.labels[window.y, window.x] = labels
+
+    def finish(self, num_labels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(labels (H, W) uint8 / int32, confidence (H, W) uint8, pixels per label (L,))``."""
+        labels = self.labels
+        if self.resolution != "original":
+            labels = torch.nn.functional.interpolate(
+                labels[None, None].float(), size=self.original, mode="nearest-exact"
+            )[0, 0].long()
+        counts = torch.bincount(labels.reshape(-1), minlength=num_labels)
+        dtype = torch.uint8 if num_labels <= 255 else torch.int32
+        confidence = stretched_confidence(self.confidence, self.rows, self.cols)
+        return labels.to(dtype), confidence, counts
