@@ -88,7 +88,8 @@ def stretched_argmax(
     """First-maximum channel of ``stretched(source)`` ``(C, h, w) -> (H, W)`` int64, in strips.
 
     ``first_max``: ``source``'s own first-maximum channel ``(h, w)`` if the caller has it.
-    Only pixels whose four source corners disagree are computed from the ``C``-vectors.
+    Only pixels whose four source corners disagree are computed from the ``C``-vectors; a strip
+    that is mostly such pixels (noise-like scores) is computed densely, the same arithmetic.
     """
     if first_max is None:
         first_max = source.max(dim=0).indices
@@ -96,14 +97,19 @@ def stretched_argmax(
     low = torch.minimum(first_max[:, cols.lo], first_max[:, cols.hi])
     high = torch.maximum(first_max[:, cols.lo], first_max[:, cols.hi])
     out = torch.empty(len(rows), len(cols), dtype=torch.int64, device=source.device)
-    for y0, y1 in strips(len(rows), len(cols), 4):
+    for y0, y1 in strips(len(rows), len(cols), source.shape[0]):
         part = rows.part(y0, y1)
         lo = torch.minimum(low[part.lo], low[part.hi])
         hi = torch.maximum(high[part.lo], high[part.hi])
         strip = out[y0:y1]
+        uncertain = lo != hi
+        count = int(uncertain.sum())
+        if 4 * count > uncertain.numel():
+            strip.copy_(stretched(source, part, cols).max(dim=0).indices)
+            continue
         strip.copy_(lo)
-        ys, xs = torch.nonzero(lo != hi, as_tuple=True)
-        if ys.numel():
+        if count:
+            ys, xs = torch.nonzero(uncertain, as_tuple=True)
             strip[ys, xs] = _pixel_values(source, part, cols, ys, xs).max(dim=0).indices
     return out
 

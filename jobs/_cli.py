@@ -78,6 +78,14 @@ def add_model_args(parser: argparse.ArgumentParser, title: str = "model") -> Non
         default=None,
         help="resize the short side to this (default: the method's, 336 for cliptrase)",
     )
+    group.add_argument(
+        "--resolution",
+        choices=["original", "processing"],
+        default="original",
+        help="where labels are decided: 'original' (default; scores stretched to the image's "
+        "size, as the official SCLIP/NACLIP code does) or 'processing' (at the short-side "
+        "resolution, labels nearest-resized: the behaviour before output format 2)",
+    )
     group.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
 
 
@@ -181,7 +189,9 @@ def load_segmentor(args: argparse.Namespace, options: dict | None = None, method
 
     pretrained = None if args.random_weights else args.weights
     try:
-        config = cliptrase.SegmentorConfig(short_side=args.short_side, batch_size=args.batch_size)
+        config = cliptrase.SegmentorConfig(
+            short_side=args.short_side, batch_size=args.batch_size, resolution=args.resolution
+        )
         segmentor = cliptrase.load_segmentor(
             args.model,
             pretrained=pretrained,

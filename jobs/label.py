@@ -179,6 +179,7 @@ def config_from_args(args: argparse.Namespace, options: dict):
             method=args.method,
             precision=args.precision,
             short_side=args.short_side,
+            resolution=args.resolution,
             max_patches=args.max_patches,
             batch_size=args.batch_size,
             confidence_temperature=args.confidence_temperature,

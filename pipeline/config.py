@@ -17,7 +17,8 @@ from cliptrase.config import SegmentorConfig
 from cliptrase.names import validate_names, validate_synonyms
 
 # Bump when the row schema or the layout under <output>/<hash>/ changes incompatibly.
-OUTPUT_FORMAT = 1
+# 2: labels decided at the original size by default (SegmentorSpec.resolution).
+OUTPUT_FORMAT = 2
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -57,6 +58,7 @@ class SegmentorSpec:
     method: str = "cliptrase"
     precision: str = "bf16"  # the segmentor itself falls back to fp32 on a CPU
     short_side: int | None = None  # None: the method's (336 for cliptrase)
+    resolution: str = "original"  # where labels are decided (cliptrase.config.RESOLUTIONS)
     max_patches: int = 1344
     batch_size: int = 16
     confidence_temperature: float = 1.0
@@ -66,6 +68,7 @@ class SegmentorSpec:
     def segmentor_config(self) -> SegmentorConfig:
         return SegmentorConfig(
             short_side=self.short_side,
+            resolution=self.resolution,
             max_patches=self.max_patches,
             batch_size=self.batch_size,
             confidence_temperature=self.confidence_temperature,

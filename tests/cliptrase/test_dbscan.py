@@ -137,9 +137,10 @@ def test_labels_equal_sklearn_on_correlation_like_rows(n, min_samples):
 
 
 def test_float64_rows_equal_sklearn_too():
+    # float64 rows: eps squared and distances square-rooted in float64, no float32 rounding.
     rng = np.random.default_rng(5)
     r = correlation_like(rng, 300, groups=5, noise=1.0).astype(np.float64)
-    eps = reference_knee(r, 5)
+    eps = assert_same_knee(r, 5)  # kneighbors distances stay float64 here
     assert_same_labels(r, eps, 5)
     x, _ = make_blobs(n_samples=200, n_features=3, centers=4, cluster_std=1.5, random_state=3)
     assert_same_labels(x, 1.0, 6)

@@ -1,0 +1,219 @@
+"""Labels decided at the original size (SegmentorConfig.resolution="original", the default).
+
+References upsample the processing-resolution scores to the original size with
+``F.interpolate`` in one piece and decide there, as the official SCLIP / NACLIP / ClearCLIP
+code does; the product does it in strips, touching the full ``K`` logits only at boundaries.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cliptrase
+from cliptrase import resample
+from cliptrase.head import decide
+from cliptrase.resample import LinearAxis, stretched, stretched_argmax
+
+from .test_methods import _ref_slide_logits
+
+FIXTURE = Path(__file__).parent / "data" / "cliptrase_original_expected.npz"
+VOCAB = (["person", "rocket", "cat", "grass"], ["background", "wall", "sky"])
+SIZES = [(21, 336), (336, 1080), (37, 597), (597, 1920), (448, 3000), (50, 30), (5, 5), (1, 4)]
+
+
+def aten_weights(source: int, target: int) -> torch.Tensor:
+    """``(source, target)``: the weight ATen's bilinear resize gives source index i at output j."""
+    eye = torch.eye(source)[None, :, :, None].contiguous()
+    return F.interpolate(eye, size=(target, 1), mode="bilinear", align_corners=False)[0, :, :, 0]
+
+
+@pytest.mark.parametrize("source,target", SIZES)
+def test_taps_are_atens_exactly(source, target):
+    axis = LinearAxis.build(source, target)
+    ours = torch.zeros(source, target)
+    ours[axis.lo, torch.arange(target)] += axis.w_lo
+    ours[axis.hi, torch.arange(target)] += axis.w_hi
+    assert torch.equal(ours, aten_weights(source, target))
+
+
+def test_stretched_equals_f_interpolate_to_rounding():
+    torch.manual_seed(0)
+    for (h, big_h), (w, big_w) in zip(SIZES, reversed(SIZES)):
+        x = torch.randn(2, 3, h, w)
+        expected = F.interpolate(x, size=(big_h, big_w), mode="bilinear", align_corners=False)
+        got = stretched(x, LinearAxis.build(h, big_h), LinearAxis.build(w, big_w))
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def _smooth_scores(k: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """Scores with regions and boundaries, like upsampled logits."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, k, max(2, h // 8), max(2, w // 8), generator=g)
+    return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
+
+
+@pytest.mark.parametrize("strip_elements", [resample.STRIP_ELEMENTS, 997])
+def test_stretched_argmax_equals_the_dense_argmax_in_any_strips(monkeypatch, strip_elements):
+    monkeypatch.setattr(resample, "STRIP_ELEMENTS", strip_elements)
+    for seed, (k, h, w, big_h, big_w) in enumerate(
+        [(6, 84, 112, 300, 451), (3, 336, 505, 512, 777), (150, 40, 60, 97, 131)]
+    ):
+        scores = _smooth_scores(k, h, w, seed)
+        dense = F.interpolate(scores[None], size=(big_h, big_w), mode="bilinear")[0]
+        expected = dense.max(dim=0).indices
+        got = stretched_argmax(scores, LinearAxis.build(h, big_h), LinearAxis.build(w, big_w))
+        assert got.shape == (big_h, big_w)
+        # Equal up to rounding-level ties between two rows (none seen on these inputs).
+        assert (got != expected).float().mean() < 1e-5
+
+
+def test_most_pixels_never_touch_their_logits(tiny, astronaut):
+    """The corner test decides every interior pixel: the full vector is read at boundaries only."""
+    seg = tiny.variant(method="sclip")
+    vocab = seg.vocabulary(["person", "rocket", "flag", "grass"], ["background", "sky"])
+    prepared = seg.prepare(astronaut)
+    scores = seg._process(prepared.pixels[None], vocab).logits[0]
+    top = scores.max(dim=0).indices
+    rows, cols = LinearAxis.build(336, 1080), LinearAxis.build(336, 1080)
+    corners = torch.stack(
+        [top[rows.lo][:, cols.lo], top[rows.lo][:, cols.hi], top[rows.hi][:, cols.lo],
+         top[rows.hi][:, cols.hi]]
+    )
+    boundary = (corners.amin(0) != corners.amax(0)).float().mean()
+    assert 0 < boundary < 0.1
+
+
+@pytest.mark.parametrize("name", ["sclip", "clearclip", "naclip"])
+def test_slide_methods_decide_at_the_original_size_as_the_official_code(tiny, chelsea, name):
+    """Crop logits averaged at the processing size, upsampled to the original, then the head."""
+    seg = tiny.variant(method=name)
+    vocab = seg.vocabulary(["cat", "grass", "floor"], ["background", "wall"])
+    prepared = seg.prepare(chelsea)  # 300 x 451 -> 336 x 505
+    h, w = prepared.resized
+    _, _, crop, stride = seg.protocol()
+    logits = _ref_slide_logits(
+        seg, prepared.pixels[None, :, :h, :w], vocab, crop, stride, seg.logit_scale_used
+    )
+    if seg.method.pamr is not None:
+        logits = seg.method.pamr(prepared.pixels[None, :, :h, :w], logits)
+    logits = F.interpolate(logits, size=chelsea.shape[:2], mode="bilinear")
+    expected = decide(
+        logits, vocab.row_labels, vocab.num_labels, vocab.background_label, seg.method.head
+    )[0].numpy()
+    result = seg.segment(chelsea, vocab)
+    assert result.labels.shape == chelsea.shape[:2]
+    assert (result.labels == expected).mean() > 0.9999
+    legacy = seg.variant(config=cliptrase.SegmentorConfig(resolution="processing"))
+    assert (legacy.segment(chelsea, vocab).labels != expected).any()  # the change is real
+
+
+def _reference_cliptrase(seg, image, vocab):
+    """Upsample the processing-size logits and cluster maps to the original size, argmax,
+    majority vote (ties: smallest label): the paper's section 8 at the image's own size."""
+    prepared = seg.prepare(image)
+    h, w = prepared.resized
+    processed = seg._process(prepared.pixels[None], vocab)
+    size = image.shape[:2]
+    logits = F.interpolate(processed.logits[:, :, :h, :w], size=size, mode="bilinear")
+    pred = vocab.row_labels[logits.max(dim=1).indices[0]]
+    n = int(processed.clusters[0])
+    maps = F.interpolate(processed.maps[:, :n, :h, :w], size=size, mode="bilinear")[0]
+    regions = maps.max(dim=0).indices
+    votes = torch.bincount(regions.reshape(-1) * vocab.num_labels + pred.reshape(-1),
+                           minlength=n * vocab.num_labels)
+    return votes.reshape(n, -1).argmax(dim=1)[regions].numpy()
+
+
+def test_cliptrase_votes_at_the_original_size(tiny, astronaut, chelsea):
+    vocab = tiny.vocabulary(*VOCAB)
+    for image in (astronaut, chelsea, astronaut[:301, :457]):
+        result = tiny.segment(image, vocab)
+        expected = _reference_cliptrase(tiny, image, vocab)
+        assert (result.labels == expected).mean() > 0.9999
+        assert len(np.unique(result.labels)) > 1
+        np.testing.assert_array_equal(
+            result.counts, np.bincount(result.labels.ravel(), minlength=vocab.num_labels)
+        )
+        assert result.confidence_u8.shape == image.shape[:2]
+
+
+def test_area_and_probability_thresholds_at_the_original_size(tiny, chelsea):
+    method = cliptrase.METHODS["sclip"].with_options(prob_thd=0.3, area_thd=0.2, crop=None)
+    seg = tiny.variant(method=method)
+    vocab = seg.vocabulary(["cat", "grass", "floor"], ["background", "wall"], synonyms=[["kitten"], [], []])
+    prepared = seg.prepare(chelsea)
+    h, w = prepared.resized
+    processed = seg._process(prepared.pixels[None], vocab)
+    logits = F.interpolate(processed.logits[:, :, :h, :w], size=chelsea.shape[:2], mode="bilinear")
+    expected = decide(
+        logits, vocab.row_labels, vocab.num_labels, vocab.background_label, seg.method.head
+    )[0].numpy()
+    labels = seg.segment(chelsea, vocab).labels
+    assert (labels == expected).mean() > 0.9999
+    assert (expected == vocab.background_label).any()
+
+
+def test_windowed_images_are_labelled_at_the_original_size(tiny, astronaut):
+    vocab = tiny.vocabulary(*VOCAB)
+    panorama = np.concatenate([astronaut, astronaut[:, ::-1], astronaut], axis=1)[::2]  # 256 x 1536
+    result = tiny.segment(panorama, vocab)
+    assert result.windows > 1 and result.labels.shape == panorama.shape[:2]
+    legacy = tiny.variant(config=cliptrase.SegmentorConfig(resolution="processing"))
+    old = legacy.segment(panorama, vocab)
+    assert old.windows == result.windows
+    assert (old.labels == result.labels).mean() > 0.8  # same regions, finer boundaries
+    np.testing.assert_array_equal(
+        result.counts, np.bincount(result.labels.ravel(), minlength=vocab.num_labels)
+    )
+
+
+def test_original_size_output_is_unchanged(tiny):
+    """Frozen from this implementation (written when the default became "original")."""
+    expected = dict(np.load(FIXTURE))
+    vocab = tiny.vocabulary(*VOCAB)
+    result = tiny.segment(expected["image"], vocab)
+    np.testing.assert_array_equal(result.labels, expected["labels"])
+    assert np.abs(result.confidence_u8.astype(int) - expected["confidence_u8"]).max() <= 1
+    panorama = tiny.segment(expected["panorama"], vocab)
+    np.testing.assert_array_equal(panorama.labels, expected["panorama_labels"])
+    assert len(np.unique(expected["labels"])) > 1
+
+
+PEAK_SCRIPT = r"""
+import json, resource, sys
+import numpy as np, torch
+import cliptrase
+torch.set_num_threads(1)
+seg = cliptrase.load_segmentor("ViT-Tiny-16-test", pretrained=None, device="cpu")
+classes = [f"class {i}" for i in range(150)]
+vocab = seg.vocabulary(classes, ["background"], templates=["a photo of a {}."])
+rng = np.random.default_rng(0)
+small = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
+seg.segment(small, vocab)  # warm: every code path once
+image = np.repeat(np.repeat(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8), 10, 0), 10, 1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = seg.segment(image, vocab)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"shape": list(result.labels.shape), "grown_mb": (after - before) / 1024,
+                  "image_mb": image.nbytes / 2**20}))
+"""
+
+
+def test_12_megapixels_with_150_classes_stays_within_half_a_gigabyte():
+    """A full-size float map would be 150 x 12 M x 4 B = 7.2 GB; strips keep it bounded."""
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, check=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["shape"] == [3000, 4000]
+    # Peak growth over the warm process, the 36 MB input image already allocated.
+    assert figures["grown_mb"] < 512, figures
