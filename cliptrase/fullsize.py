@@ -16,7 +16,9 @@ canvas), over the output pixels the tile owns:
 * cluster vote: regions are the argmax of the stretched cluster maps; the majority vote counts
   full-size pixels; ``mean_logits`` sums the stretched logits per region, in strips;
 * confidence: the processing-resolution confidence of the processing-resolution final label,
-  stretched (it is smooth; a per-pixel softmax at full size would cost ``K x H x W``).
+  returned at that resolution as ``round(255 c)``; readers stretch it with the same taps
+  (:func:`cliptrase.taps.confidence_at`). It is smooth, and a per-pixel softmax at the full
+  size would cost ``K x H x W``.
 
 Only integer maps ever exist at the full size; float temporaries are strips.
 """
@@ -134,15 +136,6 @@ def vote(
     return winners[regions], winners
 
 
-def stretched_confidence(confidence: torch.Tensor, rows: LinearAxis, cols: LinearAxis) -> torch.Tensor:
-    """``(Hr, Wr)`` float confidence -> ``(H, W)`` uint8 ``round(255 c)``, in strips."""
-    out = torch.empty(len(rows), len(cols), dtype=torch.uint8, device=confidence.device)
-    for y0, y1 in strips(len(rows), len(cols), 2):
-        part = stretched(confidence, rows.part(y0, y1), cols)
-        out[y0:y1] = quantised(part)
-    return out
-
-
 def quantised(confidence: torch.Tensor) -> torch.Tensor:
     """``round(255 c)`` as uint8 (half to even, as ``np.rint``)."""
     return (confidence.clamp(0, 1) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
@@ -153,8 +146,7 @@ class Canvas:
 
     ``resolution="original"``: labels at the original size, filled tile by tile through
     :class:`OutputWindow`; ``"processing"``: the old behaviour, labels at the processing size,
-    nearest-resized at the end. Confidence is kept at the processing resolution either way and
-    stretched bilinearly at the end.
+    nearest-resized at the end. Confidence stays at the processing resolution either way.
     """
 
     def __init__(self, resized: tuple[int, int], original: tuple[int, int], resolution: str,
@@ -181,7 +173,8 @@ class Canvas:
         self.labels[window.y, window.x] = labels
 
     def finish(self, num_labels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(labels (H, W) uint8 / int32, confidence (H, W) uint8, pixels per label (L,))``."""
+        """``(labels (H, W) uint8 / int32, confidence (h, w) uint8 at the processing size,
+        pixels per label (L,))``."""
         labels = self.labels
         if self.resolution != "original":
             labels = torch.nn.functional.interpolate(
@@ -189,5 +182,4 @@ class Canvas:
             )[0, 0].long()
         counts = torch.bincount(labels.reshape(-1), minlength=num_labels)
         dtype = torch.uint8 if num_labels <= 255 else torch.int32
-        confidence = stretched_confidence(self.confidence, self.rows, self.cols)
-        return labels.to(dtype), confidence, counts
+        return labels.to(dtype), quantised(self.confidence), counts

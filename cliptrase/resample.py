@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .taps import linear_taps
+
 # Output rows per strip: bounds the float temporaries at ~ rows x width x channels.
 STRIP_ELEMENTS = 1 << 24  # 16 M floats = 64 MB per temporary
 
@@ -40,16 +42,9 @@ class LinearAxis:
 
     @classmethod
     def build(cls, source: int, target: int, device: torch.device | str = "cpu") -> LinearAxis:
-        """Taps as ATen computes them: ``src = (in/out) * (dst + 0.5) - 0.5`` in float32 with
-        one rounding (a fused multiply-add: emulated in float64, where the float32 product is
-        exact), clamped at 0; ``lo = floor(src)``; weight of ``hi`` = ``src - lo``."""
-        scale = torch.tensor(source / target, dtype=torch.float32).double()
-        dst = torch.arange(target, dtype=torch.float32) + 0.5
-        src = (scale * dst.double() - 0.5).float().clamp_(min=0)
-        lo = src.floor().long().clamp_(max=source - 1)
-        w_hi = (src - lo.float()).clamp_(0, 1)
-        hi = torch.where(lo < source - 1, lo + 1, lo)
-        return cls(lo.to(device), hi.to(device), (1 - w_hi).to(device), w_hi.to(device))
+        """Taps as ATen computes them (:func:`cliptrase.taps.linear_taps`)."""
+        lo, hi, w_lo, w_hi = (torch.from_numpy(t).to(device) for t in linear_taps(source, target))
+        return cls(lo, hi, w_lo, w_hi)
 
     def shifted(self, offset: int) -> LinearAxis:
         """The same taps in the coordinates of a tile that starts at ``offset``."""

@@ -32,6 +32,7 @@ from .methods import Method, method_preset
 from .names import validate_names, validate_synonyms
 from .preprocess import ImageLike, Prepared, as_rgb_image, prepare_whole_image
 from .refine import region_logit_sums, vote_winners
+from .taps import confidence_at
 from .text import (
     DEFAULT_TEMPLATES,
     Template,
@@ -50,7 +51,9 @@ class SegmentationResult:
     """A label map of the whole image at its original size."""
 
     labels: np.ndarray  # (H, W) uint8 (uint16 above 255 labels): index into ``names``
-    confidence_u8: np.ndarray  # (H, W) uint8: round(255 * confidence)
+    # (h, w) uint8 round(255 * confidence) at the processing resolution (the resized image,
+    # unpadded): the map the full-size confidence is stretched from, and what the pipeline stores.
+    confidence_map: np.ndarray
     counts: np.ndarray  # (num_labels,) int64: pixels per label
     names: list[str]
     random_weights: bool = False  # True: the model had random weights, labels are meaningless
@@ -58,8 +61,14 @@ class SegmentationResult:
 
     @property
     def confidence(self) -> np.ndarray:
-        """``(H, W)`` float32 in ``[0, 1]``, in steps of 1/255 (as stored)."""
-        return self.confidence_u8.astype(np.float32) / 255.0
+        """``(H, W)`` float32 in ``[0, 1]``: ``confidence_map`` stretched bilinearly to the
+        original size (:func:`cliptrase.taps.confidence_at`, as every reader of the outputs)."""
+        return confidence_at(self.confidence_map, self.labels.shape)
+
+    @property
+    def confidence_u8(self) -> np.ndarray:
+        """``(H, W)`` uint8 ``round(255 * confidence)``."""
+        return np.rint(self.confidence * np.float32(255)).astype(np.uint8)
 
 
 @dataclass
@@ -438,8 +447,8 @@ class Segmentor:
         Items may be images or the output of :meth:`prepare` (so callers can resize in other
         threads). Raises :class:`InvalidImageError` if any image is unusable; callers that need
         per-image isolation call :meth:`prepare` first and drop the failures. Everything after
-        decoding runs on the segmentor's device; only the uint8 label and confidence maps and
-        the per-label pixel counts come back to the host.
+        decoding runs on the segmentor's device; only the uint8 label map (original size), the
+        uint8 confidence map (processing resolution) and the per-label pixel counts come back.
         """
         batch_size = batch_size or self.config.batch_size
         prepared = [
@@ -460,7 +469,7 @@ class Segmentor:
             results.append(
                 SegmentationResult(
                     labels=labels,
-                    confidence_u8=confidence,
+                    confidence_map=confidence,
                     counts=counts.astype(np.int64, copy=False),
                     names=vocab.names,
                     random_weights=self.random_weights,

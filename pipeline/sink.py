@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from cliptrase.taps import confidence_at
+
 from .manifest import RunLayout, _is_local, committed_shard_ids, write_whole
 
 METADATA_KEY = b"cliptrase"
@@ -35,7 +37,9 @@ SCHEMA = pa.schema(
         ("width", pa.int32()),  # original (EXIF-upright) size; null if undecodable
         ("height", pa.int32()),
         ("mask_png", pa.binary()),  # "L" (uint8) or "I;16" (uint16, > 255 labels)
-        ("confidence_png", pa.binary()),  # "L": round(confidence * 255)
+        # "L": round(confidence * 255) at the processing resolution (format 2; readers stretch
+        # it to width x height with cliptrase.taps.confidence_at, as decode_masks does)
+        ("confidence_png", pa.binary()),
         ("class_ids", pa.list_(pa.int32())),
         ("class_pixels", pa.list_(pa.int64())),
         ("exif_transposed", pa.bool_()),
@@ -70,7 +74,7 @@ def ok_row(
     key: str,
     source_uri: str,
     labels: np.ndarray,
-    confidence_u8: np.ndarray,
+    confidence_map: np.ndarray,
     counts: np.ndarray,
     exif_transposed: bool,
     windows: int,
@@ -79,8 +83,9 @@ def ok_row(
 ) -> dict[str, Any]:
     """The row of a labelled image (PNG encoding included: call it off the model thread).
 
-    ``labels`` uint8/uint16, ``confidence_u8`` ``round(255 c)`` and ``counts`` (pixels per
-    label) as :class:`cliptrase.SegmentationResult` carries them from the device.
+    ``labels`` uint8/uint16 at the original size, ``confidence_map`` ``round(255 c)`` at the
+    processing resolution and ``counts`` (pixels per label), as
+    :class:`cliptrase.SegmentationResult` carries them from the device.
     """
     if labels.dtype not in (np.uint8, np.uint16):
         raise TypeError(f"labels must be uint8 or uint16, got {labels.dtype}")
@@ -95,7 +100,7 @@ def ok_row(
         "width": int(labels.shape[1]),
         "height": int(labels.shape[0]),
         "mask_png": encode_png(labels),
-        "confidence_png": encode_png(confidence_u8),
+        "confidence_png": encode_png(confidence_map),
         "class_ids": present.astype(np.int32).tolist(),
         "class_pixels": counts[present].astype(np.int64).tolist(),
         "exif_transposed": bool(exif_transposed),
@@ -140,6 +145,9 @@ def error_row(
 def decode_masks(row: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(labels (H, W) uint8/uint16, confidence (H, W) float32 in [0, 1])`` of an ok row.
 
+    The stored confidence map (processing resolution) is stretched to the labels' size with
+    the segmentor's own bilinear taps: the same array as ``SegmentationResult.confidence``.
+
     ``row`` is anything indexable by column name: a dict from ``Table.to_pylist()``, a pandas
     row, a ``pyarrow`` struct scalar's ``as_py()``.
     """
@@ -152,7 +160,7 @@ def decode_masks(row: Any) -> tuple[np.ndarray, np.ndarray]:
         elif labels.dtype != np.uint8:
             labels = labels.astype(np.uint16)
     with Image.open(io.BytesIO(row["confidence_png"])) as im:
-        confidence = np.asarray(im, dtype=np.float32) / 255.0
+        confidence = confidence_at(np.asarray(im), labels.shape)
     return labels, confidence
 
 

@@ -253,7 +253,7 @@ class ShardLabeler:
                 key=record.key,
                 source_uri=_public(record.source_uri),
                 labels=result.labels,
-                confidence_u8=result.confidence_u8,
+                confidence_map=result.confidence_map,
                 counts=result.counts,
                 exif_transposed=ready.decoded.exif_transposed,
                 windows=result.windows,

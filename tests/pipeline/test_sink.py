@@ -26,7 +26,7 @@ def _row(labels, confidence, num_labels, image_id="s/k"):
         key="k",
         source_uri="file:///x.jpg",
         labels=labels,
-        confidence_u8=np.rint(confidence * 255.0).astype(np.uint8),
+        confidence_map=np.rint(confidence * 255.0).astype(np.uint8),
         counts=np.bincount(labels.ravel(), minlength=num_labels),
         exif_transposed=False,
         windows=1,
