@@ -29,9 +29,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .head import DecisionHead, decide, kept_labels
+from .head import DecisionHead, decide, kept_labels_from_counts
 from .refine import region_logit_sums
-from .resample import LinearAxis, stretched, stretched_argmax, strips
+from .resample import (
+    LinearAxis,
+    argmax_at,
+    boundary_pixels,
+    cell_multiplicity,
+    corner_agreement,
+    expand,
+    stretched,
+    stretched_argmax,
+    strips,
+)
 
 
 @dataclass
@@ -78,6 +88,87 @@ def _owned(lo: torch.Tensor, start: int, stop: int) -> slice:
     return slice(int(inside[0]), int(inside[-1]) + 1)
 
 
+@dataclass
+class Choice:
+    """A per-pixel choice at the original size, kept per source cell where it can be.
+
+    ``lookup[argmax_c stretched(scores)_c]`` at every output pixel: ``cells`` is the answer of
+    every pixel of a cell whose corners agree (``agree``); the others are computed on demand
+    (:meth:`at`). ``dense``: the whole ``(H, W)`` map instead, when the decision needs every
+    pixel's probabilities (``prob_thd``).
+    """
+
+    scores: torch.Tensor | None  # (C, th, tw)
+    first_max: torch.Tensor | None  # (th, tw) channel
+    agree: torch.Tensor | None  # (th, tw) bool
+    lookup: torch.Tensor | None  # (C,) channel -> value
+    dense: torch.Tensor | None = None  # (H, W)
+
+    @classmethod
+    def of(cls, scores: torch.Tensor, lookup: torch.Tensor) -> Choice:
+        first_max = scores.max(dim=0).indices
+        return cls(scores, first_max, corner_agreement(first_max), compact(lookup))
+
+    @property
+    def cells(self) -> torch.Tensor:
+        return self.lookup[self.first_max]
+
+    def at(self, window: OutputWindow, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """Values at output pixels ``(ys, xs)`` of ``window``."""
+        if self.dense is not None:
+            return self.dense[ys, xs]
+        rows, cols = window.rows, window.cols
+        return self.lookup[argmax_at(self.scores, self.first_max, self.agree, rows, cols, ys, xs)]
+
+    def full(self, window: OutputWindow) -> torch.Tensor:
+        """The ``(H, W)`` map."""
+        if self.dense is not None:
+            return self.dense
+        out = expand(self.cells, window.rows, window.cols)
+        ys, xs = boundary_pixels(~self.agree, window.rows, window.cols)
+        if 4 * ys.numel() > out.numel():
+            return self.lookup[stretched_argmax(self.scores, window.rows, window.cols,
+                                                self.first_max)]
+        if ys.numel():
+            out[ys, xs] = self.at(window, ys, xs)
+        return out
+
+    def counts(self, window: OutputWindow, num_values: int) -> torch.Tensor:
+        """``(num_values,)`` pixels per value over the window, without building ``H x W``."""
+        return joint_counts(self, None, window, num_values, 1)
+
+
+def joint_counts(
+    first: Choice, second: Choice | None, window: OutputWindow, n_first: int, n_second: int
+) -> torch.Tensor:
+    """``(n_second * n_first,)`` pixel counts of ``second * n_first + first`` over the window.
+
+    Cells where both choices' corners agree count once, weighted by how many output pixels
+    read them; only the pixels of the other cells are looked at one by one.
+    """
+    both = [c for c in (first, second) if c is not None]
+    if any(c.dense is not None for c in both):
+        value = first.full(window).reshape(-1).long()
+        if second is not None:
+            value = second.full(window).reshape(-1).long() * n_first + value
+        return torch.bincount(value, minlength=n_first * n_second)
+    rows, cols = window.rows, window.cols
+    agree = both[0].agree if second is None else first.agree & second.agree
+    value = first.cells.long()
+    if second is not None:
+        value = second.cells.long() * n_first + value
+    weight = cell_multiplicity(rows, cols, agree.shape)
+    counts = torch.bincount(value[agree], weights=weight[agree].double(),
+                            minlength=n_first * n_second).round().long()
+    ys, xs = boundary_pixels(~agree, rows, cols)
+    if ys.numel():
+        value = first.at(window, ys, xs).long()
+        if second is not None:
+            value = second.at(window, ys, xs).long() * n_first + value
+        counts += torch.bincount(value, minlength=n_first * n_second)
+    return counts
+
+
 def first_prediction(
     logits: torch.Tensor,
     window: OutputWindow,
@@ -85,55 +176,65 @@ def first_prediction(
     num_labels: int,
     background_label: int | None,
     head: DecisionHead,
-) -> torch.Tensor:
-    """The head's labels ``(h, w)`` int64 on the stretched logits ``(K, th, tw)``."""
+) -> Choice:
+    """The head's labels on the stretched logits ``(K, th, tw)``."""
     row_labels = row_labels.to(logits.device)
     rows, cols = window.rows, window.cols
     keep = None
     if head.area_thd is not None:
-        plain = row_labels[stretched_argmax(logits, rows, cols)]
-        keep = kept_labels(plain[None], num_labels, background_label, head.area_thd)
+        plain = Choice.of(logits, row_labels).counts(window, num_labels)
+        keep = kept_labels_from_counts(plain[None], background_label, head.area_thd)
     if head.prob_thd > 0 and background_label is not None:
         out = torch.empty(window.shape, dtype=torch.int64, device=logits.device)
         for y0, y1 in strips(len(rows), len(cols), logits.shape[0]):
             part = stretched(logits, rows.part(y0, y1), cols)[None]
             out[y0:y1] = decide(part, row_labels, num_labels, background_label, head, keep)[0]
-        return out
+        return Choice(None, None, None, None, dense=out)
     if keep is not None and not bool(keep.all()):
         # The kept labels' best row: what the head's argmax over kept probabilities picks.
         # Finite, not -inf: a zero-weight tap times -inf would be NaN.
         lowest = torch.finfo(logits.dtype).min
         logits = logits.masked_fill(~keep[0][row_labels][:, None, None], lowest)
-    return row_labels[stretched_argmax(logits, rows, cols)]
+    return Choice.of(logits, row_labels)
 
 
 def vote(
-    first: torch.Tensor,
+    first: Choice,
     maps: torch.Tensor,
     logits: torch.Tensor,
     window: OutputWindow,
     row_labels: torch.Tensor,
     num_labels: int,
     how: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cluster vote at the full size: ``(labels (h, w), label per cluster (n,))``.
+) -> torch.Tensor:
+    """Cluster vote at the full size: the ``(H, W)`` labels.
 
     ``maps`` ``(n, th, tw)``: the tile's real cluster maps at the processing resolution.
     """
     rows, cols = window.rows, window.cols
-    regions = stretched_argmax(maps, rows, cols)
     n = maps.shape[0]
+    regions = Choice.of(maps, torch.arange(n, device=maps.device))
     if how == "mean_logits":
+        region_map = regions.full(window)
         sums = torch.zeros(n, logits.shape[0], device=logits.device)
         for y0, y1 in strips(len(rows), len(cols), logits.shape[0]):
             part = stretched(logits, rows.part(y0, y1), cols)
-            sums += region_logit_sums(part, regions[y0:y1], n)
+            sums += region_logit_sums(part, region_map[y0:y1], n)
         winners = row_labels.to(logits.device)[sums.argmax(dim=1)]
-    else:
-        votes = torch.bincount(regions.reshape(-1) * num_labels + first.reshape(-1),
-                               minlength=n * num_labels)
-        winners = votes.reshape(n, num_labels).argmax(dim=1)  # ties: the smallest label
-    return winners[regions], winners
+        return winners[region_map.long()]
+    votes = joint_counts(first, regions, window, num_labels, n)
+    winners = votes.reshape(n, num_labels).argmax(dim=1)  # ties: the smallest label
+    regions.lookup = compact(winners, num_labels)
+    return regions.full(window)
+
+
+def compact(values: torch.Tensor, bound: int | None = None) -> torch.Tensor:
+    """Small non-negative integers in the narrowest dtype that holds them (uint8 below 256):
+    full-size maps are copies of these, so their width is most of the cost of building them."""
+    bound = int(values.max()) + 1 if bound is None and values.numel() else (bound or 1)
+    if bound <= 256:
+        return values.to(torch.uint8)
+    return values.to(torch.int16 if bound <= 32768 else torch.int32)
 
 
 def quantised(confidence: torch.Tensor) -> torch.Tensor:
@@ -149,12 +250,20 @@ class Canvas:
     nearest-resized at the end. Confidence stays at the processing resolution either way.
     """
 
-    def __init__(self, resized: tuple[int, int], original: tuple[int, int], resolution: str,
-                 device: torch.device):
+    def __init__(
+        self,
+        resized: tuple[int, int],
+        original: tuple[int, int],
+        resolution: str,
+        num_labels: int,
+        device: torch.device,
+    ):
         self.resized, self.original, self.resolution = resized, original, resolution
+        self.num_labels = num_labels
         self.confidence = torch.zeros(resized, dtype=torch.float32, device=device)
         labels_size = original if resolution == "original" else resized
-        self.labels = torch.zeros(labels_size, dtype=torch.int64, device=device)
+        dtype = torch.uint8 if num_labels <= 255 else torch.int32
+        self.labels = torch.zeros(labels_size, dtype=dtype, device=device)
         self.rows = LinearAxis.build(resized[0], original[0], device)
         self.cols = LinearAxis.build(resized[1], original[1], device)
 
@@ -172,14 +281,13 @@ class Canvas:
     def place_labels(self, window: OutputWindow, labels: torch.Tensor) -> None:
         self.labels[window.y, window.x] = labels
 
-    def finish(self, num_labels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(labels (H, W) uint8 / int32, confidence (h, w) uint8 at the processing size,
         pixels per label (L,))``."""
         labels = self.labels
         if self.resolution != "original":
             labels = torch.nn.functional.interpolate(
                 labels[None, None].float(), size=self.original, mode="nearest-exact"
-            )[0, 0].long()
-        counts = torch.bincount(labels.reshape(-1), minlength=num_labels)
-        dtype = torch.uint8 if num_labels <= 255 else torch.int32
-        return labels.to(dtype), quantised(self.confidence), counts
+            )[0, 0].to(labels.dtype)
+        counts = torch.bincount(labels.reshape(-1), minlength=self.num_labels)
+        return labels, quantised(self.confidence), counts

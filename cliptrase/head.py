@@ -101,7 +101,16 @@ def kept_labels(
     counts = torch.zeros(b, num_labels, device=plain.device).scatter_add_(
         1, plain, torch.ones_like(plain, dtype=torch.float32)
     )
-    foreground = torch.ones(num_labels, dtype=torch.bool, device=plain.device)
+    return kept_labels_from_counts(counts, background_label, area_thd)
+
+
+def kept_labels_from_counts(
+    counts: torch.Tensor, background_label: int | None, area_thd: float
+) -> torch.Tensor:
+    """:func:`kept_labels` from pixels per label ``(B, L)``."""
+    num_labels = counts.shape[1]
+    counts = counts.float()
+    foreground = torch.ones(num_labels, dtype=torch.bool, device=counts.device)
     if background_label is not None:
         foreground[background_label] = False
     fg_counts = counts * foreground

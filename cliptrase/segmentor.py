@@ -497,8 +497,10 @@ class Segmentor:
                     pixels = pixels.float().pin_memory().to(self.device, non_blocking=True)
                 yield chunk, pixels
 
-    def _canvas(self, prepared: Prepared) -> Canvas:
-        return Canvas(prepared.resized, prepared.original, self.config.resolution, self.device)
+    def _canvas(self, prepared: Prepared, num_labels: int) -> Canvas:
+        return Canvas(
+            prepared.resized, prepared.original, self.config.resolution, num_labels, self.device
+        )
 
     @torch.inference_mode()
     def _segment_tiles(self, prepared, vocab, batch_size, crop, stride):
@@ -513,7 +515,7 @@ class Segmentor:
             )
             for item in prepared
         ]
-        canvases = [self._canvas(item) for item in prepared]
+        canvases = [self._canvas(item, vocab.num_labels) for item in prepared]
         for chunk, pixels in self._batches(plans, batch_size):
             processed = self._process(pixels, vocab)
             final = self._processing_labels(processed, vocab)
@@ -527,7 +529,7 @@ class Segmentor:
                 window = canvas.window(tile.owns, tile.top, tile.left)
                 labels = self._original_labels(processed, b, window, vocab)
                 canvas.place_labels(window, labels)
-        return [(*c.finish(vocab.num_labels), len(plan.tiles)) for c, plan in zip(canvases, plans)]
+        return [(*c.finish(), len(plan.tiles)) for c, plan in zip(canvases, plans)]
 
     def _original_labels(
         self, processed: _Processed, b: int, window: OutputWindow, vocab: Vocabulary
@@ -541,12 +543,11 @@ class Segmentor:
         refiner = self.method.refiner
         n = 0 if refiner is None else int(processed.clusters[b])
         if n == 0:
-            return first
-        labels, _ = fullsize.vote(
+            return first.full(window)
+        return fullsize.vote(
             first, processed.maps[b, :n], logits, window, vocab.row_labels, vocab.num_labels,
             refiner.vote,
         )
-        return labels
 
     @torch.inference_mode()
     def _segment_sliding(self, prepared, vocab, batch_size, crop, stride):
@@ -563,7 +564,7 @@ class Segmentor:
             if self.method.pamr is not None:
                 logits = self.method.pamr(plan.image()[None].to(logits.device), logits)
             pred = self._decide(logits, vocab)
-            canvas = self._canvas(plan.prepared)
+            canvas = self._canvas(plan.prepared, vocab.num_labels)
             h, w = plan.prepared.resized
             whole = (0, h, 0, w)
             canvas.place_confidence(whole, 0, 0, self._confidence(logits, pred, vocab)[0])
@@ -573,7 +574,7 @@ class Segmentor:
                 canvas.place_labels(window, self._original_labels(processed, 0, window, vocab))
             else:
                 canvas.place_processing_labels(whole, 0, 0, pred[0])
-            outputs.append((*canvas.finish(vocab.num_labels), len(plan.tiles)))
+            outputs.append((*canvas.finish(), len(plan.tiles)))
         return outputs
 
     def prepare(self, image: ImageLike) -> Prepared:
