@@ -15,6 +15,32 @@ def tiny():
     return cliptrase.load_segmentor("ViT-Tiny-16-test", pretrained=None, device="cpu")
 
 
+# Every device this machine has: tests that compare a device's output with the CPU reference
+# are parametrised over these (CUDA runs where a GPU is present, and is skipped otherwise).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    ),
+]
+
+
+def on_device(seg, device: str):
+    """The same model, weights, method and config on ``device`` (a copy of the CLIP model)."""
+    if device == "cpu" and seg.device.type == "cpu":
+        return seg
+    import copy
+
+    return cliptrase.Segmentor(
+        copy.deepcopy(seg.clip),
+        seg.model_name,
+        seg.weights,
+        method=seg.method,
+        device=device,
+        config=seg.config,
+    )
+
+
 @pytest.fixture(scope="session")
 def vit_b16():
     """ViT-B/16 with fixed random weights, for tests where real shapes matter."""

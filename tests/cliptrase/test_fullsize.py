@@ -22,6 +22,7 @@ from cliptrase import resample
 from cliptrase.head import decide
 from cliptrase.resample import LinearAxis, stretched, stretched_argmax
 
+from .conftest import DEVICES, on_device
 from .test_methods import _ref_slide_logits
 
 FIXTURE = Path(__file__).parent / "data" / "cliptrase_original_expected.npz"
@@ -60,8 +61,11 @@ def _smooth_scores(k: int, h: int, w: int, seed: int) -> torch.Tensor:
     return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strip_elements", [resample.STRIP_ELEMENTS, 997])
-def test_stretched_argmax_equals_the_dense_argmax_in_any_strips(monkeypatch, strip_elements):
+def test_stretched_argmax_equals_the_dense_argmax_in_any_strips(
+    monkeypatch, strip_elements, device
+):
     monkeypatch.setattr(resample, "STRIP_ELEMENTS", strip_elements)
     for seed, (k, h, w, big_h, big_w) in enumerate(
         [(6, 84, 112, 300, 451), (3, 336, 505, 512, 777), (150, 40, 60, 97, 131)]
@@ -69,7 +73,9 @@ def test_stretched_argmax_equals_the_dense_argmax_in_any_strips(monkeypatch, str
         scores = _smooth_scores(k, h, w, seed)
         dense = F.interpolate(scores[None], size=(big_h, big_w), mode="bilinear")[0]
         expected = dense.max(dim=0).indices
-        got = stretched_argmax(scores, LinearAxis.build(h, big_h), LinearAxis.build(w, big_w))
+        got = stretched_argmax(
+            scores.to(device), LinearAxis.build(h, big_h, device), LinearAxis.build(w, big_w, device)
+        ).cpu()
         assert got.shape == (big_h, big_w)
         # Equal up to rounding-level ties between two rows (none seen on these inputs).
         assert (got != expected).float().mean() < 1e-5
@@ -91,8 +97,11 @@ def test_most_pixels_never_touch_their_logits(tiny, astronaut):
     assert 0 < boundary < 0.1
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["sclip", "clearclip", "naclip"])
-def test_slide_methods_decide_at_the_original_size_as_the_official_code(tiny, chelsea, name):
+def test_slide_methods_decide_at_the_original_size_as_the_official_code(
+    tiny, chelsea, name, device
+):
     """Crop logits averaged at the processing size, upsampled to the original, then the head."""
     seg = tiny.variant(method=name)
     vocab = seg.vocabulary(["cat", "grass", "floor"], ["background", "wall"])
@@ -108,7 +117,7 @@ def test_slide_methods_decide_at_the_original_size_as_the_official_code(tiny, ch
     expected = decide(
         logits, vocab.row_labels, vocab.num_labels, vocab.background_label, seg.method.head
     )[0].numpy()
-    result = seg.segment(chelsea, vocab)
+    result = on_device(seg, device).segment(chelsea, vocab)
     assert result.labels.shape == chelsea.shape[:2]
     assert (result.labels == expected).mean() > 0.9999
     legacy = seg.variant(config=cliptrase.SegmentorConfig(resolution="processing"))
@@ -132,10 +141,12 @@ def _reference_cliptrase(seg, image, vocab):
     return votes.reshape(n, -1).argmax(dim=1)[regions].numpy()
 
 
-def test_cliptrase_votes_at_the_original_size(tiny, astronaut, chelsea):
+@pytest.mark.parametrize("device", DEVICES)
+def test_cliptrase_votes_at_the_original_size(tiny, astronaut, chelsea, device):
     vocab = tiny.vocabulary(*VOCAB)
+    seg = on_device(tiny, device)
     for image in (astronaut, chelsea, astronaut[:301, :457]):
-        result = tiny.segment(image, vocab)
+        result = seg.segment(image, vocab)
         expected = _reference_cliptrase(tiny, image, vocab)
         assert (result.labels == expected).mean() > 0.9999
         assert len(np.unique(result.labels)) > 1

@@ -19,7 +19,7 @@ from cliptrase.refine import (
     median_filter_maps,
 )
 
-from .conftest import parity_pixels
+from .conftest import DEVICES, parity_pixels
 
 
 def test_correlation_by_hand_on_three_tokens():
@@ -104,13 +104,14 @@ def test_every_cluster_region_carries_one_label(tiny, astronaut):
         assert len(np.unique(labels[regions == region])) == 1
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(1, 7, 7), (3, 56, 40), (2, 5, 9)])
-def test_median_filter_maps_equals_scipy_reflect(shape):
+def test_median_filter_maps_equals_scipy_reflect(shape, device):
     rng = np.random.default_rng(sum(shape))
     maps = rng.random(shape, dtype=np.float32)
     maps[0, :3] = 0.5  # ties and flat areas
     expected = np.stack([median_filter(m, size=7) for m in maps])
-    out = median_filter_maps(torch.from_numpy(maps), 7).numpy()
+    out = median_filter_maps(torch.from_numpy(maps).to(device), 7).cpu().numpy()
     np.testing.assert_array_equal(out, expected)
 
 
