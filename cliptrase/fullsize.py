@@ -38,9 +38,11 @@ from .resample import (
     cell_multiplicity,
     corner_agreement,
     expand,
+    put,
     stretched,
     stretched_argmax,
     strips,
+    take,
 )
 
 
@@ -116,9 +118,10 @@ class Choice:
     def at(self, window: OutputWindow, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
         """Values at output pixels ``(ys, xs)`` of ``window``."""
         if self.dense is not None:
-            return self.dense[ys, xs]
+            return take(self.dense, ys * self.dense.shape[1] + xs)
         rows, cols = window.rows, window.cols
-        return self.lookup[argmax_at(self.scores, self.first_max, self.agree, rows, cols, ys, xs)]
+        channel = argmax_at(self.scores, self.first_max, self.agree, rows, cols, ys, xs)
+        return self.lookup.index_select(0, channel)
 
     def full(self, window: OutputWindow) -> torch.Tensor:
         """The ``(H, W)`` map."""
@@ -130,7 +133,7 @@ class Choice:
             return self.lookup[stretched_argmax(self.scores, window.rows, window.cols,
                                                 self.first_max)]
         if ys.numel():
-            out[ys, xs] = self.at(window, ys, xs)
+            put(out, ys, xs, self.at(window, ys, xs))
         return out
 
     def counts(self, window: OutputWindow, num_values: int) -> torch.Tensor:

@@ -107,7 +107,7 @@ def pixel_argmax(
     if ys.numel() == 0:
         return out
     # Channels last: each tap reads one contiguous C-vector instead of C strided values.
-    pixels = source.permute(1, 2, 0).reshape(-1, source.shape[0])
+    pixels = source.permute(1, 2, 0).contiguous().view(-1, source.shape[0])
     width = source.shape[-1]
     step = max(1, STRIP_ELEMENTS // (4 * max(1, source.shape[0])))
     for start in range(0, ys.shape[0], step):
@@ -135,12 +135,23 @@ def argmax_at(
 ) -> torch.Tensor:
     """``(m,)``: the first-maximum channel of ``stretched(source)`` at output pixels
     ``(ys, xs)``: the cell's channel where its corners agree, else from the ``C``-vector."""
-    r, c = rows.lo[ys], cols.lo[xs]
-    out = first_max[r, c]
-    need = ~agree[r, c]
+    cells = rows.lo.index_select(0, ys) * first_max.shape[1] + cols.lo.index_select(0, xs)
+    out = take(first_max, cells)
+    need = ~take(agree, cells)
     if bool(need.any()):
-        out[need] = pixel_argmax(source, rows, cols, ys[need], xs[need])
+        out[need] = pixel_argmax(source, rows, cols, ys[need], xs[need]).to(out.dtype)
     return out
+
+
+def take(values: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``values.reshape(-1)[flat]`` by ``index_select`` (several times faster on the CPU than
+    advanced indexing)."""
+    return values.reshape(-1).index_select(0, flat)
+
+
+def put(out: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, values: torch.Tensor) -> None:
+    """``out[ys, xs] = values`` by ``index_copy_`` on the flat view (see :func:`take`)."""
+    out.view(-1).index_copy_(0, ys * out.shape[1] + xs, values.to(out.dtype))
 
 
 def stretched_argmax(
@@ -163,7 +174,7 @@ def stretched_argmax(
         for y0, y1 in strips(len(rows), len(cols), source.shape[0]):
             out[y0:y1] = stretched(source, rows.part(y0, y1), cols).max(dim=0).indices
     elif ys.numel():
-        out[ys, xs] = pixel_argmax(source, rows, cols, ys, xs)
+        put(out, ys, xs, pixel_argmax(source, rows, cols, ys, xs))
     return out
 
 
@@ -177,9 +188,14 @@ def _pixel_values(
 ) -> torch.Tensor:
     """``(m, C)``: ``stretched(source)`` at output pixels ``(ys, xs)``, the same arithmetic;
     ``pixels`` is the source channels-last, ``(h * w, C)``."""
-    c_lo, c_hi = cols.lo[xs], cols.hi[xs]
-    cw_lo, cw_hi = cols.w_lo[xs, None], cols.w_hi[xs, None]
-    r_lo, r_hi = rows.lo[ys] * width, rows.hi[ys] * width
-    top = pixels[r_lo + c_lo] * cw_lo + pixels[r_lo + c_hi] * cw_hi
-    bottom = pixels[r_hi + c_lo] * cw_lo + pixels[r_hi + c_hi] * cw_hi
-    return top * rows.w_lo[ys, None] + bottom * rows.w_hi[ys, None]
+    c_lo, c_hi = cols.lo.index_select(0, xs), cols.hi.index_select(0, xs)
+    cw_lo, cw_hi = cols.w_lo.index_select(0, xs)[:, None], cols.w_hi.index_select(0, xs)[:, None]
+    r_lo = rows.lo.index_select(0, ys) * width
+    r_hi = rows.hi.index_select(0, ys) * width
+
+    def at(index: torch.Tensor) -> torch.Tensor:
+        return pixels.index_select(0, index)
+
+    top = at(r_lo + c_lo) * cw_lo + at(r_lo + c_hi) * cw_hi
+    bottom = at(r_hi + c_lo) * cw_lo + at(r_hi + c_hi) * cw_hi
+    return top * rows.w_lo.index_select(0, ys)[:, None] + bottom * rows.w_hi.index_select(0, ys)[:, None]
