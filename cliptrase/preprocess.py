@@ -88,14 +88,21 @@ def prepare_whole_image(
     mean: tuple,
     std: tuple,
     bucket: int | None = None,
+    original: tuple[int, int] | None = None,
 ) -> Prepared:
     """Resize (bicubic, aspect kept), normalise, pad right/bottom to a multiple of the patch.
 
     Padding is zero in normalised space, i.e. the dataset-mean colour. ``bucket`` (opt-in,
     changes the labels slightly): the long side goes to a multiple of ``bucket`` instead,
     stretching the aspect by at most ``bucket / 2`` pixels (:func:`bucketed_size`).
+    ``original`` ``(H, W)``: the size ``image`` stands for when it was decoded smaller (a JPEG
+    decoded at 1/2, 1/4 or 1/8 scale); the resize target and ``Prepared.original`` come from
+    it, so the processing size (and batching, windows, padding) match a full decode.
     """
-    size = resized_size(image.height, image.width, short_side)
+    if original is None:
+        original = (image.height, image.width)
+    original = (int(original[0]), int(original[1]))
+    size = resized_size(*original, short_side)
     if bucket is not None:
         size = bucketed_size(size, bucket)
     resized = TF.resize(image, list(size), interpolation=InterpolationMode.BICUBIC)
@@ -104,7 +111,7 @@ def prepare_whole_image(
     pad_w = math.ceil(size[1] / patch_size) * patch_size - size[1]
     if pad_h or pad_w:
         pixels = F.pad(pixels, (0, pad_w, 0, pad_h))
-    return Prepared(pixels, size, (image.height, image.width))
+    return Prepared(pixels, size, original)
 
 
 def parity_transform(size: int, mean: tuple, std: tuple) -> Compose:

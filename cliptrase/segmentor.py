@@ -577,12 +577,22 @@ class Segmentor:
             outputs.append((*canvas.finish(), len(plan.tiles)))
         return outputs
 
-    def prepare(self, image: ImageLike) -> Prepared:
-        """Validate, resize and normalise one image (CPU work; safe to run in a worker thread)."""
+    def prepare(self, image: ImageLike, original_size: tuple[int, int] | None = None) -> Prepared:
+        """Validate, resize and normalise one image (CPU work; safe to run in a worker thread).
+
+        ``original_size`` ``(height, width)``: the size of the image ``image`` was decoded from
+        at a reduced scale (``pipeline.decode``'s JPEG draft); labels come out at that size.
+        """
         rgb = as_rgb_image(image, min_side=self.patch_size)
         config = self.config
         return prepare_whole_image(
-            rgb, config.short_side, self.patch_size, self.mean, self.std, config.bucket
+            rgb,
+            config.short_side,
+            self.patch_size,
+            self.mean,
+            self.std,
+            config.bucket,
+            original=original_size,
         )
 
     def __repr__(self) -> str:

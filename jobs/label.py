@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="folders of loose images: this many images per output shard (default 1000)",
     )
     source.add_argument(
+        "--no-jpeg-draft",
+        action="store_true",
+        help="decode JPEGs at full size (default: libjpeg's 1/2-1/8 scaling down to the smallest "
+        "size that still covers --short-side; labels agree on >99%% of pixels, docs/benchmarks.md)",
+    )
+    source.add_argument(
+        "--gpu-decode",
+        action="store_true",
+        help="on CUDA actors, decode JPEGs with nvjpeg (torchvision); Pillow for the rest",
+    )
+    source.add_argument(
         "--max-image-pixels",
         type=int,
         default=89_478_485,
@@ -192,6 +203,8 @@ def config_from_args(args: argparse.Namespace, options: dict):
             id_column=args.id_column or None,
             images_per_shard=args.images_per_shard,
             max_image_pixels=args.max_image_pixels,
+            jpeg_draft=not args.no_jpeg_draft,
+            gpu_decode=args.gpu_decode,
         )
         return RunConfig(
             inputs=tuple(inputs),

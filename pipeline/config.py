@@ -122,6 +122,13 @@ class SourceSpec:
     images_per_shard: int = 1000  # folders of loose images: sorted, grouped by this many
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     max_image_pixels: int | None = 89_478_485  # Pillow's default decompression-bomb limit
+    # JPEGs decoded by libjpeg's DCT scaling (1/2, 1/4, 1/8) to no less than the segmentor's
+    # short side, instead of at full size before the resize: several times cheaper for large
+    # photos; changes the labels slightly (pipeline.decode.decode_image, draft_short_side).
+    jpeg_draft: bool = True
+    # Plain JPEGs decoded in batches on the actor's GPU (torchvision / nvjpeg), the rest by
+    # Pillow (pipeline.decode.decode_jpegs_on_device). Changes the labels slightly.
+    gpu_decode: bool = False
 
     def __post_init__(self):
         if self.images_per_shard < 1:
@@ -197,6 +204,9 @@ class RunConfig:
                 "id_column": self.source.id_column,
                 "images_per_shard": self.source.images_per_shard,
                 "max_image_pixels": self.source.max_image_pixels,
+                # Decoding changes pixels slightly, so labels (draft: on by default).
+                "jpeg_draft": self.source.jpeg_draft,
+                **({"gpu_decode": True} if self.source.gpu_decode else {}),
             },
         }
 

@@ -34,6 +34,8 @@ def test_config_hash_ignores_throughput_knobs_and_credentials():
         {"segmentor": dataclasses.replace(TINY, method="maskclip")},
         {"source": pipeline.SourceSpec(images_per_shard=4)},
         {"source": pipeline.SourceSpec(images_per_shard=3, image_column="jpg")},
+        {"source": pipeline.SourceSpec(jpeg_draft=False)},
+        {"source": pipeline.SourceSpec(gpu_decode=True)},
     ],
 )
 def test_config_hash_changes_with_what_changes_the_labels(change):
