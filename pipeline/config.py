@@ -1,8 +1,10 @@
 """What a labelling run is: one frozen dataclass per concern, hashed for the output prefix.
 
 Only what changes the labels goes into :meth:`RunConfig.config_hash` (model, weights, method,
-resolution, vocabulary, how images are keyed). Throughput knobs (batch size, actors, threads)
-and credentials do not: changing them must find the same committed shards.
+resolution, vocabulary, how images are keyed and decoded). The fields that do are marked where
+they are declared (:func:`hashed`); everything else (batch size, actors, threads, credentials,
+any field added later without the mark) stays out, so changing it finds the same committed
+shards. tests/pipeline/test_config.py pins the hash of a reference config.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from cliptrase.config import SegmentorConfig
@@ -49,20 +51,38 @@ def reject_uri_credentials(uri: str) -> str:
     return uri
 
 
+def hashed(default: Any, *, only_when_set: bool = False) -> Any:
+    """A field that changes the labels: part of the config hash. ``only_when_set``: hashed only
+    when it differs from ``default`` (options added later keep older runs' hashes)."""
+    return field(default=default, metadata={"hashed": "when_set" if only_when_set else True})
+
+
+def hashed_values(spec: Any) -> dict[str, Any]:
+    """The hashed fields of a spec dataclass (see :func:`hashed`), by name."""
+    out = {}
+    for f in fields(spec):
+        mark = f.metadata.get("hashed")
+        value = getattr(spec, f.name)
+        if mark is True or (mark == "when_set" and value != f.default):
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 @dataclass(frozen=True)
 class SegmentorSpec:
     """Which segmentor every actor loads (see :func:`cliptrase.load_segmentor`)."""
 
-    model: str = "ViT-B-16"
-    pretrained: str | None = "openai"  # open_clip tag, file path or fsspec URI; None = random
-    method: str = "cliptrase"
-    precision: str = "bf16"  # the segmentor itself falls back to fp32 on a CPU
-    short_side: int | None = None  # None: the method's (336 for cliptrase)
-    resolution: str = "original"  # where labels are decided (cliptrase.config.RESOLUTIONS)
-    max_patches: int = 1344
+    model: str = hashed("ViT-B-16")
+    # open_clip tag, file path or fsspec URI; None = random (hashed without credentials)
+    pretrained: str | None = hashed("openai")
+    method: str = hashed("cliptrase")
+    precision: str = hashed("bf16")  # the segmentor itself falls back to fp32 on a CPU
+    short_side: int | None = hashed(None)  # None: the method's (336 for cliptrase)
+    resolution: str = hashed("original")  # where labels are decided (cliptrase RESOLUTIONS)
+    max_patches: int = hashed(1344)
     batch_size: int = 16
-    confidence_temperature: float = 1.0
-    seed: int = 0  # only matters for random weights
+    confidence_temperature: float = hashed(1.0)
+    seed: int = hashed(0)  # only matters for random weights
     trust_pickle: bool = False
 
     def segmentor_config(self) -> SegmentorConfig:
@@ -85,12 +105,12 @@ class SegmentorSpec:
 class VocabularySpec:
     """Class names (label ``i`` = ``classes[i]``), background words, prompt templates."""
 
-    classes: tuple[str, ...]
-    background: tuple[str, ...] = ()
-    templates: tuple[str, ...] | None = None  # None: cliptrase's default templates
+    classes: tuple[str, ...] = field(metadata={"hashed": True})
+    background: tuple[str, ...] = hashed(())
+    templates: tuple[str, ...] | None = hashed(None)  # None: cliptrase's default templates
     # Extra phrases per class (one tuple per class, or empty for none): a class scores as the
     # best of its name and synonyms ("synonym max").
-    synonyms: tuple[tuple[str, ...], ...] = ()
+    synonyms: tuple[tuple[str, ...], ...] = hashed((), only_when_set=True)
 
     def __post_init__(self):
         # Validated here, on the driver, so a typo fails before any actor loads a model.
@@ -117,18 +137,19 @@ class VocabularySpec:
 class SourceSpec:
     """How input shards are read."""
 
-    image_column: str = "image"  # Parquet: binary column, or a {bytes, path} struct (HF datasets)
-    id_column: str | None = "id"  # Parquet: key of each row; None or missing: the row index
-    images_per_shard: int = 1000  # folders of loose images: sorted, grouped by this many
+    # Keys and shard grouping decide image ids; the pixel limit decides error rows.
+    image_column: str = hashed("image")  # Parquet: binary column, or an HF {bytes, path} struct
+    id_column: str | None = hashed("id")  # Parquet: key of each row; None/missing: row index
+    images_per_shard: int = hashed(1000)  # folders of loose images: sorted, grouped by this many
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
-    max_image_pixels: int | None = 89_478_485  # Pillow's default decompression-bomb limit
+    max_image_pixels: int | None = hashed(89_478_485)  # Pillow's decompression-bomb limit
     # JPEGs decoded by libjpeg's DCT scaling (1/2, 1/4, 1/8) to no less than the segmentor's
     # short side, instead of at full size before the resize: several times cheaper for large
     # photos; changes the labels slightly (pipeline.decode.decode_image, draft_short_side).
-    jpeg_draft: bool = True
+    jpeg_draft: bool = hashed(True)
     # Plain JPEGs decoded in batches on the actor's GPU (torchvision / nvjpeg), the rest by
     # Pillow (pipeline.decode.decode_jpegs_on_device). Changes the labels slightly.
-    gpu_decode: bool = False
+    gpu_decode: bool = hashed(False, only_when_set=True)
 
     def __post_init__(self):
         if self.images_per_shard < 1:
@@ -178,36 +199,18 @@ class RunConfig:
         object.__setattr__(self, "output", self.output.rstrip("/"))
 
     def hashed_fields(self) -> dict[str, Any]:
-        """Everything that changes the output rows, as canonical JSON-ready data."""
-        spec = self.segmentor.describe()
-        for throughput_only in ("batch_size", "trust_pickle"):
-            spec.pop(throughput_only)
+        """Everything that changes the output rows, as canonical JSON-ready data: the fields
+        marked :func:`hashed`, and the output format."""
+        segmentor = hashed_values(self.segmentor)
+        segmentor["pretrained"] = redact_uri(self.segmentor.pretrained)
+        vocabulary = hashed_values(self.vocabulary)
+        if "synonyms" in vocabulary:
+            vocabulary["synonyms"] = [list(s) for s in vocabulary["synonyms"]]
         return {
             "format": OUTPUT_FORMAT,
-            "segmentor": spec,
-            "vocabulary": {
-                "classes": list(self.vocabulary.classes),
-                "background": list(self.vocabulary.background),
-                "templates": None
-                if self.vocabulary.templates is None
-                else list(self.vocabulary.templates),
-                # Only when given, so that hashes of runs without synonyms stay as they were.
-                **(
-                    {"synonyms": [list(s) for s in self.vocabulary.synonyms]}
-                    if self.vocabulary.synonyms
-                    else {}
-                ),
-            },
-            # Keys and shard grouping decide image ids; the pixel limit decides error rows.
-            "source": {
-                "image_column": self.source.image_column,
-                "id_column": self.source.id_column,
-                "images_per_shard": self.source.images_per_shard,
-                "max_image_pixels": self.source.max_image_pixels,
-                # Decoding changes pixels slightly, so labels (draft: on by default).
-                "jpeg_draft": self.source.jpeg_draft,
-                **({"gpu_decode": True} if self.source.gpu_decode else {}),
-            },
+            "segmentor": segmentor,
+            "vocabulary": vocabulary,
+            "source": hashed_values(self.source),
         }
 
     def config_hash(self) -> str:

@@ -95,3 +95,33 @@ def test_synonyms_are_validated_on_the_driver():
         pipeline.VocabularySpec(("person", "cat"), synonyms=(("man",),))
     with pytest.raises(VocabularyError, match="duplicate"):
         pipeline.VocabularySpec(("person", "cat"), synonyms=(("cat",), ()))
+
+
+def _reference_config(**segmentor) -> pipeline.RunConfig:
+    return pipeline.RunConfig(
+        inputs=("s3://bucket/shards/",),
+        output="s3://bucket/labels",
+        segmentor=pipeline.SegmentorSpec(**segmentor),
+        vocabulary=pipeline.VocabularySpec(("person", "car"), ("sky",)),
+    )
+
+
+def test_config_hash_of_a_reference_config_is_pinned():
+    """Output prefixes must not move between releases: a changed hash relabels a corpus. If a
+    change to the labels is intended, bump OUTPUT_FORMAT and update this value."""
+    assert _reference_config().config_hash() == "2cb51156b1f4"
+
+
+def test_a_new_throughput_field_leaves_the_hash_alone():
+    """Fields are hashed by inclusion: one added without the mark changes no prefix."""
+    faster = dataclasses.make_dataclass(
+        "FasterSpec",
+        [("compile", bool, dataclasses.field(default=True))],
+        bases=(pipeline.SegmentorSpec,),
+        frozen=True,
+    )
+    reference = _reference_config()
+    with_field = dataclasses.replace(reference, segmentor=faster())
+    assert with_field.config_hash() == reference.config_hash()
+    # ... while a hashed field still counts.
+    assert _reference_config(precision="fp32").config_hash() != reference.config_hash()
