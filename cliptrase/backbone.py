@@ -3,6 +3,14 @@
 It exposes the pieces the training-free methods operate on (spec sections 1-4): token
 embedding with positional-embedding resampling, the per-block q/k/v projections, and the
 output head (``ln_post``, ``proj``). It holds no method logic.
+
+Blocks are recognised by what they can do, not by class: open_clip's
+``ResidualAttentionBlock`` over ``nn.MultiheadAttention`` and its ``CustomResidualAttentionBlock``
+over its own ``Attention`` module (``block_type="custom"``, the only kind in newer releases)
+both have ``ln_1``, a fused ``in_proj_weight``/``in_proj_bias``, ``out_proj``, ``ls_1``,
+``ln_2``, ``mlp`` and ``ls_2``. Options of ``Attention`` that change the attention itself
+(qk-norm, scaled cosine, head scales, inner norm) are refused: the methods replace the
+attention with their own formulas and would silently drop them.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import VisionTransformer
 
 from .errors import UnsupportedModelError
 
@@ -53,6 +61,29 @@ def resampled_positional_embedding(
     return torch.cat([cls_pos, patch_pos], dim=0)
 
 
+def unsupported_block(block: torch.nn.Module) -> str | None:
+    """Why ``block`` cannot be operated piece by piece, or None if it can."""
+    attn = getattr(block, "attn", None)
+    for name in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2"):
+        if not hasattr(block, name):
+            return f"no {name}"
+    if attn is None or not hasattr(attn, "out_proj") or not hasattr(attn, "num_heads"):
+        return "no attention with out_proj and num_heads"
+    weight = getattr(attn, "in_proj_weight", None)
+    width = attn.out_proj.in_features
+    if weight is None or tuple(weight.shape) != (3 * width, width):
+        return "no fused in_proj_weight (separate q/k/v projections)"
+    if not isinstance(getattr(block, "ln_attn", torch.nn.Identity()), torch.nn.Identity):
+        return "a norm after the attention (scale_attn)"
+    for name in ("ln_q", "ln_k", "ln_inner"):
+        if not isinstance(getattr(attn, name, torch.nn.Identity()), torch.nn.Identity):
+            return f"attention option {name} (qk-norm / inner norm)"
+    for name in ("logit_scale", "head_scale"):
+        if getattr(attn, name, None) is not None:
+            return f"attention option {name} (scaled cosine / head scales)"
+    return None
+
+
 class ClipVisionBackbone:
     """Operates an open_clip ViT block by block. Wraps, does not copy, the model."""
 
@@ -68,12 +99,13 @@ class ClipVisionBackbone:
         if len(blocks) < 2:
             raise UnsupportedModelError("the ViT needs at least two blocks")
         for block in blocks:
-            if not isinstance(block, ResidualAttentionBlock) or not block.attn._qkv_same_embed_dim:
+            missing = unsupported_block(block)
+            if missing:
                 raise UnsupportedModelError(
-                    f"block type {type(block).__name__} is not supported (needs open_clip's "
-                    "ResidualAttentionBlock with a fused in_proj)"
+                    f"block type {type(block).__name__} with {type(block.attn).__name__} is not "
+                    f"supported: {missing}"
                 )
-        if not visual.transformer.batch_first:
+        if not getattr(visual.transformer, "batch_first", True):
             raise UnsupportedModelError("only batch-first open_clip transformers are supported")
         self.visual = visual
         self.blocks = blocks
@@ -105,7 +137,7 @@ class ClipVisionBackbone:
         x = x + self.positional_embedding(grid).to(x.dtype)
         return v.ln_pre(x)
 
-    def head_projections(self, block: ResidualAttentionBlock, x: torch.Tensor) -> HeadProjections:
+    def head_projections(self, block: torch.nn.Module, x: torch.Tensor) -> HeadProjections:
         """q, k, v of ``in_proj(ln_1(x))`` (biases included), split into heads."""
         attn = block.attn
         qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
@@ -115,7 +147,7 @@ class ClipVisionBackbone:
 
     def finish_block(
         self,
-        block: ResidualAttentionBlock,
+        block: torch.nn.Module,
         x: torch.Tensor,
         heads_out: torch.Tensor,
         keep_residual: bool = True,
