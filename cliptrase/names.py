@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import VocabularyError
 
@@ -48,3 +50,8 @@ def validate_names(
             "drop it from the classes or pass no background words"
         )
     return classes, background
+
+
+def is_pretrained_tag(pretrained: str) -> bool:
+    """An open_clip pretrained tag (``"openai"``), not a file path or an fsspec URI."""
+    return not ("://" in pretrained or os.sep in pretrained or Path(pretrained).suffix != "")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import open_clip
 import torch
 
 from .errors import CheckpointError, UnsupportedModelError, WeightsUnavailableError
+from .names import is_pretrained_tag
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)
@@ -38,7 +38,7 @@ class WeightsInfo:
 
 
 def _is_local_or_uri(pretrained: str) -> bool:
-    return "://" in pretrained or os.sep in pretrained or Path(pretrained).suffix != ""
+    return not is_pretrained_tag(pretrained)
 
 
 def create_clip_model(
@@ -205,3 +205,41 @@ def _describe_mismatch(clip: torch.nn.Module, state: dict[str, torch.Tensor]) ->
         if keys:
             parts.append(f"{len(keys)} {label}, e.g. {keys[:3]}")
     return "; ".join(parts) or "see the error above"
+
+
+def resolve_pretrained_file(model: str, tag: str) -> str:
+    """The local file of open_clip's ``model``/``tag`` weights, downloaded into the hub cache
+    if needed (a job's driver calls this once, before any actor starts)."""
+    if model not in open_clip.list_models():
+        raise UnsupportedModelError(
+            f"unknown open_clip model {model!r}; see open_clip.list_models() for the names"
+        )
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not cfg:
+        known = sorted(open_clip.list_pretrained_tags_by_model(model))
+        raise CheckpointError(f"open_clip has no pretrained tag {tag!r} for {model!r} (known: {known})")
+    try:
+        path = open_clip.download_pretrained(cfg)
+    except Exception as exc:  # noqa: BLE001 - network, hub and cache errors alike
+        raise WeightsUnavailableError(
+            f"could not fetch open_clip weights {model}/{tag} ({type(exc).__name__}: "
+            f"{_last_line(str(exc))})"
+        ) from exc
+    if not path:
+        raise WeightsUnavailableError(f"could not fetch open_clip weights {model}/{tag}")
+    return path
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else text
+
+
+if __name__ == "__main__":  # python -m cliptrase.weights MODEL TAG: print the resolved file
+    import sys
+
+    try:
+        print(resolve_pretrained_file(sys.argv[1], sys.argv[2]))
+    except (CheckpointError, UnsupportedModelError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

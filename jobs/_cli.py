@@ -28,6 +28,69 @@ class CliError(Exception):
     """Bad input a user can fix; the entrypoint prints the message and exits with status 2."""
 
 
+HUB_HOST = ("huggingface.co", 443)
+OFFLINE_ADVICE = (
+    "pass a local checkpoint with --weights PATH (or an s3:// URI), or --random-weights for a "
+    "plumbing check"
+)
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connection (a few seconds at most)."""
+    import socket
+
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_weights(model: str, pretrained: str | None) -> None:
+    """Fetch an open_clip tag's weights once, on the driver, before any actor starts.
+
+    Runs in a short subprocess so the driver itself never imports torch. When the hub cannot
+    be reached, sets ``HF_HUB_OFFLINE=1`` (here and for local actors) so the hub library
+    answers from its cache at once instead of retrying for ~50 s. Weights that cannot be had
+    end the job with one line (exit 2), before Ray starts.
+    """
+    import subprocess
+
+    from cliptrase.names import is_pretrained_tag
+
+    if pretrained is None or not is_pretrained_tag(pretrained):
+        return
+    offline_if_unreachable()
+    proc = subprocess.run(
+        [sys.executable, "-m", "cliptrase.weights", model, pretrained],
+        capture_output=True, text=True, env=os.environ.copy(),
+    )  # fmt: skip
+    if proc.returncode != 0:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            reason = (
+                f"the weights {model}/{pretrained} are not in the local cache and the model hub "
+                "is offline or unreachable"
+            )
+        else:
+            lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+            reason = lines[-1][len("error: ") :] if lines else _tail(proc.stderr)
+        raise CliError(f"{reason}: {OFFLINE_ADVICE}")
+    log.info("weights %s/%s: %s", model, pretrained, proc.stdout.strip())
+
+
+def offline_if_unreachable() -> None:
+    """``HF_HUB_OFFLINE=1`` when the hub cannot be reached, so cached weights load at once and
+    missing ones fail at once (huggingface_hub would otherwise retry for ~50 s)."""
+    if "HF_HUB_OFFLINE" not in os.environ and not hub_reachable():
+        log.debug("the model hub is unreachable: using only weights already cached")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def _tail(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "the weights could not be resolved"
+
+
 # ------------------------------------------------------------------ arguments
 def add_storage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -186,8 +249,11 @@ def load_segmentor(args: argparse.Namespace, options: dict | None = None, method
     ``method``: a method name or :class:`cliptrase.Method` overriding ``--method``.
     """
     import cliptrase
+    from cliptrase.names import is_pretrained_tag
 
     pretrained = None if args.random_weights else args.weights
+    if pretrained is not None and is_pretrained_tag(pretrained):
+        offline_if_unreachable()
     try:
         config = cliptrase.SegmentorConfig(
             short_side=args.short_side, batch_size=args.batch_size, resolution=args.resolution

@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.max_error_rate <= 1:
         raise _cli.CliError("--max-error-rate is a fraction between 0 and 1")
     _vocabulary(args, options)  # a bad vocabulary fails before Ray starts
+    # Weights that cannot be had end the job here, in one line, before any actor starts.
+    _cli.resolve_weights(args.model, None if args.random_weights else args.weights)
     import ray
 
     # Connects to RAY_ADDRESS when set (ray job submit sets it), else starts a local Ray.

@@ -158,14 +158,16 @@ def test_label_input_that_matches_nothing_is_an_error(tmp_path):
 
 
 def test_label_sample_offline_without_weights_says_how_to_proceed(tmp_path):
+    """Resolved on the driver before Ray starts: one line, exit 2, nothing written."""
     proc = run_job(
         "jobs.label", "--sample", "--no-progress", "--output", str(tmp_path / "out"),
-        env={"HF_HUB_OFFLINE": "1"}, check=False,
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, check=False,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()
-    message = "\n".join(line for line in last if not line.startswith("\x1b"))
-    assert "--weights" in message and "--random-weights" in message
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert "--weights" in lines[0] and "--random-weights" in lines[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 def test_label_rejects_bad_input_with_a_message(tmp_path):
