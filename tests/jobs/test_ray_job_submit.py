@@ -1,0 +1,101 @@
+"""`ray job submit` against a real head with Ray's token authentication on, as the README says.
+
+The head is `ray start --head --block` in its own process group, with its own ports and temp
+dir, and a token of this test's own (RAY_AUTH_TOKEN), so it never meets another Ray on the
+machine; it is stopped through the pid it was started with, never by `ray stop`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def head():
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a limit
+    token = secrets.token_hex(16)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--num-cpus=2",
+         "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            probe = subprocess.run(
+                [RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True
+            )
+            if probe.returncode == 0:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the head's job server did not come up: {probe.stderr[-1500:]}")
+            time.sleep(2)
+        yield address, env
+    finally:
+        # Our own process group only: `ray start --block` and the daemons it started.
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_sample_job_with_token_auth(head, tmp_path):
+    address, env = head
+    without_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    without_token["RAY_AUTH_MODE"] = "token"
+    without_token["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "no_token_here")
+    (tmp_path / "no_token_here").write_text("wrong-token")
+    refused = subprocess.run(
+        [RAY, "job", "list", "--address", address], env=without_token, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert refused.returncode != 0  # a wrong token is refused
+
+    output = tmp_path / "labels"
+    submitted = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+         "python", "-m", "jobs.label", "--sample", "--random-weights",
+         "--model", "ViT-Tiny-16-test", "--no-progress", "--output", str(output)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    assert "succeeded" in (submitted.stdout + submitted.stderr).lower()
+    files = sorted(output.glob("*/shards/*.parquet"))
+    assert files, list(output.rglob("*"))
+    table = pq.read_table(files[0])
+    assert table.num_rows >= 1 and set(table.column("status").to_pylist()) == {"ok"}
