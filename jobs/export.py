@@ -662,10 +662,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=IGNORE_INDEX,
         help="mask value of ignored pixels (default 255; must not be a label id)",
     )
-    parser.add_argument(
+    images = parser.add_mutually_exclusive_group()
+    images.add_argument(
         "--include-images",
         action="store_true",
-        help="also copy the source images (read from each row's source_uri)",
+        default=None,
+        help="also copy the source images (read from each row's source_uri); the default "
+        "for --format hf, so the dataset is trainable as exported",
+    )
+    images.add_argument(
+        "--no-images",
+        dest="include_images",
+        action="store_false",
+        help="masks only (the default for --format folder)",
     )
     parser.add_argument(
         "--image-format",
@@ -693,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         split=args.split,
         min_confidence=args.min_confidence,
         ignore_index=args.ignore_index,
-        include_images=args.include_images,
+        include_images=args.format == "hf" if args.include_images is None else args.include_images,
         image_format=args.image_format,
     )
     summary = export(
@@ -709,7 +718,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"exported {summary.exported} images ({args.format}) to {args.out}; skipped "
         f"{summary.skipped_error} error rows"
-        + (f", {summary.skipped_no_image} unreadable source images" if args.include_images else "")
+        + (
+            f", {summary.skipped_no_image} unreadable source images"
+            if export_options.include_images
+            else ""
+        )
         + f"; ignored pixels (confidence < {args.min_confidence}): {summary.ignored_fraction:.1%}"
     )
     return 0

@@ -241,6 +241,9 @@ def test_export_cli_reads_and_writes_s3(s3_labels, labelled):
         with fs.open(f"{hf}/data/train-0000{i}-of-00003.parquet", "rb") as f:
             table = pq.read_table(f)
         assert b"huggingface" in table.schema.metadata
+        # Trainable as exported: the source image beside its mask, without being asked for.
+        assert {"image", "mask"} <= set(table.column_names)
+        assert all(i["bytes"] for i in table.column("image").to_pylist())
         exported += table.num_rows
     assert exported == labelled["ok"]
     leaked = [p for p in fs.find(hf) if FAKE_SECRET.encode() in fs.cat_file(p)]
