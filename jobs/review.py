@@ -1,0 +1,960 @@
+"""``python -m jobs.review``: choose which pseudo-labelled images a person should look at.
+
+Without ground truth, each labelled (ok) image of a run is scored by cheap signals read from
+its row, and one expensive one computed for a few candidates only:
+
+* ``low-confidence``: the lowest mean confidence first;
+* ``uncertain-area``: the largest share of pixels whose confidence is under
+  ``--confidence-threshold``;
+* ``disagreement``: the share of pixels whose stored label differs from the label another
+  training-free method (``--compare-method``, default ``naclip``) gives with the run's own
+  CLIP model and weights (``cliptrase.Segmentor.variant``). Only ``--candidates`` images are
+  re-segmented: the least confident ones and a seeded random sample of the others, so that
+  confident-but-inconsistent labels can be found too;
+* ``rare-class``: images showing the classes that are rarest in the run, stratified: the
+  classes take turns, rarest first, so every class present gets a share of the selection;
+* ``random``: a seeded uniform sample (an unbiased audit; not in the default list).
+
+The strategies take turns (round robin, in the order given) until ``-n`` images are chosen;
+each selected image records every strategy's score and why it was chosen. The selection is
+written as ``selection.json`` and ``selection.csv`` to ``--out``, by default beside the run in
+``<output>/<config_hash>/_review/`` (local folder or object store). The same seed gives the
+same selection: ties are broken by a hash of the seed and the image id, not by listing order.
+``--format`` also exports the selected images for FiftyOne, CVAT or Label Studio
+(:mod:`jobs.review_export`). See docs/review.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.manifest import read_manifest
+
+from . import _cli
+from .export import LabelledRun, _output_fs, _put, open_run, read_source_images
+
+log = logging.getLogger("jobs.review")
+
+STRATEGIES = ("low-confidence", "uncertain-area", "disagreement", "rare-class", "random")
+DEFAULT_STRATEGIES = ("low-confidence", "uncertain-area", "disagreement", "rare-class")
+SELECTION_FILE = "selection.json"
+SELECTION_CSV = "selection.csv"
+REVIEW_DIR = "_review"
+SCORE_COLUMNS = (
+    "image_id",
+    "shard_id",
+    "source_uri",
+    "status",
+    "error",
+    "width",
+    "height",
+    "confidence_png",
+    "class_ids",
+    "class_pixels",
+    "exif_transposed",
+)
+
+
+# ------------------------------------------------------------------------- scores
+@dataclasses.dataclass(slots=True)
+class ImageScore:
+    """What the cheap strategies know about one ok row (no mask decoded)."""
+
+    image_id: str
+    shard_id: str
+    source_uri: str
+    width: int
+    height: int
+    exif_transposed: bool
+    mean_confidence: float  # mean of the stored confidence map, in [0, 1]
+    low_confidence_share: float  # share of its pixels below the threshold
+    class_ids: tuple[int, ...]
+    class_shares: tuple[float, ...]  # share of the image's pixels per class_ids entry
+    tiebreak: int  # from the seed and the image id: the order of equal scores
+    disagreement: float | None = None  # share of pixels the other method labels otherwise
+    rarity: float | None = None  # 1 - frequency of its rarest class (rare-class strategy)
+
+
+@dataclasses.dataclass
+class RunScores:
+    run: LabelledRun
+    images: list[ImageScore]
+    errors: list[dict[str, Any]]  # image_id, source_uri, error of each error row
+    threshold: float
+    seed: int
+
+
+def tiebreak_key(seed: int, image_id: str) -> int:
+    """A seeded pseudo-random rank of an image that does not depend on listing order."""
+    digest = hashlib.sha256(f"{seed}\0{image_id}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def confidence_stats(confidence_png: bytes, threshold: float) -> tuple[float, float]:
+    """``(mean confidence, share of pixels below threshold)`` of a stored confidence map.
+
+    Computed on the stored map (the processing resolution) rather than the map stretched to
+    the image's size: the same numbers up to interpolation, for a fraction of the work.
+    ``below`` compares as :func:`jobs.export.training_mask` does (``value / 255 < t``).
+    """
+    with Image.open(io.BytesIO(confidence_png)) as im:
+        values = np.asarray(im, dtype=np.float32) / np.float32(255)
+    if values.size == 0:
+        return 0.0, 1.0
+    return float(values.mean()), float((values < np.float32(threshold)).mean())
+
+
+def score_run(
+    run: LabelledRun, threshold: float = 0.5, seed: int = 0, progress: bool = False
+) -> RunScores:
+    """Read every committed row once (no mask decoded) and score the ok ones."""
+    from tqdm import tqdm
+
+    images: list[ImageScore] = []
+    errors: list[dict[str, Any]] = []
+    for shard_id in tqdm(run.shard_ids, desc="score", unit="shard", disable=not progress):
+        for batch in run.batches(shard_id, SCORE_COLUMNS):
+            for row in batch:
+                if row["status"] != "ok":
+                    errors.append(
+                        {k: row[k] for k in ("image_id", "shard_id", "source_uri", "error")}
+                    )
+                    continue
+                mean, low = confidence_stats(row["confidence_png"], threshold)
+                pixels = max(int(row["width"]) * int(row["height"]), 1)
+                ids = tuple(int(i) for i in row["class_ids"] or ())
+                shares = tuple(int(p) / pixels for p in row["class_pixels"] or ())
+                images.append(
+                    ImageScore(
+                        image_id=row["image_id"],
+                        shard_id=row["shard_id"],
+                        source_uri=row["source_uri"],
+                        width=int(row["width"]),
+                        height=int(row["height"]),
+                        exif_transposed=bool(row["exif_transposed"]),
+                        mean_confidence=mean,
+                        low_confidence_share=low,
+                        class_ids=ids,
+                        class_shares=shares,
+                        tiebreak=tiebreak_key(seed, row["image_id"]),
+                    )
+                )
+    return RunScores(run, images, errors, threshold, seed)
+
+
+# ------------------------------------------------------------------------- orders
+def _order(images: Sequence[ImageScore], key) -> list[int]:
+    """Indices of ``images`` sorted by ``key(image)`` (ascending), ties by the seeded key."""
+    return sorted(range(len(images)), key=lambda i: (key(images[i]), images[i].tiebreak))
+
+
+def low_confidence_order(images: Sequence[ImageScore]) -> list[int]:
+    return _order(images, lambda s: s.mean_confidence)
+
+
+def uncertain_area_order(images: Sequence[ImageScore]) -> list[int]:
+    return _order(images, lambda s: -s.low_confidence_share)
+
+
+def random_order(images: Sequence[ImageScore]) -> list[int]:
+    return _order(images, lambda s: 0)
+
+
+def disagreement_order(images: Sequence[ImageScore]) -> list[int]:
+    scored = [i for i, s in enumerate(images) if s.disagreement is not None]
+    return sorted(scored, key=lambda i: (-images[i].disagreement, images[i].tiebreak))
+
+
+def rare_class_order(
+    images: Sequence[ImageScore], names: Sequence[str], min_share: float = 0.01
+) -> tuple[list[int], dict[int, str]]:
+    """Images for the rare-class strategy, stratified by class; and why each one.
+
+    A class is present in an image when it covers at least ``min_share`` of its pixels. The
+    classes present in the run take turns, rarest first (fewest images); each turn gives its
+    class the image where it covers the largest share and that no earlier turn took. So the
+    first ``k`` picks show ``min(k, classes)`` different classes. Sets ``rarity`` (1 - the
+    frequency of the image's rarest present class) on every image.
+    """
+    total = len(images)
+    members: dict[int, list[tuple[float, int]]] = {}
+    for index, score in enumerate(images):
+        for label, share in zip(score.class_ids, score.class_shares):
+            if share >= min_share:
+                members.setdefault(label, []).append((share, index))
+    counts = {label: len(found) for label, found in members.items()}
+    for score in images:
+        present = [
+            counts[label]
+            for label, share in zip(score.class_ids, score.class_shares)
+            if share >= min_share
+        ]
+        score.rarity = 1.0 - min(present) / total if present and total else None
+    classes = sorted(members, key=lambda label: (counts[label], label))
+    queues = {
+        label: sorted(found, key=lambda item: (-item[0], images[item[1]].tiebreak))
+        for label, found in members.items()
+    }
+    order: list[int] = []
+    why: dict[int, str] = {}
+    taken: set[int] = set()
+    positions = dict.fromkeys(classes, 0)
+    while True:
+        moved = False
+        for label in classes:
+            queue = queues[label]
+            while positions[label] < len(queue) and queue[positions[label]][1] in taken:
+                positions[label] += 1
+            if positions[label] >= len(queue):
+                continue
+            share, index = queue[positions[label]]
+            positions[label] += 1
+            taken.add(index)
+            order.append(index)
+            name = names[label] if label < len(names) else f"label {label}"
+            why[index] = (
+                f"rare class '{name}' (in {counts[label]} of {total} images): "
+                f"{share:.0%} of this image"
+            )
+            moved = True
+        if not moved:
+            return order, why
+
+
+def disagreement_candidates(images: Sequence[ImageScore], count: int) -> list[int]:
+    """Which images to re-segment: turns of the least confident, the most uncertain area and
+    a seeded random sample, without repeats, until ``count``."""
+    orders = {
+        "low-confidence": low_confidence_order(images),
+        "uncertain-area": uncertain_area_order(images),
+        "random": random_order(images),
+    }
+    return [index for index, _, _ in _choose(orders, count)]
+
+
+# ------------------------------------------------------------------ disagreement
+def run_vocabulary_spec(run: LabelledRun) -> dict[str, Any]:
+    """Classes, background words, templates and synonyms the run was labelled with."""
+    manifest = read_manifest(run.layout) or {}
+    vocabulary = dict((manifest.get("config") or {}).get("vocabulary") or {})
+    meta = run.metadata
+    return {
+        "classes": list(vocabulary.get("classes") or meta.get("classes") or []),
+        "background": list(vocabulary.get("background") or meta.get("background") or []),
+        "templates": vocabulary.get("templates", meta.get("templates")),
+        "synonyms": [list(s) for s in vocabulary.get("synonyms") or []],
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelChoice:
+    """Which model re-segments the candidates; None fields: the run's own."""
+
+    model: str | None = None
+    weights: str | None = None
+    random_weights: bool = False
+    device: str = "auto"
+    precision: str | None = None
+    batch_size: int = 8
+    trust_pickle: bool = False
+
+
+def load_run_segmentor(
+    run: LabelledRun, choice: ModelChoice, method: str, storage_options: dict | None = None
+):
+    """The run's own CLIP model and weights (from its provenance) under ``method``.
+
+    The run's method is loaded first and the other method made with
+    :meth:`cliptrase.Segmentor.variant`, so the weights are the run's, loaded once, with the
+    run's resolution settings. Random-weight runs are re-created from their seed.
+    """
+    import cliptrase
+    from cliptrase.errors import CliptraseError, WeightsUnavailableError
+
+    meta = run.metadata
+    spec = dict(meta.get("segmentor") or {})
+    model = choice.model or meta.get("model") or spec.get("model")
+    if choice.random_weights:
+        pretrained = None
+    elif choice.weights is not None:
+        pretrained = choice.weights
+    else:
+        pretrained = None if run.random_weights else spec.get("pretrained", meta.get("pretrained"))
+        if pretrained is None and not run.random_weights:
+            raise _cli.CliError(
+                "the run does not record its weights; pass --weights (the checkpoint it used)"
+            )
+    config = cliptrase.SegmentorConfig(
+        short_side=spec.get("short_side"),
+        resolution=spec.get("resolution", "original"),
+        max_patches=spec.get("max_patches", 1344),
+        batch_size=choice.batch_size,
+        confidence_temperature=spec.get("confidence_temperature", 1.0),
+    )
+    try:
+        base = cliptrase.load_segmentor(
+            model,
+            pretrained=pretrained,
+            device=choice.device,
+            precision=choice.precision or spec.get("precision") or meta.get("precision", "fp32"),
+            method=meta.get("method") or spec.get("method") or "cliptrase",
+            config=config,
+            storage_options=storage_options,
+            trust_pickle=choice.trust_pickle,
+            seed=int(spec.get("seed", 0)),
+        )
+        segmentor = base.variant(method=method)
+    except WeightsUnavailableError as err:
+        raise _cli.CliError(
+            f"{err}\nThe disagreement strategy re-segments with the run's weights: pass "
+            "--weights PATH (a local copy), or leave 'disagreement' out of --strategies."
+        ) from None
+    except (CliptraseError, ValueError, RuntimeError) as err:
+        raise _cli.CliError(str(err)) from None
+    if segmentor.weights.identity != meta.get("weights_identity"):
+        log.warning(
+            "re-segmenting with weights %s, the run used %s",
+            segmentor.weights.identity,
+            meta.get("weights_identity"),
+        )
+    return segmentor
+
+
+def label_disagreement(stored: np.ndarray, other: np.ndarray) -> float:
+    """Share of pixels whose label differs between two label maps of one image."""
+    if stored.shape != other.shape:
+        raise ValueError(f"label maps differ in size: {stored.shape} vs {other.shape}")
+    return float(np.mean(stored != other)) if stored.size else 0.0
+
+
+def _rows_by_id(
+    run: LabelledRun, wanted: dict[str, str], columns: Sequence[str]
+) -> Iterator[dict[str, Any]]:
+    """The rows of the ``image_id -> shard_id`` pairs in ``wanted``, shard by shard."""
+    shards = sorted(set(wanted.values()))
+    for shard_id in shards:
+        if shard_id not in run.shard_ids:
+            continue
+        for batch in run.batches(shard_id, columns):
+            for row in batch:
+                if row["image_id"] in wanted and row["status"] == "ok":
+                    yield row
+
+
+def compute_disagreement(
+    scores: RunScores,
+    indices: Sequence[int],
+    segmentor,
+    storage_options: dict | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> int:
+    """Re-segment the images at ``indices`` and set their ``disagreement``; returns how many
+    could be compared (an unreadable or changed source image is skipped with a warning)."""
+    from tqdm import tqdm
+
+    from pipeline.decode import decode_image
+    from pipeline.sink import decode_masks
+
+    run = scores.run
+    images = scores.images
+    by_id = {images[i].image_id: i for i in indices}
+    wanted = {images[i].image_id: images[i].shard_id for i in indices}
+    spec = run_vocabulary_spec(run)
+    vocab = segmentor.vocabulary(
+        spec["classes"], spec["background"], spec["templates"], synonyms=spec["synonyms"] or None
+    )
+    if list(vocab.names) != run.names:
+        raise _cli.CliError(
+            f"the re-built vocabulary {list(vocab.names)} differs from the run's {run.names}"
+        )
+    columns = [
+        "image_id",
+        "shard_id",
+        "source_uri",
+        "status",
+        "mask_png",
+        "confidence_png",
+        "width",
+        "height",
+        "error",
+    ]
+    done = 0
+    bar = tqdm(
+        total=len(indices),
+        desc=f"re-segment ({segmentor.method.name})",
+        unit="image",
+        disable=not progress,
+    )
+    pending: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        nonlocal done
+        if not pending:
+            return
+        sources = read_source_images(
+            [r["source_uri"] for r in pending], storage_options, run.image_column
+        )
+        ready = []
+        for row in pending:
+            data = sources.get(row["source_uri"])
+            try:
+                if data is None or isinstance(data, Exception):
+                    raise ValueError(f"cannot read the source image ({data})")
+                picture = decode_image(data, max_image_pixels=None).image
+                if (picture.width, picture.height) != (row["width"], row["height"]):
+                    raise ValueError(
+                        f"the source image is {picture.width}x{picture.height} now, "
+                        f"{row['width']}x{row['height']} when labelled"
+                    )
+                ready.append((row, picture))
+            except Exception as err:  # noqa: BLE001 - one image's problem skips that image
+                log.warning("%s: no disagreement score: %s", row["image_id"], err)
+        results = _segment_isolated(segmentor, [p for _, p in ready], vocab, batch_size)
+        for (row, _), result in zip(ready, results):
+            if result is None:
+                log.warning("%s: no disagreement score: segmentation failed", row["image_id"])
+                continue
+            stored, _ = decode_masks(row)
+            images[by_id[row["image_id"]]].disagreement = label_disagreement(stored, result.labels)
+            done += 1
+        bar.update(len(pending))
+        pending.clear()
+
+    try:
+        for row in _rows_by_id(run, wanted, columns):
+            pending.append(row)
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    finally:
+        bar.close()
+    return done
+
+
+def _segment_isolated(segmentor, pictures, vocab, batch_size):
+    if not pictures:
+        return []
+    try:
+        return segmentor.segment_batch(pictures, vocab, batch_size=batch_size)
+    except Exception as err:  # noqa: BLE001 - retry one by one so one image costs one score
+        log.warning("batch of %d failed (%s); one image at a time", len(pictures), err)
+    results = []
+    for picture in pictures:
+        try:
+            results.append(segmentor.segment(picture, vocab))
+        except Exception:  # noqa: BLE001
+            results.append(None)
+    return results
+
+
+# ---------------------------------------------------------------------- selection
+@dataclasses.dataclass(frozen=True)
+class ReviewOptions:
+    n: int
+    seed: int = 0
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    confidence_threshold: float = 0.5
+    compare_method: str = "naclip"
+    candidates: int | None = None  # images re-segmented for disagreement; None: max(4n, 64)
+    rare_min_share: float = 0.01
+
+
+def parse_strategies(text: str | Sequence[str]) -> tuple[str, ...]:
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    names = [p.strip() for p in parts if p.strip()]
+    if names == ["all"]:
+        return STRATEGIES
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown or not names:
+        raise _cli.CliError(
+            f"unknown strategy {unknown or text!r}; choose from {', '.join(STRATEGIES)} or 'all'"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def validate_options(options: ReviewOptions) -> None:
+    if options.n <= 0:
+        raise _cli.CliError(f"-n must be a positive number of images to review, got {options.n}")
+    if not 0.0 < options.confidence_threshold <= 1.0:
+        raise _cli.CliError("--confidence-threshold must be within (0, 1]")
+    if options.candidates is not None and options.candidates <= 0:
+        raise _cli.CliError("--candidates must be positive")
+    if not 0.0 <= options.rare_min_share < 1.0:
+        raise _cli.CliError("--rare-min-share must be within [0, 1)")
+    parse_strategies(options.strategies)
+    if "disagreement" in options.strategies:
+        from cliptrase.methods import METHODS
+
+        if options.compare_method not in METHODS:
+            raise _cli.CliError(
+                f"unknown --compare-method {options.compare_method!r}; known: "
+                f"{', '.join(sorted(METHODS))}"
+            )
+
+
+def select(
+    scores: RunScores,
+    options: ReviewOptions,
+    segmentor_factory=None,
+    storage_options: dict | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Rank the scored images with each strategy and choose ``options.n`` by turns.
+
+    ``segmentor_factory()`` returns the segmentor of the other method; it is called only when
+    the disagreement strategy is asked for. Returns the selection document.
+    """
+    images = scores.images
+    run = scores.run
+    if not images:
+        raise _cli.CliError(
+            f"no labelled images in {run.layout.uri}: all {len(scores.errors)} rows are errors"
+        )
+    n = options.n
+    if n > len(images):
+        log.warning("-n %d is more than the %d labelled images: selecting all", n, len(images))
+    orders: dict[str, list[int]] = {}
+    reasons: dict[str, dict[int, str]] = {}
+    threshold = options.confidence_threshold
+    candidates: list[int] = []
+    compared = 0
+    if "disagreement" in options.strategies:
+        count = options.candidates or max(4 * n, 64)
+        candidates = disagreement_candidates(images, min(count, len(images)))
+        segmentor = segmentor_factory()
+        compared = compute_disagreement(
+            scores, candidates, segmentor, storage_options, batch_size, progress
+        )
+        if not compared:
+            log.warning(
+                "disagreement: none of the %d candidates could be re-segmented", len(candidates)
+            )
+    for strategy in options.strategies:
+        if strategy == "low-confidence":
+            orders[strategy] = low_confidence_order(images)
+            reasons[strategy] = {
+                i: f"low confidence: mean {images[i].mean_confidence:.2f}" for i in orders[strategy]
+            }
+        elif strategy == "uncertain-area":
+            orders[strategy] = uncertain_area_order(images)
+            reasons[strategy] = {
+                i: f"uncertain area: {images[i].low_confidence_share:.0%} of pixels below "
+                f"confidence {threshold:g}"
+                for i in orders[strategy]
+            }
+        elif strategy == "disagreement":
+            orders[strategy] = disagreement_order(images)
+            reasons[strategy] = {
+                i: f"disagreement: {images[i].disagreement:.0%} of pixels labelled otherwise "
+                f"by {options.compare_method}"
+                for i in orders[strategy]
+            }
+        elif strategy == "rare-class":
+            orders[strategy], reasons[strategy] = rare_class_order(
+                images, run.names, options.rare_min_share
+            )
+        elif strategy == "random":
+            orders[strategy] = random_order(images)
+            reasons[strategy] = {
+                i: f"random sample (seed {options.seed})" for i in orders[strategy]
+            }
+    if "rare-class" not in orders:  # rarity is reported for every selection
+        rare_class_order(images, run.names, options.rare_min_share)
+    chosen = _choose(orders, n)
+    selected = []
+    for rank, (index, strategy, strategy_rank) in enumerate(chosen, start=1):
+        score = images[index]
+        selected.append(
+            {
+                "rank": rank,
+                "image_id": score.image_id,
+                "shard_id": score.shard_id,
+                "source_uri": score.source_uri,
+                "width": score.width,
+                "height": score.height,
+                "chosen_by": strategy,
+                "strategy_rank": strategy_rank,
+                "reason": reasons[strategy][index],
+                "scores": strategy_scores(score),
+                "mean_confidence": score.mean_confidence,
+                "low_confidence_share": score.low_confidence_share,
+                "disagreement": score.disagreement,
+                "classes": [
+                    run.names[label] if label < len(run.names) else f"label {label}"
+                    for label, share in zip(score.class_ids, score.class_shares)
+                    if share >= options.rare_min_share
+                ],
+            }
+        )
+    return selection_document(scores, options, selected, len(candidates), compared)
+
+
+def strategy_scores(score: ImageScore) -> dict[str, float | None]:
+    """Every strategy's score of an image, higher = more worth reviewing."""
+    return {
+        "low-confidence": 1.0 - score.mean_confidence,
+        "uncertain-area": score.low_confidence_share,
+        "disagreement": score.disagreement,
+        "rare-class": score.rarity,
+    }
+
+
+def _choose(orders: dict[str, list[int]], n: int) -> list[tuple[int, str, int]]:
+    """Turns of the strategies: ``(image index, strategy, its rank there)``, no repeats."""
+    chosen: list[tuple[int, str, int]] = []
+    seen: set[int] = set()
+    positions = dict.fromkeys(orders, 0)
+    while len(chosen) < n:
+        moved = False
+        for strategy, order in orders.items():
+            if len(chosen) >= n:
+                break
+            while positions[strategy] < len(order) and order[positions[strategy]] in seen:
+                positions[strategy] += 1
+            if positions[strategy] >= len(order):
+                continue
+            index = order[positions[strategy]]
+            positions[strategy] += 1
+            seen.add(index)
+            chosen.append((index, strategy, positions[strategy]))
+            moved = True
+        if not moved:
+            break
+    return chosen
+
+
+def provenance(run: LabelledRun) -> dict[str, Any]:
+    """Where labels came from: config hash, model, weights identity, random or not."""
+    meta = run.metadata
+    out = {
+        "labels": run.layout.uri,
+        "config_hash": meta.get("config_hash"),
+        "model": meta.get("model"),
+        "pretrained": meta.get("pretrained"),
+        "weights_identity": meta.get("weights_identity"),
+        "random_weights": run.random_weights,
+        "method": meta.get("method"),
+        "precision": meta.get("precision"),
+        "package_version": meta.get("package_version"),
+        "names": run.names,
+    }
+    if run.random_weights:
+        out["note"] = _cli.RANDOM_WEIGHTS_BANNER
+    return out
+
+
+def selection_document(
+    scores: RunScores, options: ReviewOptions, selected: list[dict], candidates: int, compared: int
+) -> dict[str, Any]:
+    run = scores.run
+    doc = {
+        "kind": "cliptrase-review-selection",
+        "version": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance(run),
+        "options": {
+            "n": options.n,
+            "seed": options.seed,
+            "strategies": list(options.strategies),
+            "confidence_threshold": options.confidence_threshold,
+            "compare_method": options.compare_method
+            if "disagreement" in options.strategies
+            else None,
+            "candidates": candidates,
+            "candidates_compared": compared,
+            "rare_min_share": options.rare_min_share,
+        },
+        "counts": {
+            "rows": len(scores.images) + len(scores.errors),
+            "ok": len(scores.images),
+            "error": len(scores.errors),
+            "selected": len(selected),
+        },
+        "selected": selected,
+    }
+    return doc
+
+
+def selection_csv(doc: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(
+        [
+            "rank",
+            "image_id",
+            "chosen_by",
+            "reason",
+            "mean_confidence",
+            "low_confidence_share",
+            "disagreement",
+            "rarity",
+            "classes",
+            "source_uri",
+        ]
+    )
+    for entry in doc["selected"]:
+        writer.writerow(
+            [
+                entry["rank"],
+                entry["image_id"],
+                entry["chosen_by"],
+                entry["reason"],
+                f"{entry['mean_confidence']:.4f}",
+                f"{entry['low_confidence_share']:.4f}",
+                "" if entry["disagreement"] is None else f"{entry['disagreement']:.4f}",
+                ""
+                if entry["scores"]["rare-class"] is None
+                else f"{entry['scores']['rare-class']:.4f}",
+                ";".join(entry["classes"]),
+                entry["source_uri"],
+            ]
+        )
+    return buf.getvalue()
+
+
+def default_out(run: LabelledRun) -> str:
+    return f"{run.layout.uri.rstrip('/')}/{REVIEW_DIR}"
+
+
+def write_selection(doc: dict[str, Any], out: str, storage_options: dict | None = None) -> str:
+    """Write ``selection.json`` and ``selection.csv`` under ``out``; returns the JSON's URI."""
+    fs, root = _output_fs(out, storage_options)
+    _put(fs, f"{root}/{SELECTION_FILE}", json.dumps(doc, indent=2).encode())
+    _put(fs, f"{root}/{SELECTION_CSV}", selection_csv(doc).encode())
+    return f"{out.rstrip('/')}/{SELECTION_FILE}"
+
+
+def load_selection(path: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """A selection written by :func:`write_selection`: its JSON file, or the folder holding it."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    root = root.rstrip("/")
+    if not root.endswith(".json"):
+        root = f"{root}/{SELECTION_FILE}"
+    try:
+        with fs.open(root, "rb") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise _cli.CliError(f"no review selection at {path}") from None
+    except json.JSONDecodeError as err:
+        raise _cli.CliError(f"{path} is not a selection file: {err}") from None
+    if doc.get("kind") != "cliptrase-review-selection" or "selected" not in doc:
+        raise _cli.CliError(f"{path} is not a selection written by jobs.review")
+    return doc
+
+
+def find_selection(run: LabelledRun, storage_options: dict | None = None) -> dict | None:
+    """The selection beside the run (``_review/selection.json``), if one was written there."""
+    path = f"{run.layout.root}/{REVIEW_DIR}/{SELECTION_FILE}"
+    if not run.layout.fs.exists(path):
+        return None
+    return load_selection(run.layout.fs.unstrip_protocol(path), storage_options)
+
+
+def review_run(
+    run: LabelledRun,
+    options: ReviewOptions,
+    storage_options: dict | None = None,
+    model: ModelChoice | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score an opened run and select ``options.n`` images; returns the selection document."""
+    validate_options(options)
+    scores = score_run(run, options.confidence_threshold, options.seed, progress)
+    model = model or ModelChoice()
+    return select(
+        scores,
+        options,
+        lambda: load_run_segmentor(run, model, options.compare_method, storage_options),
+        storage_options,
+        model.batch_size,
+        progress,
+    )
+
+
+def review(
+    labels: str,
+    options: ReviewOptions,
+    storage_options: dict | None = None,
+    config_hash: str | None = None,
+    model: ModelChoice | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """:func:`review_run` of the run at ``labels`` (its output URI or config-hash prefix)."""
+    validate_options(options)
+    run = open_run(labels, storage_options, config_hash)
+    return review_run(run, options, storage_options, model, progress)
+
+
+# ------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.review",
+        description="Choose which pseudo-labelled images to review, without ground truth: low "
+        "confidence, uncertain area, disagreement with another method on the same model, rare "
+        "classes. Writes selection.json/.csv beside the run (or to --out) and optionally "
+        "exports the selection for FiftyOne, CVAT or Label Studio. See docs/review.md.",
+    )
+    parser.add_argument(
+        "--labels",
+        required=True,
+        metavar="OUTPUT_URI",
+        help="the labelling run's output (folder or URI), or its <config_hash> prefix",
+    )
+    parser.add_argument("--config-hash", default=None, help="which config-hash prefix to read")
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="URI",
+        help="where to write the selection (default <run>/_review/)",
+    )
+    parser.add_argument("-n", type=int, required=True, help="how many images to select")
+    parser.add_argument("--seed", type=int, default=0, help="seed of ties and random samples")
+    parser.add_argument(
+        "--strategies",
+        default=",".join(DEFAULT_STRATEGIES),
+        help=f"comma-separated, taking turns in this order (default {','.join(DEFAULT_STRATEGIES)}; "
+        f"also 'random', or 'all')",
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="uncertain-area counts pixels below this confidence (default 0.5)",
+    )
+    parser.add_argument(
+        "--compare-method",
+        default="naclip",
+        help="the other method of the disagreement strategy (default naclip)",
+    )
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="images to re-segment for disagreement (default max(4n, 64))",
+    )
+    parser.add_argument(
+        "--rare-min-share",
+        type=float,
+        default=0.01,
+        help="a class counts as present in an image from this share of its pixels (default 0.01)",
+    )
+    parser.add_argument(
+        "--format",
+        default=None,
+        help="also export the selection: fiftyone, cvat, labelstudio (comma-"
+        "separated) into <out>/<format>/",
+    )
+    parser.add_argument(
+        "--image-url-prefix",
+        default="",
+        help="labelstudio: prefix of the task image URLs (see jobs.review_export)",
+    )
+    group = parser.add_argument_group(
+        "model of the disagreement strategy (default: the run's own model and weights)"
+    )
+    group.add_argument("--model", default=None, help="open_clip model name (default: the run's)")
+    group.add_argument(
+        "--weights", default=None, help="checkpoint tag, file or URI (default: the run's)"
+    )
+    group.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random weights (plumbing check; default for runs made with them)",
+    )
+    group.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow pickled checkpoints that need full unpickling",
+    )
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    group.add_argument(
+        "--precision",
+        default=None,
+        choices=("fp32", "fp16", "bf16"),
+        help="default: the run's (fp32 on a CPU)",
+    )
+    group.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _cli.add_storage_args(parser)
+    _cli.add_logging_args(parser)
+    return parser
+
+
+@_cli.exit_on_user_errors
+def main(argv: Sequence[str] | None = None) -> int:
+    args, storage = _cli.parse_job_args(build_parser(), argv)
+    options = ReviewOptions(
+        n=args.n,
+        seed=args.seed,
+        strategies=parse_strategies(args.strategies),
+        confidence_threshold=args.confidence_threshold,
+        compare_method=args.compare_method,
+        candidates=args.candidates,
+        rare_min_share=args.rare_min_share,
+    )
+    formats = []
+    if args.format:
+        from .review_export import parse_formats
+
+        formats = parse_formats(args.format)
+    if args.batch_size < 1:
+        raise _cli.CliError("--batch-size must be positive")
+    model = ModelChoice(
+        model=args.model,
+        weights=args.weights,
+        random_weights=args.random_weights,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        trust_pickle=args.trust_pickle,
+    )
+    progress = not (args.no_progress or args.quiet)
+    validate_options(options)
+    run = open_run(args.labels, storage, args.config_hash)
+    doc = review_run(run, options, storage, model, progress)
+    out = args.out or default_out(run)
+    written = write_selection(doc, out, storage)
+    if doc["random_weights"]:
+        print(_cli.RANDOM_WEIGHTS_BANNER)
+    for entry in doc["selected"]:
+        print(f"{entry['rank']:>4}  {entry['image_id']}  [{entry['chosen_by']}] {entry['reason']}")
+    print(
+        f"selected {len(doc['selected'])} of {doc['counts']['ok']} labelled images "
+        f"({doc['counts']['error']} error rows); wrote {written} and {SELECTION_CSV}"
+    )
+    if formats:
+        from .review_export import ReviewExportOptions, export_review
+
+        for fmt in formats:
+            target = f"{out.rstrip('/')}/{fmt}"
+            summary = export_review(
+                run,
+                target,
+                ReviewExportOptions(format=fmt, image_url_prefix=args.image_url_prefix),
+                storage,
+                selection=doc,
+                progress=progress,
+            )
+            print(f"exported {summary['images']} images for {fmt} to {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
