@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -167,54 +169,264 @@ def decode_masks(row: Any) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- writing
 
 
+ROW_GROUP_ROWS = 64
+"""A shard's file is written a row group at a time: at most this many rows are buffered..."""
+ROW_GROUP_BYTES = 32 << 20
+"""...or this many bytes of PNGs, whichever comes first (1080p masks are ~10-100 kB each)."""
+
+
+def shard_schema(metadata: dict[str, Any]) -> pa.Schema:
+    """:data:`SCHEMA` with the run's provenance under :data:`METADATA_KEY`."""
+    return SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+
+
 def shard_table(rows: Sequence[dict[str, Any]], metadata: dict[str, Any]) -> pa.Table:
-    schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    return pa.Table.from_pylist(list(rows), schema=schema)
+    return pa.Table.from_pylist(list(rows), schema=shard_schema(metadata))
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes and counts what passes through it to ``raw``.
+
+    Parquet is written front to back (no seeks), so the digest is that of the finished file
+    without reading it back or holding it in memory.
+    """
+
+    def __init__(self, raw):
+        super().__init__()
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.raw.write(view)
+        self.sha256.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        if not self.closed:
+            self.raw.close()
+        super().close()
+
+
+class ShardWriter:
+    """Streams one shard's rows into its Parquet file, then commits it (file, then marker).
+
+    ``write(row)`` buffers at most :data:`ROW_GROUP_ROWS` rows / :data:`ROW_GROUP_BYTES` bytes
+    and writes them as one zstd row group, so memory does not grow with the shard. ``commit()``
+    finishes the file, puts it in place and writes the marker ``_committed/<shard_id>.json``
+    (rows, ok, errors, and the ``bytes`` and ``sha256`` of exactly the committed file, hashed
+    as it is written); it returns the marker. ``abort()`` (also what leaving a ``with`` block
+    on an exception does before ``commit``) deletes the partial file. The order makes it safe
+    to die at any point: a shard counts as done only if its marker exists.
+
+    Locally the file is written under ``_tmp/`` (same filesystem) and renamed into
+    ``shards/`` on commit, so ``shards/`` only ever holds whole files.
+
+    On object stores the file is spooled to a local temporary file (``tempfile``, so
+    ``TMPDIR``: bounded by disk, not memory) and uploaded once on commit with ``fs.put_file``:
+    on s3fs one PUT, or a multipart upload for files of 100 MiB and more (50 MiB parts,
+    completed atomically, aborted by s3fs on error); either way the object appears whole or
+    not at all, with no copy + delete "rename", and nothing reaches the store before the
+    shard is complete. Why not stream the row groups into a multipart upload of the final
+    key: it saves the local disk but not much memory (s3fs buffers >= 5 MiB parts), and every
+    actor that dies mid-shard would leave an incomplete upload behind (invisible, billed until
+    a lifecycle rule removes it). Cost of the spool: local disk for one shard file, and for
+    the one-PUT case s3fs reads the file (< 100 MiB) into memory while uploading it, after the
+    rows are gone. Spools of a process that died are swept by the next writer on the node.
+    """
+
+    def __init__(
+        self,
+        layout: RunLayout,
+        shard_id: str,
+        metadata: dict[str, Any],
+        *,
+        source_uri: str = "",
+        row_group_rows: int = ROW_GROUP_ROWS,
+        row_group_bytes: int = ROW_GROUP_BYTES,
+    ):
+        self.layout = layout
+        self.shard_id = shard_id
+        self.source_uri = source_uri
+        self.config_hash = metadata.get("config_hash")
+        self.row_group_rows = max(1, row_group_rows)
+        self.row_group_bytes = row_group_bytes
+        self.schema = shard_schema(metadata)
+        self.rows = 0
+        self.ok = 0
+        self.row_groups = 0
+        self._buffer: list[dict[str, Any]] = []
+        self._buffer_bytes = 0
+        self._state = "open"
+        self._local = _is_local(layout.fs)
+        if self._local:
+            layout.makedirs()
+            self._path = f"{layout.tmp_dir()}/{shard_id}.{uuid.uuid4().hex[:8]}.parquet"
+            raw = open(self._path, "wb")  # closed by commit() or abort()
+        else:
+            _sweep_stale_spools()
+            fd, self._path = tempfile.mkstemp(
+                prefix=f"{os.getpid()}-", suffix=".parquet", dir=_spool_dir()
+            )
+            raw = os.fdopen(fd, "wb")
+        self._file = _HashingFile(raw)
+        self._writer: pq.ParquetWriter | None = None
+        try:
+            self._writer = pq.ParquetWriter(self._file, self.schema, compression="zstd")
+        except BaseException:
+            self.abort()
+            raise
+
+    # ------------------------------------------------------------------ writing
+    def write(self, row: dict[str, Any]) -> None:
+        """Append one row (rows keep the order they are written in)."""
+        if self._state != "open":
+            raise RuntimeError(f"shard writer for {self.shard_id} is {self._state}")
+        self._buffer.append(row)
+        self._buffer_bytes += _row_bytes(row)
+        self.rows += 1
+        self.ok += row["status"] == "ok"
+        if len(self._buffer) >= self.row_group_rows or self._buffer_bytes >= self.row_group_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        table = pa.Table.from_pylist(self._buffer, schema=self.schema)
+        self._writer.write_table(table, row_group_size=table.num_rows)
+        self.row_groups += 1
+        self._buffer, self._buffer_bytes = [], 0
+
+    # ------------------------------------------------------------------ finishing
+    def commit(self) -> dict[str, Any]:
+        """Finish the file, put it in place, write the marker; returns the marker."""
+        if self._state != "open":
+            raise RuntimeError(f"shard writer for {self.shard_id} is {self._state}")
+        try:
+            self._flush()
+            self._writer.close()
+            self._file.close()
+            final = self.layout.shard_path(self.shard_id)
+            if self._local:
+                os.replace(self._path, final)
+            else:
+                self.layout.fs.put_file(self._path, final)
+                _remove(self._path)
+        except BaseException:
+            self.abort()
+            raise
+        # From here the file is in place: a failure below leaves a whole, uncommitted file
+        # that the next attempt's remove_uncommitted deletes (never this writer: the marker
+        # may have been written even if writing it raised).
+        self._state = "committed"
+        marker = {
+            "shard_id": self.shard_id,
+            "source_uri": self.source_uri,
+            "rows": self.rows,
+            "ok": self.ok,
+            "errors": self.rows - self.ok,
+            "bytes": self._file.size,
+            "sha256": self._file.sha256.hexdigest(),
+            "config_hash": self.config_hash,
+            "committed_at": time.time(),
+        }
+        write_whole(
+            self.layout,
+            self.layout.marker_path(self.shard_id),
+            json.dumps(marker, sort_keys=True).encode(),
+        )
+        return marker
+
+    def abort(self) -> None:
+        """Drop the shard: close and delete the partial file. Nothing is committed."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._buffer = []
+        for handle in (self._writer, self._file):
+            try:
+                if handle is not None:
+                    handle.close()
+            except Exception:  # noqa: BLE001 - the file is being discarded anyway
+                pass
+        _remove(self._path)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.abort()  # a no-op after commit
+
+
+def _row_bytes(row: dict[str, Any]) -> int:
+    return 256 + len(row.get("mask_png") or b"") + len(row.get("confidence_png") or b"")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _spool_dir() -> str:
+    path = os.path.join(tempfile.gettempdir(), "cliptrase-spool")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+STALE_SPOOL_S = 600.0
+
+
+def _sweep_stale_spools() -> None:
+    """Delete spools left by processes that died mid-shard (an OOM-killed actor, say): those
+    whose writer's pid is gone and that have not changed for :data:`STALE_SPOOL_S`."""
+    folder = _spool_dir()
+    now = time.time()
+    for name in os.listdir(folder):
+        pid, _, _ = name.partition("-")
+        path = os.path.join(folder, name)
+        try:
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if now - os.stat(path).st_mtime >= STALE_SPOOL_S:
+                os.remove(path)
+        except OSError:
+            continue
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_shard(
     layout: RunLayout,
     shard_id: str,
-    rows: Sequence[dict[str, Any]],
+    rows: Iterable[dict[str, Any]],
     metadata: dict[str, Any],
     *,
     source_uri: str = "",
 ) -> dict[str, Any]:
-    """Write a shard's rows and its commit marker; returns the marker.
-
-    Order makes it safe to die at any point: the Parquet file first, the marker last, and a
-    shard counts as done only if its marker exists. Locally the file is written to a temporary
-    name in the same directory and renamed (atomic on POSIX), so a reader never sees half a file.
-    On object stores a single PUT is already atomic and "rename" is copy + delete, so the final
-    key is written directly (a dead attempt leaves at most a complete, uncommitted object that
-    the next attempt overwrites).
-    """
-    buf = io.BytesIO()
-    pq.write_table(shard_table(rows, metadata), buf, compression="zstd")
-    data = buf.getvalue()
-    final = layout.shard_path(shard_id)
-    if _is_local(layout.fs):
-        # The temporary file lives outside shards/, so shards/ only ever holds whole files.
-        layout.makedirs()
-        tmp = f"{layout.tmp_dir()}/{shard_id}.{uuid.uuid4().hex[:8]}.parquet"
-        layout.fs.pipe_file(tmp, data)
-        layout.fs.mv(tmp, final)
-    else:
-        layout.fs.pipe_file(final, data)
-    ok = sum(1 for r in rows if r["status"] == "ok")
-    marker = {
-        "shard_id": shard_id,
-        "source_uri": source_uri,
-        "rows": len(rows),
-        "ok": ok,
-        "errors": len(rows) - ok,
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "config_hash": metadata.get("config_hash"),
-        "committed_at": time.time(),
-    }
-    write_whole(layout, layout.marker_path(shard_id), json.dumps(marker, sort_keys=True).encode())
-    return marker
+    """Write a shard's rows and its commit marker with a :class:`ShardWriter`; returns the
+    marker. ``rows`` may be any iterable (a generator is streamed, never held whole)."""
+    with ShardWriter(layout, shard_id, metadata, source_uri=source_uri) as writer:
+        for row in rows:
+            writer.write(row)
+        return writer.commit()
 
 
 def remove_uncommitted(layout: RunLayout, shard_id: str) -> list[str]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,15 +144,33 @@ class ShardLabeler:
 
     # ------------------------------------------------------------------ labelling
     def process_shard(self, shard: Shard) -> ShardResult:
-        """Label every image of ``shard``, write its Parquet file and commit it."""
+        """Label every image of ``shard``, stream its rows into its Parquet file and commit it.
+
+        Rows go to the :class:`sink.ShardWriter` in order, each as soon as its PNG encode is
+        done; at most ``2 x batch_size`` rows are in flight (plus the prefetched images and
+        one row group in the writer), so memory does not grow with the shard's length.
+        """
         start, cpu_start = time.perf_counter(), time.process_time()
         fs, _ = fsspec.core.url_to_fs(shard.uri, **self.config.storage_options)
-        rows, stats = self.label_records(read_shard(shard, fs, self.config.source), shard.shard_id)
-        write_start = time.perf_counter()
-        rows = [r.result() if isinstance(r, Future) else r for r in rows]
-        marker = sink.write_shard(
-            self.layout, shard.shard_id, rows, self.metadata(), source_uri=_public(shard.uri)
+        stats: dict[str, float] = {}
+        limit = 2 * self.config.segmentor.batch_size
+        in_flight: deque[dict | Future] = deque()
+        write_s = 0.0
+        rows = self.label_records(read_shard(shard, fs, self.config.source), shard.shard_id, stats)
+        writer = sink.ShardWriter(
+            self.layout, shard.shard_id, self.metadata(), source_uri=_public(shard.uri)
         )
+        with writer, closing(rows):
+            for row in rows:
+                in_flight.append(row)
+                write_start = time.perf_counter()
+                while in_flight and (len(in_flight) > limit or _done(in_flight[0])):
+                    writer.write(_resolve(in_flight.popleft()))
+                write_s += time.perf_counter() - write_start
+            write_start = time.perf_counter()
+            while in_flight:
+                writer.write(_resolve(in_flight.popleft()))
+            marker = writer.commit()
         end = time.perf_counter()
         return ShardResult(
             shard_id=shard.shard_id,
@@ -160,7 +180,7 @@ class ShardLabeler:
             seconds=end - start,
             model_s=stats["model_s"],
             wait_s=stats["wait_s"],
-            write_s=end - write_start,
+            write_s=write_s + end - write_start,
             cpu_s=time.process_time() - cpu_start,
             sha256=marker["sha256"],
             node_id=_node_id(),
@@ -170,32 +190,45 @@ class ShardLabeler:
         )
 
     def label_records(
-        self, records: Iterable[ImageRecord], shard_id: str
-    ) -> tuple[list[dict | Future], dict[str, float]]:
-        """Rows (or futures of rows, PNG encoding in flight) for ``records``, in order.
+        self,
+        records: Iterable[ImageRecord],
+        shard_id: str,
+        stats: dict[str, float] | None = None,
+    ) -> Iterator[dict | Future]:
+        """Rows (or futures of rows, PNG encoding in flight) for ``records``, yielded in order
+        as soon as they are known: a batch's rows once it is segmented, an error row at once
+        unless images before it still wait for their batch.
 
         Decoding and preparing run ahead in threads; the calling thread only runs the model.
+        When the records are exhausted (or the generator is closed), ``stats`` gets
+        ``model_s`` (inside ``segment_batch``) and ``wait_s`` (waiting for decoded images).
         """
+        stats = {} if stats is None else stats
         batch_size = self.config.segmentor.batch_size
         prefetch = Prefetcher(records, self._decode_prepare, self.pool, self.config.prefetch_images)
-        rows: list[dict | Future | None] = []
+        pending: list[dict | Future | None] = []  # not yet yielded; None: waits in `batch`
         batch: list[tuple[int, ImageRecord, _Ready]] = []
         model_s = 0.0
         try:
             for record, ready in prefetch:
                 if isinstance(ready, _Ready):
-                    batch.append((len(rows), record, ready))
-                    rows.append(None)
+                    batch.append((len(pending), record, ready))
+                    pending.append(None)
                     if len(batch) >= batch_size:
-                        model_s += self._segment(batch, rows, shard_id)
+                        model_s += self._segment(batch, pending, shard_id)
                         batch = []
                 else:
-                    rows.append(self._error_row(record, shard_id, ready))
+                    pending.append(self._error_row(record, shard_id, ready))
+                if not batch:
+                    yield from pending
+                    pending = []
             if batch:
-                model_s += self._segment(batch, rows, shard_id)
+                model_s += self._segment(batch, pending, shard_id)
+            yield from pending
         finally:
             prefetch.close()
-        return rows, {"model_s": model_s, "wait_s": prefetch.wait_s}
+            stats["model_s"] = model_s
+            stats["wait_s"] = prefetch.wait_s
 
     def _decode_prepare(self, record: ImageRecord) -> _Ready | _Failed:
         if record.error is not None:
@@ -246,20 +279,16 @@ class ShardLabeler:
                     ),
                 )
                 continue
-            rows[index] = self.pool.submit(
-                sink.ok_row,
-                image_id=record.image_id,
-                shard_id=shard_id,
-                key=record.key,
-                source_uri=_public(record.source_uri),
-                labels=result.labels,
-                confidence_map=result.confidence_map,
-                counts=result.counts,
-                exif_transposed=ready.decoded.exif_transposed,
-                windows=result.windows,
-                decode_ms=ready.decode_ms,
-                segment_ms=seg_ms,
+            # Only ids and scalars travel with the encode: not the JPEG bytes, not the image.
+            seen = _Failed(
+                "",
+                ready.decoded.width,
+                ready.decoded.height,
+                ready.decoded.exif_transposed,
+                ready.decode_ms,
             )
+            ids = (record.image_id, record.key, _public(record.source_uri))
+            rows[index] = self.pool.submit(_ok_row, ids, shard_id, seen, result, seg_ms)
         return busy
 
     def _error_row(self, record: ImageRecord, shard_id: str, failed: _Failed) -> dict:
@@ -277,6 +306,49 @@ class ShardLabeler:
 
 
 SegmentorActor = ray.remote(ShardLabeler)
+
+
+def _ok_row(
+    ids: tuple[str, str, str], shard_id: str, seen: _Failed, result: Any, seg_ms: float
+) -> dict:
+    """An image's row, PNG encodes included (in a pool thread); if encoding raises, the
+    image's error row: one image that cannot be encoded costs its row, not the shard."""
+    image_id, key, source_uri = ids
+    try:
+        return sink.ok_row(
+            image_id=image_id,
+            shard_id=shard_id,
+            key=key,
+            source_uri=source_uri,
+            labels=result.labels,
+            confidence_map=result.confidence_map,
+            counts=result.counts,
+            exif_transposed=seen.exif_transposed,
+            windows=result.windows,
+            decode_ms=seen.decode_ms,
+            segment_ms=seg_ms,
+        )
+    except Exception as exc:  # noqa: BLE001 - becomes this image's error row
+        log.warning("PNG encoding of %s failed: %s", image_id, exc)
+        return sink.error_row(
+            image_id=image_id,
+            shard_id=shard_id,
+            key=key,
+            source_uri=source_uri,
+            error=f"PNG encoding failed: {type(exc).__name__}: {exc}",
+            width=seen.width,
+            height=seen.height,
+            exif_transposed=seen.exif_transposed,
+            decode_ms=seen.decode_ms,
+        )
+
+
+def _done(row: dict | Future) -> bool:
+    return not isinstance(row, Future) or row.done()
+
+
+def _resolve(row: dict | Future) -> dict:
+    return row.result() if isinstance(row, Future) else row
 
 
 def _ms(start: float) -> float:

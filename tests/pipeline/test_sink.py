@@ -110,3 +110,126 @@ def test_decode_masks_of_an_error_row_explains_why():
     row = sink.error_row(image_id="s/bad", shard_id="s", key="bad", source_uri="u", error="corrupt")
     with pytest.raises(ValueError, match="corrupt"):
         pipeline.decode_masks(row)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _rows(n: int, every_error: int = 7) -> list[dict]:
+    """``n`` rows of varied arrays (uint8 and uint16 masks), every ``every_error``-th an error."""
+    rng = np.random.default_rng(n)
+    rows = []
+    for i in range(n):
+        if i % every_error == 3:
+            rows.append(
+                sink.error_row(
+                    image_id=f"s/{i}", shard_id="s", key=str(i), source_uri="u", error=f"bad {i}"
+                )
+            )
+            continue
+        labels = rng.integers(0, 300 if i % 5 == 0 else 6, (5 + i % 4, 6)).astype(
+            np.uint16 if i % 5 == 0 else np.uint8
+        )
+        rows.append(_row(labels, rng.random((3, 4), dtype=np.float32), 300, image_id=f"s/{i}"))
+    return rows
+
+
+def _files(path) -> list:
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+
+def test_a_long_shard_is_streamed_in_row_groups_with_the_same_rows(tmp_path):
+    layout = RunLayout.open(str(tmp_path), "h")
+    rows, metadata = _rows(150), {"names": ["a"], "config_hash": "h"}
+    marker = sink.write_shard(layout, "s", iter(rows), metadata, source_uri="file:///s.tar")
+    path = tmp_path / "h/shards/s.parquet"
+    parquet = pq.ParquetFile(path)
+    assert parquet.metadata.num_row_groups == 3  # 64 + 64 + 22
+    assert [parquet.metadata.row_group(i).num_rows for i in range(3)] == [64, 64, 22]
+    table = pq.read_table(path)
+    expected = sink.shard_table(rows, metadata)
+    assert table.equals(expected) and table.schema.metadata == expected.schema.metadata
+    assert table.to_pylist() == rows
+    data = path.read_bytes()
+    assert (marker["bytes"], marker["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    errors = sum(r["status"] == "error" for r in rows)
+    assert (marker["rows"], marker["ok"], marker["errors"]) == (150, 150 - errors, errors)
+    assert marker["source_uri"] == "file:///s.tar" and marker["config_hash"] == "h"
+    assert json.loads((tmp_path / "h/_committed/s.json").read_text()) == marker
+    assert _files(tmp_path / "h/_tmp") == []
+
+
+def test_row_groups_are_also_bounded_in_bytes(tmp_path):
+    layout = RunLayout.open(str(tmp_path), "h")
+    rows = _rows(20, every_error=1000)
+    each = len(rows[0]["mask_png"]) + len(rows[0]["confidence_png"]) + 256
+    writer = sink.ShardWriter(layout, "s", {"config_hash": "h"}, row_group_bytes=3 * each)
+    for row in rows:
+        writer.write(row)
+    writer.commit()
+    assert writer.row_groups == pq.ParquetFile(tmp_path / "h/shards/s.parquet").num_row_groups
+    assert 5 <= writer.row_groups <= 10  # ~3 rows a group, not 64
+    assert pq.read_table(tmp_path / "h/shards/s.parquet").to_pylist() == rows
+
+
+def test_an_empty_shard_is_a_valid_file(tmp_path):
+    layout = RunLayout.open(str(tmp_path), "h")
+    marker = sink.write_shard(layout, "e", [], {"config_hash": "h"})
+    table = pq.read_table(tmp_path / "h/shards/e.parquet")
+    assert table.num_rows == 0 and table.schema.names == list(sink.COLUMNS)
+    assert marker["bytes"] == (tmp_path / "h/shards/e.parquet").stat().st_size
+
+
+def test_abort_leaves_no_shard_file_no_temp_file_and_no_marker(tmp_path):
+    layout = RunLayout.open(str(tmp_path), "h")
+    writer = sink.ShardWriter(layout, "s", {"config_hash": "h"})
+    for row in _rows(100):
+        writer.write(row)
+    assert len(_files(tmp_path / "h/_tmp")) == 1  # the partial file, outside shards/
+    assert _files(tmp_path / "h/shards") == []
+    writer.abort()
+    writer.abort()  # idempotent
+    assert _files(tmp_path / "h/_tmp") == _files(tmp_path / "h/shards") == []
+    assert committed_shard_ids(layout) == set()
+    with pytest.raises(RuntimeError, match="aborted"):
+        writer.write(_rows(1)[0])
+    with pytest.raises(RuntimeError, match="aborted"):
+        writer.commit()
+
+
+def test_an_exception_while_writing_aborts_the_shard(tmp_path):
+    layout = RunLayout.open(str(tmp_path), "h")
+
+    def rows_then_failure():
+        yield from _rows(70)
+        raise OSError("the input went away")
+
+    with pytest.raises(OSError, match="went away"):
+        sink.write_shard(layout, "s", rows_then_failure(), {"config_hash": "h"})
+    assert _files(tmp_path / "h/_tmp") == _files(tmp_path / "h/shards") == []
+    assert committed_shard_ids(layout) == set()
+
+
+def test_stale_spools_of_dead_processes_are_swept(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(sink.tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / "cliptrase-spool"
+    folder.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    old = [folder / f"{dead_pid}-old.parquet", folder / f"{os.getpid()}-mine.parquet"]
+    recent = folder / f"{dead_pid}-recent.parquet"
+    for path in (*old, recent):
+        path.write_bytes(b"PAR1")
+    for path in old:
+        os.utime(path, (0, 0))
+    sink._sweep_stale_spools()
+    assert _files(folder) == sorted([f"{os.getpid()}-mine.parquet", recent.name])

@@ -1,0 +1,110 @@
+"""``ShardLabeler.process_shard`` in-process with the tiny random model: rows are streamed to
+the shard writer in order with a bounded number in flight, and an image whose PNG encoding
+raises costs its row, not the shard."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline
+from pipeline import sink
+from pipeline.worker import ShardLabeler
+
+from .conftest import CORRUPT, jpeg, make_tar, tiny_config
+
+
+@pytest.fixture(scope="module")
+def labeler(tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    return ShardLabeler(tiny_config([str(out / "unused")], out, decode_threads=2))
+
+
+def _shard(path) -> pipeline.Shard:
+    (shard,) = pipeline.list_shards(str(path))
+    return shard
+
+
+def _table(labeler, shard):
+    return pq.read_table(labeler.layout.fs.open(labeler.layout.shard_path(shard.shard_id), "rb"))
+
+
+def test_an_image_whose_png_encoding_fails_is_an_error_row(labeler, photos, tmp_path, monkeypatch):
+    names = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
+    make_tar(tmp_path / "png.tar", {f"{n}.jpg": jpeg(photos[n]) for n in names})
+    shard = _shard(tmp_path / "png.tar")
+    w, h = photos["chelsea"].size
+    real = sink.encode_png
+
+    def encode_png(array, *args, **kwargs):
+        if array.shape == (h, w):  # chelsea's mask (no other image has this size)
+            raise ValueError("simulated zlib failure")
+        return real(array, *args, **kwargs)
+
+    monkeypatch.setattr(sink, "encode_png", encode_png)
+    result = labeler.process_shard(shard)
+    assert (result.rows, result.ok, result.errors) == (5, 4, 1)
+    rows = {r["key"]: r for r in _table(labeler, shard).to_pylist()}
+    bad = rows.pop("chelsea")
+    assert bad["status"] == "error" and bad["mask_png"] is None
+    assert bad["error"] == "PNG encoding failed: ValueError: simulated zlib failure"
+    assert (bad["width"], bad["height"]) == (w, h) and bad["decode_ms"] is not None
+    for key, row in rows.items():
+        labels, _ = pipeline.decode_masks(row)
+        assert row["status"] == "ok" and labels.shape == photos[key].size[::-1]
+    marker = json.loads(labeler.layout.fs.cat_file(labeler.layout.marker_path(shard.shard_id)))
+    assert (marker["rows"], marker["errors"]) == (5, 1)
+
+
+def test_rows_stream_to_the_writer_in_order_with_few_in_flight(
+    labeler, photos, tmp_path, monkeypatch
+):
+    rng = np.random.default_rng(0)
+    names = sorted(photos)
+    members = {}
+    for i in range(100):
+        if i in (5, 66, 67):
+            members[f"{i:03d}.jpg"] = CORRUPT  # error rows between batches' images
+            continue
+        image = photos[names[i % len(names)]]
+        side = int(rng.integers(40, 72))
+        members[f"{i:03d}.jpg"] = jpeg(image.resize((side, side * image.height // image.width)))
+    make_tar(tmp_path / "long.tar", members)
+    shard = _shard(tmp_path / "long.tar")
+
+    yielded, in_flight_at_write, finished = [0], [], []
+    label_records, write = labeler.label_records, sink.ShardWriter.write
+
+    def counting_label_records(*args, **kwargs):
+        for row in label_records(*args, **kwargs):
+            yielded[0] += 1
+            yield row
+        finished.append(True)
+
+    def counting_write(self, row):
+        # Rows handed out by label_records and not yet written, this one included.
+        in_flight_at_write.append((yielded[0] - self.rows, bool(finished)))
+        write(self, row)
+
+    monkeypatch.setattr(labeler, "label_records", counting_label_records)
+    monkeypatch.setattr(sink.ShardWriter, "write", counting_write)
+    result = labeler.process_shard(shard)
+
+    assert (result.rows, result.errors) == (100, 3)
+    limit = 2 * labeler.config.segmentor.batch_size
+    assert max(n for n, _ in in_flight_at_write) <= limit + 1
+    assert sum(not done for _, done in in_flight_at_write) > 60  # written while labelling
+    parquet = pq.ParquetFile(labeler.layout.fs.open(labeler.layout.shard_path(shard.shard_id)))
+    assert [parquet.metadata.row_group(i).num_rows for i in range(2)] == [64, 36]
+    table = parquet.read()
+    assert table.column("key").to_pylist() == [f"{i:03d}" for i in range(100)]
+    errors = [
+        k
+        for k, s in zip(table.column("key").to_pylist(), table.column("status").to_pylist())
+        if s == "error"
+    ]
+    assert errors == ["005", "066", "067"]
+    assert result.write_s >= 0 and result.model_s > 0
