@@ -27,6 +27,7 @@ from .config import OUTPUT_FORMAT, RunConfig
 from .decode import DecodedImage, Prefetcher, decode_image
 from .manifest import RunLayout
 from .sources import ImageRecord, Shard, read_shard
+from .vocabulary import compiled_vocabulary
 
 log = logging.getLogger("pipeline")
 
@@ -104,13 +105,13 @@ class ShardLabeler:
             trust_pickle=spec.trust_pickle,
             seed=spec.seed,
         )
-        voc = config.vocabulary
-        self.vocab = self.segmentor.vocabulary(
-            voc.classes, voc.background, voc.templates, synonyms=voc.synonyms or None
-        )
-        self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         self.config_hash = config.config_hash()
         self.layout = RunLayout.open(config.output, self.config_hash, config.storage_options)
+        # Computed by the first actor of the run, loaded by every other one and by re-runs.
+        self.vocab = compiled_vocabulary(self.segmentor, config.vocabulary, self.layout)
+        self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+        # JPEGs decoded by libjpeg's DCT scaling down to no less than the processing size.
+        self.draft_short_side = self.segmentor.config.short_side if config.source.jpeg_draft else None
 
     # ------------------------------------------------------------------ provenance
     def metadata(self) -> dict[str, Any]:
@@ -235,11 +236,13 @@ class ShardLabeler:
             return _Failed(record.error)
         start = time.perf_counter()
         try:
-            decoded = decode_image(record.data, self.config.source.max_image_pixels)
+            decoded = decode_image(
+                record.data, self.config.source.max_image_pixels, self.draft_short_side
+            )
         except cliptrase.InvalidImageError as exc:
             return _Failed(str(exc), decode_ms=_ms(start))
         try:
-            prepared = self.segmentor.prepare(decoded.image)
+            prepared = self.segmentor.prepare(decoded.image, original_size=decoded.original_size)
         except cliptrase.InvalidImageError as exc:
             return _Failed(
                 str(exc), decoded.width, decoded.height, decoded.exif_transposed, _ms(start)

@@ -281,3 +281,24 @@ def test_storage_failures_never_fail_the_actor(tmp_path, caplog):
         vocab = vc.compiled_vocabulary(seg, SMALL, layout)
     same_vocabulary(vocab, compute(seg, SMALL))
     assert "vocabulary cache" in caplog.text
+
+
+def test_a_second_actor_of_the_run_loads_the_vocabulary_without_the_text_tower(
+    tmp_path, monkeypatch
+):
+    """Two ShardLabelers of one run (as two actors): only the first runs the text tower."""
+    from pipeline.worker import ShardLabeler
+
+    from .conftest import tiny_config
+
+    config = tiny_config([str(tmp_path / "in")], str(tmp_path / "out"))
+    first = ShardLabeler(config)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the text tower ran again")
+
+    monkeypatch.setattr(cliptrase.segmentor, "class_embeddings", forbidden)
+    second = ShardLabeler(config)
+    assert torch.equal(second.vocab.embeddings, first.vocab.embeddings)
+    assert second.vocab.names == first.vocab.names
+    assert list((tmp_path / "out" / config.config_hash() / "_vocabulary").glob("*.safetensors"))
