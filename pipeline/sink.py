@@ -456,7 +456,12 @@ def remove_uncommitted(layout: RunLayout, shard_id: str) -> list[str]:
 def resolve_layout(
     output_uri: str, storage_options: dict | None = None, config_hash: str | None = None
 ) -> RunLayout:
-    """The run root: ``output_uri`` itself if it holds ``_committed/``, else its one hash prefix."""
+    """The run root: ``output_uri`` itself if it holds ``_committed/``, else its hash prefix.
+
+    Several prefixes (runs with different configs): the one with committed shards, when only
+    one has any (a run that failed before committing anything leaves a prefix with none);
+    otherwise an error naming each prefix and its committed-shard count.
+    """
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
@@ -470,12 +475,17 @@ def resolve_layout(
         for p in fs.ls(path, detail=False)
         if fs.exists(f"{p.rstrip('/')}/manifest.json") or fs.exists(f"{p.rstrip('/')}/_committed")
     )
-    if len(candidates) != 1:
-        raise ValueError(
-            f"{len(candidates)} config-hash prefixes under the output ({candidates}); "
-            "pass config_hash= to choose one"
-        )
-    return RunLayout(fs, f"{path}/{candidates[0]}")
+    if len(candidates) == 1:
+        return RunLayout(fs, f"{path}/{candidates[0]}")
+    committed = {c: len(committed_shard_ids(RunLayout(fs, f"{path}/{c}"))) for c in candidates}
+    with_shards = [c for c in candidates if committed[c]]
+    if len(with_shards) == 1:
+        return RunLayout(fs, f"{path}/{with_shards[0]}")
+    listing = ", ".join(f"{c} ({committed[c]} committed shards)" for c in candidates) or "none"
+    raise ValueError(
+        f"{len(candidates)} config-hash prefixes under {output_uri}: {listing}; pass "
+        "config_hash= (CLI: --config-hash) to choose one"
+    )
 
 
 def read_rows(
