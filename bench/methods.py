@@ -9,11 +9,16 @@ and its own head/refiners; ``--whole`` forces one whole-image pass for all, so t
 alone is compared. Medians of ``repeats`` calls of ``segment`` (vocabulary compiled before).
 Random weights: timings do not depend on the weights' values, except CLIPtrase's DBSCAN,
 whose cost depends on how many clusters it finds.
+
+The whole-forward methods (scclip, sfp, dihclip, resclip, resclip_sclip) need
+``Segmentor.dense_features(pixels, vocab)``; where segmentor.py predates that hook their rows
+say so instead of a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import statistics
@@ -25,7 +30,21 @@ import torch
 import cliptrase
 
 
+def needs_missing_hook(name: str) -> bool:
+    """A whole-forward method on a Segmentor without the ``dense_features`` vocab hook."""
+    hooked = "vocab" in inspect.signature(cliptrase.Segmentor.dense_features).parameters
+    return cliptrase.METHODS[name].is_dense_forward and not hooked
+
+
 def time_method(name: str, args, image, clip_model, weights) -> dict:
+    if needs_missing_hook(name):
+        return {
+            "method": name,
+            "mode": "-",
+            "short_side": "-",
+            "windows": "-",
+            "s_per_image": "needs the dense_features hook",
+        }
     config = cliptrase.SegmentorConfig(
         short_side=args.short_side, mode="whole" if args.whole else None
     )

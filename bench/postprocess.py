@@ -65,7 +65,7 @@ def _old_resize(labels, confidence, original):
 
 def new_postprocess(seg, feats, pixels, prepared, vocab):
     """The device path, from the same features: what segment_batch does after the forward."""
-    seg.dense_features = lambda _pixels: feats  # reuse the forward already measured
+    seg.dense_features = lambda _pixels, _vocab=None: feats  # reuse the forward already measured
     try:
         result = seg.segment_batch([prepared], vocab)[0]
     finally:

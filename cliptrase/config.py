@@ -10,7 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # The presets of ``cliptrase.methods.METHODS``, in its order (a test keeps the two equal).
-METHOD_NAMES: tuple[str, ...] = ("cliptrase", "maskclip", "sclip", "clearclip", "naclip", "gem")
+METHOD_NAMES: tuple[str, ...] = (
+    "cliptrase",
+    "maskclip",
+    "sclip",
+    "clearclip",
+    "naclip",
+    "gem",
+    "scclip",
+    "sfp",
+    "dihclip",
+    "resclip",
+    "resclip_sclip",
+)
 
 MODES = ("whole", "slide")
 # Where the decision is taken: "original" (scores stretched bilinearly to the image's size and

@@ -7,13 +7,24 @@ window), a decision head (logit scale, ``prob_thd``, ``area_thd``) and refiners 
 logits, the CLIPtrase cluster vote on the labels). Each preset in :data:`METHODS` carries its
 paper's defaults; ``docs/methods.md`` gives the sources, and :data:`DATASET_OVERRIDES` the
 per-dataset knobs the papers' configs set.
+
+Methods that change more than the last block's attention (SC-CLIP, SFP, DIH-CLIP, ResCLIP) name a
+whole forward instead (``attention`` a key of :data:`attention.DENSE_FORWARDS`); their knobs are
+in ``forward_options`` (:class:`CalibrationOptions`, :class:`ResidualOptions`), reachable from
+``with_options`` by field name like the head's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
-from .attention import ATTENTION_STRATEGIES
+from .attention import (
+    ATTENTION_STRATEGIES,
+    DENSE_FORWARD_OPTIONS,
+    DENSE_FORWARDS,
+    CalibrationOptions,
+    ResidualOptions,
+)
 from .head import DecisionHead
 from .refine import PAMR, ClusterVote
 from .text import DEFAULT_TEMPLATES, MASKCLIP_EXTRA_TEMPLATES, Template
@@ -47,12 +58,27 @@ class Method:
     stride: int | None = None
     # Prompt templates ("...{}..." strings or callables); None: OpenAI's 80 ImageNet templates.
     templates: tuple[str | Template, ...] | None = None
+    # Whole-forward methods (``attention`` in DENSE_FORWARDS): their knobs; None takes the
+    # forward's defaults (DENSE_FORWARD_OPTIONS). Must stay None for per-block strategies.
+    forward_options: CalibrationOptions | ResidualOptions | None = None
 
     def __post_init__(self):
-        if self.attention not in ATTENTION_STRATEGIES:
-            raise ValueError(
-                f"unknown attention {self.attention!r}; known: {sorted(ATTENTION_STRATEGIES)}"
-            )
+        known = sorted(ATTENTION_STRATEGIES) + sorted(DENSE_FORWARDS)
+        if self.attention not in ATTENTION_STRATEGIES and self.attention not in DENSE_FORWARDS:
+            raise ValueError(f"unknown attention {self.attention!r}; known: {known}")
+        if self.attention in DENSE_FORWARDS:
+            default = DENSE_FORWARD_OPTIONS[self.attention]()
+            if self.forward_options is None:
+                object.__setattr__(self, "forward_options", default)
+            elif type(self.forward_options) is not type(default):
+                raise ValueError(
+                    f"{self.attention!r} takes {type(default).__name__}, "
+                    f"got {type(self.forward_options).__name__}"
+                )
+            if self.last_blocks != 1:
+                raise ValueError(f"{self.attention!r} is a whole forward: last_blocks must be 1")
+        elif self.forward_options is not None:
+            raise ValueError(f"forward_options is for {sorted(DENSE_FORWARDS)}, not per-block")
         if self.refiner is not None and self.correlation_block is None:
             object.__setattr__(self, "correlation_block", -2)
         if self.last_blocks < 1:
@@ -66,17 +92,41 @@ class Method:
         if self.templates is not None:
             object.__setattr__(self, "templates", tuple(self.templates))
 
+    @property
+    def is_dense_forward(self) -> bool:
+        """True for whole-forward methods (SC-CLIP, SFP, DIH-CLIP, ResCLIP)."""
+        return self.attention in DENSE_FORWARDS
+
     def with_options(self, **changes) -> Method:
-        """A copy with fields changed; ``logit_scale``/``prob_thd``/``area_thd`` reach the head."""
+        """A copy with fields changed; ``logit_scale``/``prob_thd``/``area_thd`` reach the head,
+        fields of ``forward_options`` (e.g. ``rcs_weights``, ``similarity_layer``) its options."""
         head_changes = {
             k: changes.pop(k) for k in ("logit_scale", "prob_thd", "area_thd") if k in changes
         }
         if head_changes:
             changes["head"] = replace(changes.get("head", self.head), **head_changes)
+        options = changes.get("forward_options", self.forward_options)
+        if options is not None:
+            names = {f.name for f in fields(options)} - {f.name for f in fields(Method)}
+            option_changes = {k: changes.pop(k) for k in list(changes) if k in names}
+            if option_changes:
+                changes["forward_options"] = replace(options, **option_changes)
         return replace(self, **changes)
 
 
 SCLIP_PROTOCOL = {"short_side": 336, "crop": 224, "stride": 112}
+# SC-CLIP, SFP, DIH-CLIP (base_config.py + their segmentors' defaults): SCLIP's protocol, logit
+# scale 40, no residual/FFN in the last block (fixed by the forward), OpenAI's 80 templates.
+# prob_thd 0.15: VOC21's and PC60's (it acts only with background words); the per-dataset rest
+# is in DATASET_OVERRIDES.
+_CALIBRATED = dict(
+    keep_residual=False,
+    keep_ffn=False,
+    correlation_block=None,
+    refiner=None,
+    head=DecisionHead(logit_scale=40.0, prob_thd=0.15),
+    **SCLIP_PROTOCOL,
+)
 
 METHODS: dict[str, Method] = {
     # arXiv 2407.08268: qq+kk+vv in the last block, layer L-1 correlation, DBSCAN vote; whole
@@ -144,6 +194,45 @@ METHODS: dict[str, Method] = {
         short_side=448,
         templates=("a photo of a {}.",),
     ),
+    # arXiv 2411.15869, SuleBai/SC-CLIP clip/model.py + scclip_segmentor.py + configs: LOF
+    # outliers of the penultimate output filled by neighbour means; layer-8 similarities
+    # aggregate the tokens and join kk in the last block; layer-3 similarities smooth its
+    # output; a second pass over the sum of layers 3..9; [CLS] x 0.3 added (attention.py).
+    "scclip": Method("scclip", attention="scclip", **_CALIBRATED),
+    # ICCV 2025, Kimsure/SFP SFP_ICCV/clip/model.py: SC-CLIP's skeleton with attention-based
+    # outliers (SOM: [CLS]->patch x 1.5 above the patch's self-attention, top 10), kk+qq+sim
+    # in the last block, a similarity-only second pass; ADE20K at 384 (DATASET_OVERRIDES).
+    "sfp": Method("sfp", attention="sfp", **_CALIBRATED),
+    # ICCV 2025, duan-song/DiH-CLIP clip/model.py: SC-CLIP's skeleton without outliers, the
+    # layer-8 similarities from selective-head attention, the last block's heads selected by
+    # attention entropy (4 lowest, applied to all values, / 12).
+    "dihclip": Method("dihclip", attention="dihclip", **_CALIBRATED),
+    # arXiv 2411.15851 (CVPR 2025), yvhangyang/ResCLIP clip/model.py + resclip_segmentor.py:
+    # on NACLIP (arch wo_resi, attn "resclip" = kk + Gaussian, std 5): RCS (mean q-k attention
+    # of blocks 5..8 mixed after the softmax) and SFR (a feedback pass's segmentation as an
+    # attention prior before it); SCLIP's protocol, scale 40; weights per dataset (defaults:
+    # COCO-Stuff's); prob_thd 0.1 on background datasets.
+    "resclip": Method(
+        "resclip",
+        attention="resclip",
+        keep_residual=False,
+        keep_ffn=False,
+        correlation_block=None,
+        refiner=None,
+        head=DecisionHead(logit_scale=40.0, prob_thd=0.1),
+        **SCLIP_PROTOCOL,
+    ),
+    # ResCLIP on SCLIP (arch w_resi, attn "sclip": SFR on both qq and kk logits, RCS on the sum
+    # of their softmaxes; residual and FFN kept), with the same per-dataset configs.
+    "resclip_sclip": Method(
+        "resclip_sclip",
+        attention="resclip",
+        forward_options=ResidualOptions(base="qq+kk"),
+        correlation_block=None,
+        refiner=None,
+        head=DecisionHead(logit_scale=40.0, prob_thd=0.1),
+        **SCLIP_PROTOCOL,
+    ),
 }
 
 
@@ -169,7 +258,38 @@ DATASET_OVERRIDES: dict[str, dict[str, dict]] = {
         "cityscapes": {"crop": 224, "stride": 224},
     },
     "maskclip": {"context59": {"short_side": 520}, "context60": {"short_side": 520}},
+    # SC-CLIP configs/cfg_*.py (ViT-B/16); every dataset at short side 336 but Cityscapes 560.
+    "scclip": {
+        "voc21": {"logit_scale": 50.0, "prob_thd": 0.15, "area_thd": 0.1},
+        "context60": {"prob_thd": 0.15},
+        "coco_object": {"logit_scale": 55.0, "prob_thd": 0.35},
+        "cityscapes": {"short_side": 560},
+    },
 }
+# SFP_ICCV/configs and DiH-CLIP/configs set SC-CLIP's values (ViT-B/16 lines); SFP resizes
+# ADE20K to 384.
+DATASET_OVERRIDES["sfp"] = {**DATASET_OVERRIDES["scclip"], "ade20k": {"short_side": 384}}
+DATASET_OVERRIDES["dihclip"] = dict(DATASET_OVERRIDES["scclip"])
+
+
+def _resclip(threshold, rcs, sfr, **extra):
+    return {"sfr_threshold": threshold, "rcs_weights": rcs, "sfr_weights": sfr, **extra}
+
+
+# ResCLIP configs/cfg_*.py: temp_thd, attn_rcs_weights, attn_sfr_weights; VOC whole-image
+# (slide_crop=0); prob_thd 0.1 on VOC21/PC60/Object (the preset's); Cityscapes at 560. The repo
+# runs every base on these same files (test_all.sh ARCH ATTN STD), so resclip_sclip shares them.
+DATASET_OVERRIDES["resclip"] = {
+    "voc21": _resclip(0.50, (2.0, 0.3), (2.2, 0.7), crop=None, stride=None, prob_thd=0.1),
+    "voc20": _resclip(0.10, (2.0, 0.6), (2.1, 0.6), crop=None, stride=None),
+    "context60": _resclip(0.30, (2.0, 0.3), (1.8, 0.7), prob_thd=0.1),
+    "context59": _resclip(0.25, (2.0, 0.4), (1.8, 0.7)),
+    "coco_object": _resclip(0.11, (2.0, 0.4), (1.8, 0.7), prob_thd=0.1),
+    "coco_stuff171": _resclip(0.11, (2.0, 0.4), (1.8, 0.7)),
+    "cityscapes": _resclip(0.10, (2.0, 0.2), (2.1, 0.6), short_side=560),
+    "ade20k": _resclip(0.25, (2.0, 0.3), (2.1, 0.7)),
+}
+DATASET_OVERRIDES["resclip_sclip"] = DATASET_OVERRIDES["resclip"]
 
 
 def method_preset(name: str | Method) -> Method:

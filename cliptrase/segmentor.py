@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from . import fullsize
 from .attention import (
     ATTENTION_STRATEGIES,
+    DENSE_FORWARDS,
     AttentionContext,
     recalibrated_correlation,
     self_correlation,
@@ -280,10 +281,18 @@ class Segmentor:
         return pixels.to(self.device, torch.float32)
 
     @torch.inference_mode()
-    def dense_features(self, pixels: torch.Tensor) -> DenseFeatures:
-        """The modified forward (spec sections 1-7) on normalised ``(B, 3, H, W)`` pixels."""
+    def dense_features(
+        self, pixels: torch.Tensor, vocab: Vocabulary | None = None
+    ) -> DenseFeatures:
+        """The modified forward (spec sections 1-7) on normalised ``(B, 3, H, W)`` pixels.
+
+        ``vocab``: the vocabulary being labelled, read by methods whose forward uses the text
+        (ResCLIP's semantic feedback; without it ResCLIP skips that step); others ignore it.
+        """
         pixels = self._check_pixels(pixels)
         method = self.method
+        if method.attention in DENSE_FORWARDS:  # SC-CLIP, SFP, DIH-CLIP, ResCLIP
+            return self._whole_forward_features(pixels, vocab)
         blocks = self.backbone.blocks
         depth = len(blocks)
         corr_index = None if method.correlation_block is None else method.correlation_block % depth
@@ -318,6 +327,23 @@ class Segmentor:
                 if not last:
                     x = self.backbone.finish_block(block, x, vanilla_attention(heads))
             tokens = self.backbone.output_tokens(modified).float()
+        return DenseFeatures(
+            cls_features=tokens[:, 0],
+            patch_features=tokens[:, 1:].reshape(b, *grid, -1),
+            correlation=correlation,
+            logit_scale=self.logit_scale,
+        )
+
+    def _whole_forward_features(self, pixels: torch.Tensor, vocab) -> DenseFeatures:
+        """Methods that change more than the last block(s): ``attention.DENSE_FORWARDS``."""
+        method = self.method
+        b = pixels.shape[0]
+        grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
+        with self._autocast():
+            tokens, correlation = DENSE_FORWARDS[method.attention](
+                self.backbone, pixels, method, vocab, self.logit_scale_used
+            )
+        tokens = tokens.float()
         return DenseFeatures(
             cls_features=tokens[:, 0],
             patch_features=tokens[:, 1:].reshape(b, *grid, -1),
@@ -368,7 +394,7 @@ class Segmentor:
     @torch.inference_mode()
     def _process(self, pixels: torch.Tensor, vocab: Vocabulary) -> _Processed:
         """Forward, logits at the input size, PAMR, the head's labels and the cluster maps."""
-        feats = self.dense_features(pixels)
+        feats = self.dense_features(pixels, vocab)
         size = tuple(pixels.shape[-2:])
         logits = F.interpolate(
             self._scaled_logits(feats, vocab), size=size, mode="bilinear", align_corners=False
@@ -554,7 +580,7 @@ class Segmentor:
         """The SCLIP-lineage protocol: crop logits averaged, then PAMR and the head per image."""
         plans = [SlidePlan.build(item, self.patch_size, crop, stride) for item in prepared]
         for chunk, pixels in self._batches(plans, batch_size):
-            logits = self._scaled_logits(self.dense_features(pixels), vocab)
+            logits = self._scaled_logits(self.dense_features(pixels, vocab), vocab)
             up = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
             for (p, u), crop_logits in zip(chunk, up):
                 plans[p].add(u, crop_logits)
