@@ -25,9 +25,8 @@ import cliptrase
 from . import sink
 from .config import OUTPUT_FORMAT, RunConfig
 from .decode import DecodedImage, Prefetcher, decode_image
-from .manifest import RunLayout
+from .manifest import RunLayout, read_lease
 from .sources import ImageRecord, Shard, read_shard
-from .vocabulary import compiled_vocabulary
 
 log = logging.getLogger("pipeline")
 
@@ -55,6 +54,7 @@ class ShardResult:
     write_s: float  # waiting for PNG encodes + Parquet write + commit
     cpu_s: float  # CPU time of the actor process (all threads) during the shard
     sha256: str
+    lost: bool = False  # another attempt committed the shard first: this one's rows are dropped
     node_id: str | None = None
     gpu_ids: list = field(default_factory=list)
     pid: int = 0
@@ -108,6 +108,8 @@ class ShardLabeler:
         self.config_hash = config.config_hash()
         self.layout = RunLayout.open(config.output, self.config_hash, config.storage_options)
         # Computed by the first actor of the run, loaded by every other one and by re-runs.
+        from .vocabulary import compiled_vocabulary  # torch: actors only, never the driver
+
         self.vocab = compiled_vocabulary(self.segmentor, config.vocabulary, self.layout)
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         # JPEGs decoded by libjpeg's DCT scaling down to no less than the processing size.
@@ -144,8 +146,12 @@ class ShardLabeler:
         }
 
     # ------------------------------------------------------------------ labelling
-    def process_shard(self, shard: Shard) -> ShardResult:
+    def process_shard(self, shard: Shard, owner: str | None = None) -> ShardResult:
         """Label every image of ``shard``, stream its rows into its Parquet file and commit it.
+
+        ``owner``: the run's lease owner; the shard is published only if the lease is still
+        its own (a paused driver whose lease was taken over abandons the shard), and the
+        commit is fenced either way (``sink.ShardWriter.commit``).
 
         Rows go to the :class:`sink.ShardWriter` in order, each as soon as its PNG encode is
         done; at most ``2 x batch_size`` rows are in flight (plus the prefetched images and
@@ -171,24 +177,32 @@ class ShardLabeler:
             write_start = time.perf_counter()
             while in_flight:
                 writer.write(_resolve(in_flight.popleft()))
-            marker = writer.commit()
+            marker = writer.commit(None if owner is None else self._lease_check(shard, owner))
         end = time.perf_counter()
         return ShardResult(
             shard_id=shard.shard_id,
-            rows=marker["rows"],
-            ok=marker["ok"],
-            errors=marker["errors"],
+            rows=0 if writer.lost else marker["rows"],
+            ok=0 if writer.lost else marker["ok"],
+            errors=0 if writer.lost else marker["errors"],
             seconds=end - start,
             model_s=stats["model_s"],
             wait_s=stats["wait_s"],
             write_s=write_s + end - write_start,
             cpu_s=time.process_time() - cpu_start,
-            sha256=marker["sha256"],
+            sha256=marker.get("sha256", ""),
+            lost=writer.lost,
             node_id=_node_id(),
             gpu_ids=_gpu_ids(),
             pid=os.getpid(),
             torch_threads=_torch_threads(),
         )
+
+    def _lease_check(self, shard: Shard, owner: str):
+        def still_ours() -> bool:
+            lease = read_lease(self.layout, shard.shard_id)
+            return lease is None or lease.get("owner") == owner
+
+        return still_ours
 
     def label_records(
         self,

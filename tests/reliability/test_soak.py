@@ -130,6 +130,7 @@ def test_soak_thousands_of_images_with_flat_memory_and_no_leaks(tmp_path):
     assert _alive_shard_labelers() == 0 and _own_actor_pids() == []
     assert_committed_exactly_once(root, expected_ids(config))
     assert sorted(p.name for p in root.iterdir()) == [
-        "_committed", "_leases", "_runs", "_tmp", "manifest.json", "shards", "summary.json"
+        "_committed", "_leases", "_runs", "_tmp", "_vocabulary", "manifest.json", "shards",
+        "summary.json"
     ]  # fmt: skip
     assert len(list((root / "_runs").iterdir())) == 1  # this run's record, nothing else
