@@ -75,11 +75,11 @@ def simulated_labeler(accel_ms: float) -> type:
             super().__init__(config)
             self.segmentor = _AcceleratedSegmentor(self.segmentor, accel_ms / 1000.0)
 
-        def process_shard(self, shard):
+        def process_shard(self, shard, owner=None):
             # Wall-clock start/end of each shard in the actor: the gaps between consecutive
             # shards of one actor are the scheduler's idle time (dispatch round trip).
             started = time.time()
-            result = super().process_shard(shard)
+            result = super().process_shard(shard, owner)
             result.started_at, result.ended_at = started, time.time()
             return result
 

@@ -38,7 +38,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps
 
 from pipeline.manifest import RunLayout, committed_shard_ids, read_manifest
-from pipeline.sink import METADATA_KEY, decode_masks, encode_png, resolve_layout
+from pipeline.sink import METADATA_KEY, committed_file, decode_masks, encode_png, resolve_layout
 
 from . import _cli
 
@@ -78,7 +78,7 @@ class LabelledRun:
         self, shard_id: str, columns: Sequence[str] | None = None, batch_size: int = ROWS_PER_BATCH
     ) -> Iterator[list[dict[str, Any]]]:
         """The rows of one committed shard, ``batch_size`` at a time (never the whole file)."""
-        with self.layout.fs.open(self.layout.shard_path(shard_id), "rb") as f:
+        with self.layout.fs.open(committed_file(self.layout, shard_id), "rb") as f:
             parquet = pq.ParquetFile(f)
             for batch in parquet.iter_batches(
                 batch_size=batch_size, columns=list(columns) if columns else None
@@ -111,7 +111,7 @@ def open_run(
         raise _cli.CliError(
             f"no committed shards under {layout.uri}: has the labelling run finished?"
         )
-    with layout.fs.open(layout.shard_path(shard_ids[0]), "rb") as f:
+    with layout.fs.open(committed_file(layout, shard_ids[0]), "rb") as f:
         meta = pq.read_schema(f).metadata or {}
     if METADATA_KEY not in meta:
         raise _cli.CliError(f"{layout.uri} has no '{METADATA_KEY.decode()}' Parquet metadata")

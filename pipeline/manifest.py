@@ -2,8 +2,9 @@
 
 Layout under ``<output>/<config_hash>/``::
 
-    shards/<shard_id>.parquet      one file per input shard (pipeline.sink)
-    _committed/<shard_id>.json     written last; a shard is done iff its marker exists
+    shards/<shard_id>.<attempt>.parquet   the attempts' files (pipeline.sink)
+    _committed/<shard_id>.json     created exclusively, last; a shard is done iff its marker
+                                   exists, and its output is the one file the marker names
     _leases/<shard_id>.json        who is labelling the shard now, until when
     _batches/<folder>-<n>.json.gz  loose-file inputs: which files batch n of a folder holds
     _runs/<run_id>.json            one record per run (scheduler tick): counts, failures
@@ -53,6 +54,10 @@ class RunLayout:
 
     def shard_path(self, shard_id: str) -> str:
         return f"{self.root}/shards/{shard_id}.parquet"
+
+    def shard_file(self, name: str) -> str:
+        """A file under ``shards/`` by name (``<shard_id>.<attempt>.parquet``: its marker's)."""
+        return f"{self.root}/shards/{name}"
 
     def marker_path(self, shard_id: str) -> str:
         return f"{self.root}/_committed/{shard_id}.json"
@@ -140,6 +145,23 @@ def pending_shards(shards: Iterable[Any], layout: RunLayout) -> list[Any]:
     """The shards still to label (no commit marker), in their given order."""
     done = committed_shard_ids(layout)
     return [s for s in shards if s.shard_id not in done]
+
+
+def create_marker(layout: RunLayout, shard_id: str, body: bytes) -> bool:
+    """Create the shard's commit marker only if none exists: True if this call created it.
+
+    The fence of the commit protocol: of several attempts at one shard, the first to create
+    the marker has committed and the others have lost. Local files: a hard link; S3: a
+    conditional PUT. Other stores: write-if-absent, then read back (narrows the race only).
+    """
+    path = layout.marker_path(shard_id)
+    created = _create_exclusive(layout.fs, path, body)
+    if created is None:
+        if layout.fs.exists(path):
+            return False
+        write_whole(layout, path, body)
+        return layout.fs.cat_file(path) == body
+    return created
 
 
 def read_marker(layout: RunLayout, shard_id: str) -> dict | None:
@@ -306,6 +328,11 @@ def _create_exclusive(fs, path: str, body: bytes) -> bool | None:
         except (ValueError, NotImplementedError):
             return None
     return None
+
+
+def read_lease(layout: RunLayout, shard_id: str) -> dict | None:
+    """The shard's current lease (owner, expires_at), or None."""
+    return _read_lease(layout.fs, layout.lease_path(shard_id))
 
 
 def _read_lease(fs, path: str) -> dict | None:

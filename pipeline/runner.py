@@ -318,6 +318,12 @@ def _label(
                 except RayError as exc:  # its result object lost with a node, a worker crash
                     retry_or_fail(shard, attempt, f"{type(exc).__name__}: {_first_line(exc)}")
                 else:
+                    if result.lost:  # another run committed it: its rows are the shard's
+                        summary.shards_skipped += 1
+                        release(shard)
+                        bar.update(1)
+                        idle.append(slot)
+                        continue
                     summary.results.append(result)
                     summary.shards_done += 1
                     summary.images_ok += result.ok
@@ -337,7 +343,10 @@ def _label(
 def _renew_leases(layout: RunLayout, shards: list[Shard], owner: str, config: RunConfig) -> None:
     for shard in shards:
         try:
-            acquire_lease(layout, shard.shard_id, owner, config.lease_ttl_s)
+            if not acquire_lease(layout, shard.shard_id, owner, config.lease_ttl_s):
+                # Taken over (we were paused or cut off past the TTL): our actor sees it
+                # before publishing and abandons the shard; the commit is fenced regardless.
+                log.warning("lease of %s was taken over by another run", shard.shard_id)
         except Exception as exc:  # noqa: BLE001 - the next renewal tries again
             log.warning("could not renew the lease of %s: %s", shard.shard_id, type(exc).__name__)
 
@@ -366,7 +375,7 @@ def _dispatch(queue, idle, in_flight, pool, layout, config, owner, summary, bar)
         if leftovers:
             log.info("removed %d leftover file(s) of %s", len(leftovers), shard.shard_id)
         slot = idle.popleft()
-        in_flight[pool.actors[slot].process_shard.remote(shard)] = (slot, shard, attempt)
+        in_flight[pool.actors[slot].process_shard.remote(shard, owner)] = (slot, shard, attempt)
     queue.extendleft(reversed(deferred))
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
+import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,15 @@ from PIL import Image
 
 from cliptrase.taps import confidence_at
 
-from .manifest import RunLayout, _is_local, committed_shard_ids, write_whole
+from .manifest import (
+    RunLayout,
+    _is_local,
+    committed_shard_ids,
+    create_marker,
+    read_marker,
+)
+
+log = logging.getLogger("pipeline")
 
 METADATA_KEY = b"cliptrase"
 
@@ -267,9 +277,14 @@ class ShardWriter:
         self._buffer_bytes = 0
         self._state = "open"
         self._local = _is_local(layout.fs)
+        # This attempt's own names: shards/<id>.<attempt>.parquet, so no two attempts (a run
+        # whose lease was taken over, and its taker) ever write, publish or delete one file.
+        self.attempt = new_attempt()
+        self.file_name = f"{shard_id}.{self.attempt}.parquet"
+        self.lost = False  # commit(): another attempt had committed the shard first
         if self._local:
             layout.makedirs()
-            self._path = f"{layout.tmp_dir()}/{shard_id}.{uuid.uuid4().hex[:8]}.parquet"
+            self._path = f"{layout.tmp_dir()}/{self.file_name}.part"
             raw = open(self._path, "wb")  # closed by commit() or abort()
         else:
             _sweep_stale_spools()
@@ -306,15 +321,29 @@ class ShardWriter:
         self._buffer, self._buffer_bytes = [], 0
 
     # ------------------------------------------------------------------ finishing
-    def commit(self) -> dict[str, Any]:
-        """Finish the file, put it in place, write the marker; returns the marker."""
+    def commit(self, still_ours: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Finish the file, publish it under this attempt's name, then create the marker
+        exclusively; returns the shard's marker.
+
+        Fencing (docs/architecture.md): the marker is created only if none exists, and names
+        the file it describes, so exactly one attempt's file becomes the shard's output and the
+        marker always describes it. An attempt that finds a marker already there (its lease
+        was taken over and the taker committed first) deletes its own file, sets ``lost`` and
+        returns the winner's marker. ``still_ours``: checked just before publishing (the
+        lease); False abandons the shard the same way, without publishing.
+        """
         if self._state != "open":
             raise RuntimeError(f"shard writer for {self.shard_id} is {self._state}")
         try:
             self._flush()
             self._writer.close()
             self._file.close()
-            final = self.layout.shard_path(self.shard_id)
+            if still_ours is not None and not still_ours():
+                log.warning("shard %s: lease lost to another run; abandoning it", self.shard_id)
+                self.abort()
+                self.lost = True
+                return read_marker(self.layout, self.shard_id) or {}
+            final = self.layout.shard_file(self.file_name)
             if self._local:
                 os.replace(self._path, final)
             else:
@@ -323,12 +352,10 @@ class ShardWriter:
         except BaseException:
             self.abort()
             raise
-        # From here the file is in place: a failure below leaves a whole, uncommitted file
-        # that the next attempt's remove_uncommitted deletes (never this writer: the marker
-        # may have been written even if writing it raised).
         self._state = "committed"
         marker = {
             "shard_id": self.shard_id,
+            "file": self.file_name,
             "source_uri": self.source_uri,
             "rows": self.rows,
             "ok": self.ok,
@@ -338,12 +365,16 @@ class ShardWriter:
             "config_hash": self.config_hash,
             "committed_at": time.time(),
         }
-        write_whole(
-            self.layout,
-            self.layout.marker_path(self.shard_id),
-            json.dumps(marker, sort_keys=True).encode(),
-        )
-        return marker
+        if create_marker(self.layout, self.shard_id, json.dumps(marker, sort_keys=True).encode()):
+            return marker
+        # Another attempt committed first: its file is the shard's; ours is an orphan.
+        self.lost = True
+        log.warning("shard %s was committed by another attempt; dropping ours", self.shard_id)
+        try:
+            self.layout.fs.rm_file(final)
+        except FileNotFoundError:
+            pass
+        return read_marker(self.layout, self.shard_id) or {}
 
     def abort(self) -> None:
         """Drop the shard: close and delete the partial file. Nothing is committed."""
@@ -430,17 +461,30 @@ def write_shard(
 
 
 def remove_uncommitted(layout: RunLayout, shard_id: str) -> list[str]:
-    """Delete what a dead attempt at ``shard_id`` left: its temporary files and an uncommitted
-    final file. Call it only while holding the shard's lease and with no marker present."""
+    """Delete what dead attempts at ``shard_id`` left, and never a live attempt's file.
+
+    Without a marker: the pre-fencing fixed-name file, and local temporary files whose writer
+    process is gone (``<id>.<host>-<pid>-<random>``); published files of other attempts stay
+    (a paused attempt may still commit one). With a marker: every file of the shard the marker
+    does not name (losers and dead attempts; a live loser finds the marker and drops its own).
+    """
     removed = []
-    candidates = [layout.shard_path(shard_id)]
+    marker = read_marker(layout, shard_id)
+    candidates = []
+    if marker is None:
+        candidates.append(layout.shard_path(shard_id))
+    else:
+        named = marker.get("file", f"{shard_id}.parquet")
+        candidates += [
+            f"{layout.root}/shards/{name}"
+            for name in _list_files(layout.fs, f"{layout.root}/shards")
+            if _attempt_of(name, shard_id) is not None and name != named
+        ]
     if _is_local(layout.fs):
-        try:
-            names = layout.fs.ls(layout.tmp_dir(), detail=False)
-        except FileNotFoundError:
-            names = []
-        mine = re.compile(rf"{re.escape(shard_id)}\.[0-9a-f]{{8}}\.parquet")
-        candidates += [n for n in names if mine.fullmatch(n.rsplit("/", 1)[-1])]
+        for name in _list_files(layout.fs, layout.tmp_dir()):
+            attempt = _attempt_of(name.removesuffix(".part"), shard_id)
+            if attempt is not None and not attempt_alive(attempt):
+                candidates.append(f"{layout.tmp_dir()}/{name}")
     for path in candidates:
         try:
             layout.fs.rm_file(path)
@@ -448,6 +492,45 @@ def remove_uncommitted(layout: RunLayout, shard_id: str) -> list[str]:
         except FileNotFoundError:
             pass
     return removed
+
+
+def committed_file(layout: RunLayout, shard_id: str, marker: dict | None = None) -> str:
+    """The path of the shard's committed file: the one its marker names."""
+    marker = marker if marker is not None else read_marker(layout, shard_id) or {}
+    return layout.shard_file(marker.get("file", f"{shard_id}.parquet"))
+
+
+def new_attempt() -> str:
+    """``<host>-<pid>-<random>``: unique per attempt; host and pid tell a dead writer."""
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def attempt_alive(attempt: str) -> bool:
+    """False only for an attempt of this host whose process is gone."""
+    host, _, rest = attempt.partition("-")
+    pid = rest.partition("-")[0]
+    this_host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+    return not (host == this_host and pid.isdigit() and not _alive(int(pid)))
+
+
+_ATTEMPT = re.compile(r"(?P<attempt>[A-Za-z0-9]+-\d+-[0-9a-f]{8})\.parquet")
+
+
+def _attempt_of(name: str, shard_id: str) -> str | None:
+    """The attempt of ``<shard_id>.<attempt>.parquet``, else None."""
+    if not name.startswith(f"{shard_id}."):
+        return None
+    match = _ATTEMPT.fullmatch(name[len(shard_id) + 1 :])
+    return match["attempt"] if match else None
+
+
+def _list_files(fs, directory: str) -> list[str]:
+    try:
+        fs.invalidate_cache(directory)
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(directory, detail=False)]
+    except FileNotFoundError:
+        return []
 
 
 # ----------------------------------------------------------------------------- reading
@@ -498,7 +581,7 @@ def read_rows(
     layout = resolve_layout(output_uri, storage_options, config_hash)
     tables = []
     for shard_id in sorted(committed_shard_ids(layout)):
-        with layout.fs.open(layout.shard_path(shard_id), "rb") as f:
+        with layout.fs.open(committed_file(layout, shard_id), "rb") as f:
             tables.append(pq.read_table(f, columns=list(columns) if columns else None))
     if not tables:
         schema = SCHEMA if not columns else pa.schema([SCHEMA.field(c) for c in columns])
@@ -512,7 +595,7 @@ def read_run_metadata(
     """The provenance stored in every shard's Parquet metadata (vocabulary, model, weights...)."""
     layout = resolve_layout(output_uri, storage_options, config_hash)
     for shard_id in sorted(committed_shard_ids(layout)):
-        with layout.fs.open(layout.shard_path(shard_id), "rb") as f:
+        with layout.fs.open(committed_file(layout, shard_id), "rb") as f:
             meta = pq.read_schema(f).metadata or {}
         if METADATA_KEY in meta:
             return json.loads(meta[METADATA_KEY])

@@ -117,17 +117,27 @@ def test_rerun_is_a_no_op(first_run):
     assert _data_files(root) == before
 
 
+def _files_by_shard(root):
+    """shard id -> (its committed file's name, that file's mtime)."""
+    out = {}
+    for marker_path in (root / "_committed").iterdir():
+        name = json.loads(marker_path.read_text())["file"]
+        out[marker_path.name.removesuffix(".json")] = (name, (root / "shards" / name).stat().st_mtime_ns)
+    return out
+
+
 def test_deleting_one_shard_rewrites_only_that_one(first_run):
     config, _, root = first_run
-    before = {p.name: p.stat().st_mtime_ns for p in (root / "shards").iterdir()}
+    before = _files_by_shard(root)
     victim = sorted(before)[1]
-    (root / "shards" / victim).unlink()
-    (root / "_committed" / victim.replace(".parquet", ".json")).unlink()
+    (root / "shards" / before[victim][0]).unlink()
+    (root / "_committed" / f"{victim}.json").unlink()
     again = pipeline.run(config, progress=False)
     assert (again.shards_done, again.shards_skipped) == (1, 4)
-    after = {p.name: p.stat().st_mtime_ns for p in (root / "shards").iterdir()}
+    after = _files_by_shard(root)
     assert set(after) == set(before)
     assert [n for n in after if after[n] != before[n]] == [victim]
+    assert sorted(p.name for p in (root / "shards").iterdir()) == sorted(f for f, _ in after.values())
     assert pipeline.read_rows(str(root)).num_rows == 14
 
 

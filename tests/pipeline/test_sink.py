@@ -62,11 +62,13 @@ def test_written_shard_has_the_schema_metadata_and_a_marker_with_its_hash(tmp_pa
         sink.error_row(image_id="s/bad", shard_id="s", key="bad", source_uri="u", error="corrupt"),
     ]
     marker = sink.write_shard(layout, "s", rows, {"names": ["a", "b"], "config_hash": "abc123"})
-    data = (tmp_path / "abc123/shards/s.parquet").read_bytes()
+    path = tmp_path / "abc123/shards" / marker["file"]
+    assert marker["file"].startswith("s.") and list((tmp_path / "abc123/shards").iterdir()) == [path]
+    data = path.read_bytes()
     assert marker["sha256"] == hashlib.sha256(data).hexdigest()
     assert (marker["rows"], marker["ok"], marker["errors"]) == (2, 1, 1)
     assert json.loads((tmp_path / "abc123/_committed/s.json").read_text()) == marker
-    table = pq.read_table(tmp_path / "abc123/shards/s.parquet")
+    table = pq.read_table(path)
     assert table.schema.names == list(sink.COLUMNS)
     assert json.loads(table.schema.metadata[b"cliptrase"])["names"] == ["a", "b"]
     assert table.column("status").to_pylist() == ["ok", "error"]
@@ -142,7 +144,7 @@ def test_a_long_shard_is_streamed_in_row_groups_with_the_same_rows(tmp_path):
     layout = RunLayout.open(str(tmp_path), "h")
     rows, metadata = _rows(150), {"names": ["a"], "config_hash": "h"}
     marker = sink.write_shard(layout, "s", iter(rows), metadata, source_uri="file:///s.tar")
-    path = tmp_path / "h/shards/s.parquet"
+    path = tmp_path / "h/shards" / marker["file"]
     parquet = pq.ParquetFile(path)
     assert parquet.metadata.num_row_groups == 3  # 64 + 64 + 22
     assert [parquet.metadata.row_group(i).num_rows for i in range(3)] == [64, 64, 22]
@@ -166,18 +168,18 @@ def test_row_groups_are_also_bounded_in_bytes(tmp_path):
     writer = sink.ShardWriter(layout, "s", {"config_hash": "h"}, row_group_bytes=3 * each)
     for row in rows:
         writer.write(row)
-    writer.commit()
-    assert writer.row_groups == pq.ParquetFile(tmp_path / "h/shards/s.parquet").num_row_groups
+    path = tmp_path / "h/shards" / writer.commit()["file"]
+    assert writer.row_groups == pq.ParquetFile(path).num_row_groups
     assert 5 <= writer.row_groups <= 10  # ~3 rows a group, not 64
-    assert pq.read_table(tmp_path / "h/shards/s.parquet").to_pylist() == rows
+    assert pq.read_table(path).to_pylist() == rows
 
 
 def test_an_empty_shard_is_a_valid_file(tmp_path):
     layout = RunLayout.open(str(tmp_path), "h")
     marker = sink.write_shard(layout, "e", [], {"config_hash": "h"})
-    table = pq.read_table(tmp_path / "h/shards/e.parquet")
+    table = pq.read_table(tmp_path / "h/shards" / marker["file"])
     assert table.num_rows == 0 and table.schema.names == list(sink.COLUMNS)
-    assert marker["bytes"] == (tmp_path / "h/shards/e.parquet").stat().st_size
+    assert marker["bytes"] == (tmp_path / "h/shards" / marker["file"]).stat().st_size
 
 
 def test_abort_leaves_no_shard_file_no_temp_file_and_no_marker(tmp_path):
@@ -258,3 +260,44 @@ def test_readers_pick_the_only_prefix_with_committed_shards_and_name_the_choices
     assert "3 config-hash prefixes" in message and "--config-hash" in message
     for name, count in (("aaaaaaaaaaaa", 0), ("bbbbbbbbbbbb", 1), ("cccccccccccc", 1)):
         assert f"{name} ({count} committed shards)" in message
+
+
+def test_of_two_attempts_at_one_shard_only_the_first_commit_counts(tmp_path):
+    """The fence: the marker is created exclusively and names its file; the loser drops its own
+    file and gets the winner's marker; an attempt whose lease is gone publishes nothing."""
+    layout = RunLayout.open(str(tmp_path), "h")
+    rows = _rows(5)
+    first = sink.ShardWriter(layout, "s", {"config_hash": "h"})
+    second = sink.ShardWriter(layout, "s", {"config_hash": "h"})
+    third = sink.ShardWriter(layout, "s", {"config_hash": "h"})
+    for writer in (first, second, third):
+        for row in rows:
+            writer.write(row)
+    won = first.commit()
+    lost = second.commit()
+    assert not first.lost and second.lost and lost == won
+    assert third.commit(still_ours=lambda: False) == won and third.lost
+    assert _files(tmp_path / "h/shards") == [won["file"]]
+    assert json.loads((tmp_path / "h/_committed/s.json").read_text()) == won
+    data = (tmp_path / "h/shards" / won["file"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == won["sha256"]
+    assert _files(tmp_path / "h/_tmp") == []
+
+
+def test_a_taker_never_deletes_a_live_attempts_files(tmp_path):
+    """remove_uncommitted keeps a live writer's temporary and published files, and removes
+    them once they are another attempt's losers (a marker exists naming another file)."""
+    layout = RunLayout.open(str(tmp_path), "h")
+    live = sink.ShardWriter(layout, "s", {"config_hash": "h"})
+    live.write(_rows(1)[0])
+    assert sink.remove_uncommitted(layout, "s") == []  # its _tmp file is alive: kept
+    assert len(_files(tmp_path / "h/_tmp")) == 1
+    winner = sink.ShardWriter(layout, "s", {"config_hash": "h"})
+    winner.write(_rows(1)[0])
+    marker = winner.commit()
+    orphan = tmp_path / "h/shards" / "s.host-999999-0123abcd.parquet"  # a dead attempt's file
+    orphan.write_bytes(b"PAR1")
+    assert sink.remove_uncommitted(layout, "s") == [str(orphan)]
+    assert _files(tmp_path / "h/shards") == [marker["file"]]
+    live.commit()  # the live one finds the marker: drops its own, nothing else
+    assert live.lost and _files(tmp_path / "h/shards") == [marker["file"]]

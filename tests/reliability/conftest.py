@@ -64,18 +64,21 @@ def output_files(root: Path) -> dict[str, list[str]]:
 
 
 def assert_committed_exactly_once(root: Path, expected_ids: list[str]) -> None:
-    """One row per image across committed shards; shards/ holds exactly the committed files,
-    each whole (its sha256 is the marker's); no lease or temporary file is left."""
+    """One row per image across committed shards; shards/ holds exactly the committed files
+    (the one each marker names), each whole (its sha256 is the marker's); no lease or
+    temporary file is left."""
     import hashlib
 
     files = output_files(root)
-    assert [n.removesuffix(".parquet") for n in files["shards"]] == [
-        n.removesuffix(".json") for n in files["_committed"]
-    ]
+    markers = {
+        n.removesuffix(".json"): json.loads((root / "_committed" / n).read_text())
+        for n in files["_committed"]
+    }
+    assert files["shards"] == sorted(m["file"] for m in markers.values())
+    assert all(m["file"].startswith(f"{shard_id}.") for shard_id, m in markers.items())
     assert files["_leases"] == [] and files["_tmp"] == []
-    for name in files["_committed"]:
-        marker = json.loads((root / "_committed" / name).read_text())
-        data = (root / "shards" / name.replace(".json", ".parquet")).read_bytes()
+    for marker in markers.values():
+        data = (root / "shards" / marker["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == marker["sha256"]
     ids = pipeline.read_rows(str(root), columns=["image_id"]).column("image_id").to_pylist()
     assert len(ids) == len(set(ids))

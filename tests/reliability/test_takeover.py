@@ -1,0 +1,170 @@
+"""Fenced commits: a driver paused past its lease TTL while its actor works, a second run taking
+the shard over, the first resumed. Exactly one attempt's file is the shard's output, its marker
+describes it, every image is there once, and no attempt deleted a file another was writing.
+
+Real processes: two ``python -m jobs.schedule`` drivers, each with its own local Ray; the first
+is stopped with SIGSTOP (its Ray and actor keep running) and resumed with SIGCONT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import pipeline
+
+from .conftest import (
+    TINY_FLAGS,
+    expected_ids,
+    job_env,
+    make_tar,
+    small_images,
+    summaries,
+    tiny_config,
+)
+
+TTL_S = 4.0
+IMAGES = 700  # at short side 224: the first actor still labels when it is taken over
+
+
+def _schedule(inputs: str, output: str, extra_env: dict, options: str | None, *tick: str):
+    args = [sys.executable, "-m", "jobs.schedule", inputs, "--output", output,
+            "--lease-ttl", str(TTL_S), *TINY_FLAGS, "--short-side", "224",
+            "--max-patches", "196", *tick]  # fmt: skip
+    if options:
+        args += ["--storage-options", options]
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=job_env(**extra_env),
+    )  # fmt: skip
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _takeover(inputs: Path, output: str, fs, base: str, options: str | None, tmp_path: Path):
+    """Run A; once A holds the lease, run B as a scheduler ticking every second; pause A's
+    driver mid-shard, so its lease expires and B takes the shard over while A's actor still
+    labels it; resume A once B is done. Returns both drivers' (stdout, stderr), the root."""
+    import tempfile
+
+    ray_a, ray_b = (tempfile.mkdtemp(prefix="tk", dir="/tmp") for _ in range(2))  # short paths
+    first = _schedule(str(inputs), output, {"RAY_TMPDIR": ray_a}, options)
+    second = None
+    leases: list[str] = []
+    try:
+
+        def leased() -> bool:
+            if first.poll() is not None:
+                raise AssertionError(f"the first run ended early: {first.stderr.read()[-3000:]}")
+            leases[:] = _glob(fs, f"{base}/*/_leases/big*.json")
+            return bool(leases)
+
+        _wait_for(leased, 300, "the first run to lease the shard")
+        # B's Ray and actors start while A's actor labels; its ticks wait on A's lease.
+        second = _schedule(
+            str(inputs), output, {"RAY_TMPDIR": ray_b}, options,
+            "--every", "1", "--max-ticks", "20",
+        )  # fmt: skip
+        time.sleep(1.0)  # A's actor is labelling now
+        os.kill(first.pid, signal.SIGSTOP)  # the driver only: its Ray and actor keep working
+        out_b, err_b = second.communicate(timeout=600)
+        assert second.returncode == 0, err_b[-3000:]
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+        if second is not None and second.poll() is None:
+            second.kill()
+    out_a, err_a = first.communicate(timeout=400)
+    assert first.returncode == 0, err_a[-3000:]
+    return (out_a, err_a), (out_b, err_b), leases[0].rsplit("/_leases/", 1)[0]
+
+
+def _glob(fs, pattern: str) -> list[str]:
+    try:
+        fs.invalidate_cache()
+        return fs.glob(pattern)
+    except Exception:  # noqa: BLE001 - the store may briefly refuse a listing
+        return []
+
+
+def _tmp_names(fs, root: str) -> list[str]:
+    try:
+        return [p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/_tmp", detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def _assert_one_commit(fs, root: str, ids: list[str], output: str, storage_options: dict):
+    fs.invalidate_cache()
+    markers = [p for p in fs.ls(f"{root}/_committed", detail=False) if p.endswith(".json")]
+    assert len(markers) == 1 and markers[0].rsplit("/", 1)[-1].startswith("big")
+    marker = json.loads(fs.cat_file(markers[0]))
+    files = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/shards", detail=False))
+    assert files == [marker["file"]]  # the loser dropped its own file; nobody else's was touched
+    data = fs.cat_file(f"{root}/shards/{marker['file']}")
+    assert (hashlib.sha256(data).hexdigest(), len(data)) == (marker["sha256"], marker["bytes"])
+    assert _tmp_names(fs, root) == []
+    rows = pipeline.read_rows(output, storage_options, columns=["image_id"])
+    got = rows.column("image_id").to_pylist()
+    assert sorted(got) == sorted(ids) and len(got) == len(set(got)) == IMAGES
+    return marker
+
+
+@pytest.fixture
+def big_shard(tmp_path) -> Path:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    images = small_images(IMAGES, 128, seed=7)
+    make_tar(inputs / "big.tar", {f"{i:04d}.jpg": data for i, data in enumerate(images)})
+    return inputs
+
+
+def _check_outcome(a, b) -> None:
+    """One run committed the shard, the other found it committed or lost it at the fence."""
+    (summary_a,) = summaries(a[0])
+    ticks_b = summaries(b[0])
+    done = summary_a["shards_done"] + sum(t["shards_done"] for t in ticks_b)
+    assert done == 1, (summary_a, ticks_b)
+    assert summary_a["shards_failed"] == 0 and all(t["shards_failed"] == 0 for t in ticks_b)
+    print("committed by", "A" if summary_a["shards_done"] else "B (A's actor lost the lease)")
+
+
+def test_a_paused_driver_and_its_taker_commit_the_shard_once_locally(big_shard, tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    output = tmp_path / "out"
+    a, b, root = _takeover(big_shard, str(output), fs, str(output), None, tmp_path)
+    _check_outcome(a, b)
+    config = tiny_config([str(big_shard)], str(tmp_path / "unused"))
+    _assert_one_commit(fs, root, expected_ids(config), str(output), {})
+    assert _glob(fs, f"{root}/_leases/*") == []
+
+
+def test_a_paused_driver_and_its_taker_commit_the_shard_once_on_s3(
+    big_shard, tmp_path, s3_endpoint
+):
+    import s3fs
+
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("takeover")
+    output = "s3://takeover/out"
+    a, b, root = _takeover(big_shard, output, fs, "takeover/out", json.dumps(options), tmp_path)
+    _check_outcome(a, b)
+    config = tiny_config([str(big_shard)], str(tmp_path / "unused"))
+    _assert_one_commit(fs, root, expected_ids(config), output, options)
