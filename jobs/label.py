@@ -84,11 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
         "size that still covers --short-side; labels agree on >99%% of pixels, docs/benchmarks.md)",
     )
     source.add_argument(
-        "--gpu-decode",
-        action="store_true",
-        help="on CUDA actors, decode JPEGs with nvjpeg (torchvision); Pillow for the rest",
-    )
-    source.add_argument(
         "--max-image-pixels",
         type=int,
         default=89_478_485,
@@ -204,7 +199,6 @@ def config_from_args(args: argparse.Namespace, options: dict):
             images_per_shard=args.images_per_shard,
             max_image_pixels=args.max_image_pixels,
             jpeg_draft=not args.no_jpeg_draft,
-            gpu_decode=args.gpu_decode,
         )
         return RunConfig(
             inputs=tuple(inputs),

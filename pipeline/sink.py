@@ -345,7 +345,16 @@ class ShardWriter:
                 return read_marker(self.layout, self.shard_id) or {}
             final = self.layout.shard_file(self.file_name)
             if self._local:
-                os.replace(self._path, final)
+                try:
+                    os.replace(self._path, final)
+                except FileNotFoundError:
+                    # The shard's winner swept our partial file: we have lost.
+                    committed = read_marker(self.layout, self.shard_id)
+                    if committed is None:
+                        raise
+                    self._state, self.lost = "aborted", True
+                    log.warning("shard %s was committed by another attempt", self.shard_id)
+                    return committed
             else:
                 self.layout.fs.put_file(self._path, final)
                 _remove(self._path)
@@ -366,6 +375,10 @@ class ShardWriter:
             "committed_at": time.time(),
         }
         if create_marker(self.layout, self.shard_id, json.dumps(marker, sort_keys=True).encode()):
+            try:  # what earlier attempts at this shard left (a dead actor's partial file)
+                remove_uncommitted(self.layout, self.shard_id)
+            except Exception as exc:  # noqa: BLE001 - leftovers only cost space; next run sweeps
+                log.warning("shard %s: could not sweep leftovers: %s", self.shard_id, exc)
             return marker
         # Another attempt committed first: its file is the shard's; ours is an orphan.
         self.lost = True
@@ -465,8 +478,9 @@ def remove_uncommitted(layout: RunLayout, shard_id: str) -> list[str]:
 
     Without a marker: the pre-fencing fixed-name file, and local temporary files whose writer
     process is gone (``<id>.<host>-<pid>-<random>``); published files of other attempts stay
-    (a paused attempt may still commit one). With a marker: every file of the shard the marker
-    does not name (losers and dead attempts; a live loser finds the marker and drops its own).
+    (a paused attempt may still commit one). With a marker (the winner calls this after its
+    commit): every file of the shard the marker does not name, temporary ones included (losers
+    and dead attempts; a live loser finds the marker and drops its own).
     """
     removed = []
     marker = read_marker(layout, shard_id)
@@ -483,7 +497,9 @@ def remove_uncommitted(layout: RunLayout, shard_id: str) -> list[str]:
     if _is_local(layout.fs):
         for name in _list_files(layout.fs, layout.tmp_dir()):
             attempt = _attempt_of(name.removesuffix(".part"), shard_id)
-            if attempt is not None and not attempt_alive(attempt):
+            # Committed: any other attempt has lost (a live one finds the marker and aborts;
+            # its unlinked file cannot be published). Not committed: only dead writers' files.
+            if attempt is not None and (marker is not None or not attempt_alive(attempt)):
                 candidates.append(f"{layout.tmp_dir()}/{name}")
     for path in candidates:
         try:
