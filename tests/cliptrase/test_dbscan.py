@@ -11,22 +11,12 @@ from sklearn.neighbors import NearestNeighbors
 
 from cliptrase.dbscan import dbscan, k_distance_knee, pairwise_sq_distances
 
+from . import refine_reference
+
 
 def reference_knee(correlation: np.ndarray, min_samples: int) -> float:
-    """The numpy/scikit-learn k-distance knee the torch version replaces (verbatim)."""
-    n = correlation.shape[0]
-    k = max(1, min(min_samples, n) - 1)
-    if n < 3:
-        return 1e-6
-    dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(correlation).kneighbors(correlation)
-    curve = np.sort(dist[:, k])
-    span = curve[-1] - curve[0]
-    if span <= 0:
-        return max(float(curve[0]), 1e-6)
-    x = np.linspace(0.0, 1.0, n)
-    y = (curve - curve[0]) / span
-    knee = int(np.argmax(x - y))  # chord y = x; farthest below it
-    return max(float(curve[knee]) * (1 + 1e-6), 1e-6)
+    """The numpy/scikit-learn k-distance knee the torch version replaces."""
+    return refine_reference.k_distance_knee(correlation, min_samples)
 
 
 def sklearn_labels(x: np.ndarray, eps: float, min_samples: int) -> np.ndarray:

@@ -7,16 +7,13 @@ tiny random model; then batching, presets and per-dataset settings. The referenc
 nothing with ``cliptrase`` beyond open_clip's modules, except PAMR inside the whole ResCLIP
 forward (PAMR has its own pixel-loop reference in test_methods, used here on a small image).
 
-These methods replace the whole forward, which needs a hook in ``Segmentor.dense_features``
-(and the vocabulary passed to it, for ResCLIP). Until segmentor.py has it, the tests run on
-:class:`HookedSegmentor`, a prototype of that hook; once ``dense_features`` takes ``vocab``
-they run on ``Segmentor`` itself.
+These methods replace the whole forward (``attention.DENSE_FORWARDS``, reached through
+``Segmentor.dense_features(pixels, vocab)``; the vocabulary is ResCLIP's semantic feedback).
 """
 
 from __future__ import annotations
 
 import collections
-import inspect
 import logging
 
 import numpy as np
@@ -27,7 +24,6 @@ import torch.nn.functional as F
 import cliptrase
 from cliptrase import METHODS, ClusterVote
 from cliptrase.attention import (
-    DENSE_FORWARDS,
     CalibrationOptions,
     ResidualOptions,
     attention_entropy,
@@ -54,64 +50,13 @@ from cliptrase.backbone import HeadProjections
 from cliptrase.head import DecisionHead
 from cliptrase.methods import DATASET_OVERRIDES, method_for_dataset
 from cliptrase.refine import PAMR
-from cliptrase.segmentor import DenseFeatures, Segmentor
 
 from .conftest import parity_pixels
 from .test_methods import _ref_gaussian_bias, _ref_pamr
 
 NEW = ("scclip", "sfp", "dihclip", "resclip", "resclip_sclip")
-HOOKED = "vocab" in inspect.signature(Segmentor.dense_features).parameters
-
-
-class HookedSegmentor(Segmentor):
-    """Prototype of the proposed ``Segmentor.dense_features(pixels, vocab=None)`` hook.
-
-    ``_process`` and ``_segment_sliding`` keep the vocabulary they label with on the instance
-    (the real patch passes it as an argument instead).
-    """
-
-    _vocab = None
-
-    def dense_features(self, pixels, vocab=None):
-        method = self.method
-        if method.attention not in DENSE_FORWARDS:
-            return super().dense_features(pixels)
-        vocab = self._vocab if vocab is None else vocab
-        with torch.inference_mode():
-            pixels = self._check_pixels(pixels)
-            b = pixels.shape[0]
-            grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
-            with self._autocast():
-                tokens, correlation = DENSE_FORWARDS[method.attention](
-                    self.backbone, pixels, method, vocab, self.logit_scale_used
-                )
-            tokens = tokens.float()
-        return DenseFeatures(
-            cls_features=tokens[:, 0],
-            patch_features=tokens[:, 1:].reshape(b, *grid, -1),
-            correlation=correlation,
-            logit_scale=self.logit_scale,
-        )
-
-    def _process(self, pixels, vocab):
-        self._vocab = vocab
-        try:
-            return super()._process(pixels, vocab)
-        finally:
-            self._vocab = None
-
-    def _segment_sliding(self, prepared, vocab, batch_size, crop, stride):
-        self._vocab = vocab
-        try:
-            return super()._segment_sliding(prepared, vocab, batch_size, crop, stride)
-        finally:
-            self._vocab = None
-
-
 def _segmentor(tiny, method):
-    if HOOKED:
-        return tiny.variant(method=method)
-    return HookedSegmentor(tiny.clip, tiny.model_name, tiny.weights, method=method, device="cpu")
+    return tiny.variant(method=method)
 
 
 def _heads(b=2, h=3, n=12, d=4, seed=0):
