@@ -42,6 +42,20 @@ from pipeline.sink import METADATA_KEY, committed_file, decode_masks, encode_png
 
 from . import _cli
 
+# What an export reads of every row (mask and confidence PNGs, where the source image is).
+ROW_COLUMNS = (
+    "image_id",
+    "shard_id",
+    "source_uri",
+    "status",
+    "error",
+    "width",
+    "height",
+    "mask_png",
+    "confidence_png",
+    "exif_transposed",
+)
+
 log = logging.getLogger("jobs.export")
 
 IGNORE_INDEX = 255
@@ -561,18 +575,7 @@ def export(
         if run.random_weights:
             description = f"{_cli.RANDOM_WEIGHTS_BANNER}. {description}"
         writer = HfWriter(fs, root, options, run, description)
-    columns = [
-        "image_id",
-        "shard_id",
-        "source_uri",
-        "status",
-        "error",
-        "width",
-        "height",
-        "mask_png",
-        "confidence_png",
-        "exif_transposed",
-    ]
+    columns = list(ROW_COLUMNS)
     try:
         for number, shard_id in enumerate(
             tqdm(run.shard_ids, desc="export", unit="shard", disable=not progress)

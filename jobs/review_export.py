@@ -42,6 +42,7 @@ from pipeline.sink import decode_masks
 
 from . import _cli
 from .export import (
+    ROW_COLUMNS,
     LabelledRun,
     _output_fs,
     _put,
@@ -57,18 +58,6 @@ log = logging.getLogger("jobs.review_export")
 
 FORMATS = ("fiftyone", "cvat", "labelstudio")
 CVAT_ZIP = "segmentation_mask_1.1.zip"
-ROW_COLUMNS = (
-    "image_id",
-    "shard_id",
-    "source_uri",
-    "status",
-    "error",
-    "width",
-    "height",
-    "mask_png",
-    "confidence_png",
-    "exif_transposed",
-)
 BATCH = 16  # rows whose source images are fetched together
 
 
