@@ -77,7 +77,7 @@ import pipeline  # noqa: E402
 from cliptrase.segmentor import _to_host  # noqa: E402
 from pipeline import sink  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
-from pipeline.manifest import RunLayout  # noqa: E402
+from pipeline.layout import RunLayout  # noqa: E402
 from pipeline.sources import read_shard  # noqa: E402
 from pipeline.worker import ShardLabeler  # noqa: E402
 

@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps
 
-from pipeline.manifest import RunLayout, committed_shard_ids, read_manifest
+from pipeline.layout import RunLayout
+from pipeline.ledger import committed_shard_ids, read_manifest
 from pipeline.sink import METADATA_KEY, committed_file, decode_masks, encode_png, resolve_layout
 
 from . import _cli

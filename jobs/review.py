@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.manifest import read_manifest
+from pipeline.ledger import read_manifest
 
 from . import _cli
 from .export import LabelledRun, _output_fs, _put, open_run, read_source_images

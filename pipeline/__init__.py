@@ -8,7 +8,7 @@ See docs/architecture.md for how sources, decoding, actors, sink and manifest fi
 """
 
 from .config import RunConfig, SegmentorSpec, SourceSpec, VocabularySpec
-from .manifest import committed_shard_ids, pending_shards
+from .ledger import committed_shard_ids, pending_shards
 from .runner import RunSummary, run
 from .sink import SCHEMA, decode_masks, read_rows, read_run_metadata
 from .sources import ImageRecord, InvalidShardError, Shard, list_shards, read_shard

@@ -1,8 +1,9 @@
-"""The one entry point: spread pending shards over segmentor actors, retry, summarise.
+"""The one entry point: list the inputs, start the actors, schedule the shards, summarise.
 
-A dynamic work queue: each actor gets the next pending shard as soon as it returns one, so
-shards of uneven size keep every actor busy. Shards are retried (bounded backoff) when their
-actor dies or they raise; a dead actor is replaced.
+The decisions (which shard where, retries, backoff, replacement, lease renewal) are
+:class:`pipeline.scheduler.Scheduler`'s; this module gives it Ray actors
+(:class:`RayActors`) and the run's storage (:class:`StoreBookkeeping`), and writes the run's
+summary and manifest entry.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -19,30 +20,24 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from .config import RunConfig
-from .manifest import (
+from .layout import RunLayout
+from .leases import acquire_lease, new_owner, release_lease, remove_committed_leases
+from .ledger import (
     FolderBatchLog,
-    RunLayout,
-    acquire_lease,
-    new_owner,
+    committed_shard_ids,
     new_run_id,
-    pending_shards,
     read_marker,
     record_run,
-    release_lease,
-    remove_committed_leases,
-    with_retries,
     write_summary,
 )
+from .retries import with_retries
+from .scheduler import ActorLost, Claim, Scheduler, ShardFailed, Tally
 from .sink import remove_uncommitted
 from .sources import InvalidShardError, Shard, list_shards
 from .worker import SegmentorActor, ShardResult
 
 log = logging.getLogger("pipeline")
 
-_MAX_BACKOFF_S = 30.0
-# A replacement actor that cannot be placed (its node is gone, the cluster is full) is waited
-# for this long while no other actor is alive; other actors carry on meanwhile.
-_ACTOR_START_TIMEOUT_S = 600.0
 # A shard that is not what its name says, or is gone or forbidden, fails at once: retrying
 # cannot help, and the next run (which lists the inputs again) tries it afresh.
 _PERMANENT_SHARD_ERRORS = (InvalidShardError, FileNotFoundError, PermissionError)
@@ -100,8 +95,9 @@ def run(
             config.source,
             FolderBatchLog(layout),
         )
-    pending = with_retries(pending_shards, shards, layout)
-    if stale := with_retries(remove_committed_leases, layout):
+    committed = with_retries(committed_shard_ids, layout)
+    pending = [s for s in shards if s.shard_id not in committed]
+    if stale := with_retries(remove_committed_leases, layout, committed):
         log.info("removed %d leftover lease(s) of committed shards", stale)
     summary = RunSummary(
         config_hash=config.config_hash(),
@@ -119,16 +115,18 @@ def run(
     metadata = None
     if pending:
         started_ray = _ensure_ray()
-        pool = None
+        actors = None
+        owner = new_owner()
         try:
-            pool = _ActorPool(config, _actor_count(config, len(pending)))
-            metadata = pool.metadata()
+            actors = RayActors(config, _actor_count(config, len(pending)), owner)
+            metadata = actors.metadata()
             summary.startup_s = time.perf_counter() - t0
-            _label(pending, pool, layout, config, summary, progress)
+            book = StoreBookkeeping(layout, owner, config.lease_ttl_s)
+            _label(pending, actors, book, config, summary, progress)
         finally:
-            if pool is not None:
-                summary.actors, summary.actor_restarts = pool.size, pool.restarts
-                pool.shutdown()
+            if actors is not None:
+                summary.actors, summary.actor_restarts = actors.size, actors.restarts
+                actors.shutdown()
             if started_ray:
                 ray.shutdown()
     _finish(summary, t0)
@@ -174,12 +172,12 @@ def _actor_count(config: RunConfig, pending: int) -> int:
     return max(1, min(fit, pending))
 
 
-class _ActorPool:
-    """Segmentor actors by slot; a dead one is replaced in its slot."""
+class RayActors:
+    """Segmentor actors by slot, as :class:`pipeline.scheduler.Actors`: Ray's errors become the
+    scheduler's (:class:`ActorLost`, :class:`ShardFailed`)."""
 
-    def __init__(self, config: RunConfig, size: int):
-        self.config = config
-        self.size = size
+    def __init__(self, config: RunConfig, size: int, owner: str):
+        self.config, self.size, self.owner = config, size, owner
         self.restarts = 0
         self.actors = [self._new() for _ in range(size)]
 
@@ -187,7 +185,7 @@ class _ActorPool:
         return SegmentorActor.options(
             num_gpus=self.config.num_gpus_per_actor,
             num_cpus=self.config.num_cpus_per_actor,
-            max_restarts=0,  # we replace dead actors ourselves and requeue their shard
+            max_restarts=0,  # we replace dead actors ourselves and requeue their shards
         ).remote(self.config)
 
     def metadata(self) -> dict:
@@ -197,8 +195,10 @@ class _ActorPool:
         except RayActorError as exc:
             raise RuntimeError(f"the segmentor actor failed to start: {exc}") from exc
 
+    def submit(self, slot: int, shard: Shard) -> ray.ObjectRef:
+        return self.actors[slot].process_shard.remote(shard, self.owner)
+
     def replace(self, slot: int) -> ray.ObjectRef:
-        """A new actor in ``slot``; returns a ref that resolves once it has loaded its model."""
         try:
             ray.kill(self.actors[slot], no_restart=True)
         except Exception:  # noqa: BLE001 - already gone with its node
@@ -207,176 +207,108 @@ class _ActorPool:
         self.restarts += 1
         return self.actors[slot].placement.remote()
 
+    def wait(self, handles: list[ray.ObjectRef], timeout: float) -> list[ray.ObjectRef]:
+        done, _ = ray.wait(handles, num_returns=1, timeout=timeout)
+        return done
+
+    def result(self, handle: ray.ObjectRef) -> Any:
+        try:
+            return ray.get(handle)
+        except RayActorError as exc:
+            raise ActorLost(_first_line(exc)) from exc
+        except RayTaskError as exc:
+            permanent = isinstance(getattr(exc, "cause", None), _PERMANENT_SHARD_ERRORS)
+            raise ShardFailed(_short_error(exc), permanent=permanent) from exc
+        except RayError as exc:  # its result object lost with a node, a worker crash
+            raise ShardFailed(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
 
 
+@dataclass(frozen=True)
+class StoreBookkeeping:
+    """Leases and markers on the run's storage, as :class:`pipeline.scheduler.Bookkeeping`."""
+
+    layout: RunLayout
+    owner: str
+    ttl_s: float
+
+    def claim(self, shard: Shard) -> Claim:
+        layout, shard_id = self.layout, shard.shard_id
+        if not with_retries(acquire_lease, layout, shard_id, self.owner, self.ttl_s):
+            return Claim.LEASED_ELSEWHERE
+        if with_retries(read_marker, layout, shard_id) is not None:  # a concurrent run's
+            with_retries(release_lease, layout, shard_id, self.owner)
+            return Claim.COMMITTED
+        # Ours now and not committed: whatever a dead attempt left (a temporary file, a whole
+        # but uncommitted Parquet file) goes, so no reader ever sees a stray file.
+        if leftovers := with_retries(remove_uncommitted, layout, shard_id):
+            log.info("removed %d leftover file(s) of %s", len(leftovers), shard_id)
+        return Claim.OURS
+
+    def release(self, shard: Shard) -> None:
+        with_retries(release_lease, self.layout, shard.shard_id, self.owner)
+
+    def renew(self, shard: Shard) -> bool:
+        return acquire_lease(self.layout, shard.shard_id, self.owner, self.ttl_s)
+
+
 def _label(
     pending: list[Shard],
-    pool: _ActorPool,
-    layout: RunLayout,
+    actors: RayActors,
+    book: StoreBookkeeping,
     config: RunConfig,
     summary: RunSummary,
     progress: bool,
 ) -> None:
     from tqdm.auto import tqdm
 
-    owner = new_owner()
-    queue: deque[tuple[Shard, int, float]] = deque((s, 0, 0.0) for s in pending)
-    in_flight: dict[ray.ObjectRef, tuple[int, Shard, int]] = {}
-    starting: dict[ray.ObjectRef, int] = {}  # replacement actors loading their model
-    idle = deque(range(pool.size))
-    max_restarts = (config.max_retries + 1) * pool.size
     bar = tqdm(total=len(pending), unit="shard", disable=not progress, dynamic_ncols=True)
     labelling_start = time.perf_counter()
-    # Leases are renewed while their shard is in flight, so a shard may take longer than the
-    # TTL and a dead driver's leases still expire one TTL after its last renewal.
-    renew_every = min(config.lease_ttl_s / 3, 300.0)
-    last_renewal = time.monotonic()
-    no_actor_since: float | None = None
 
-    def release(shard: Shard) -> None:
+    def on_progress(tally: Tally) -> None:
+        bar.n = tally.done + tally.skipped + tally.failed + tally.leased_elsewhere
+        elapsed = time.perf_counter() - labelling_start
+        images = tally.images_ok + tally.images_error
+        bar.set_postfix(images=images, img_s=f"{images / max(elapsed, 1e-9):.1f}", refresh=True)
+
+    # Claims, releases and renewals are storage round trips: run them side by side, so a
+    # driver with hundreds of actors on a high-latency store still keeps every actor fed.
+    with ThreadPoolExecutor(max_workers=_storage_threads(actors.size)) as executor:
+        scheduler = Scheduler(
+            pending,
+            actors,
+            book,
+            max_retries=config.max_retries,
+            renew_every_s=min(config.lease_ttl_s / 3, 300.0),
+            executor=executor,
+            on_result=summary.results.append,
+            on_progress=on_progress,
+            describe=lambda shard: _public(shard.uri),
+        )
         try:
-            with_retries(release_lease, layout, shard.shard_id, owner)
-        except Exception as exc:  # noqa: BLE001 - an orphan lease only expires; keep going
-            log.warning("could not release the lease of %s: %s", shard.shard_id, exc)
-
-    def replace(slot: int, exc: BaseException) -> None:
-        if pool.restarts >= max_restarts:
-            raise RuntimeError(f"segmentor actors died {pool.restarts} times; giving up") from exc
-        starting[pool.replace(slot)] = slot
-
-    def retry_or_fail(shard: Shard, attempt: int, reason: str, permanent: bool = False) -> None:
-        if attempt < config.max_retries and not permanent:
-            backoff = min(2.0**attempt, _MAX_BACKOFF_S)
-            log.warning(
-                "shard %s attempt %d failed (%s); retrying in %.0fs",
-                shard.shard_id,
-                attempt + 1,
-                reason,
-                backoff,
-            )
-            queue.append((shard, attempt + 1, time.monotonic() + backoff))
-            summary.shard_retries += 1
-        else:
-            log.error("shard %s failed after %d attempts: %s", shard.shard_id, attempt + 1, reason)
-            summary.shards_failed += 1
-            summary.failures.append(
-                {
-                    "shard_id": shard.shard_id,
-                    "uri": _public(shard.uri),
-                    "attempts": attempt + 1,
-                    "error": reason[-2000:],
-                }
-            )
-            release(shard)
-            bar.update(1)
-
-    try:
-        while queue or in_flight:
-            _dispatch(queue, idle, in_flight, pool, layout, config, owner, summary, bar)
-            if time.monotonic() - last_renewal > renew_every:
-                _renew_leases(layout, [s for _, s, _ in in_flight.values()], owner, config)
-                last_renewal = time.monotonic()
-            if not in_flight and not starting:
-                if queue:  # everything waits on a backoff
-                    time.sleep(max(0.05, min(t for _, _, t in queue) - time.monotonic()))
-                continue
-            if in_flight or idle:
-                no_actor_since = None
-            elif no_actor_since is None:
-                no_actor_since = time.monotonic()
-            elif time.monotonic() - no_actor_since > _ACTOR_START_TIMEOUT_S:
-                raise RuntimeError(
-                    f"no segmentor actor could be started in {_ACTOR_START_TIMEOUT_S:.0f}s "
-                    "(nodes lost, or no resources left for an actor)"
-                )
-            done, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=1.0)
-            for ref in done:
-                if ref in starting:
-                    slot = starting.pop(ref)
-                    try:
-                        ray.get(ref)
-                    except RayActorError as exc:
-                        replace(slot, exc)
-                    else:
-                        idle.append(slot)
-                    continue
-                slot, shard, attempt = in_flight.pop(ref)
-                try:
-                    result: ShardResult = ray.get(ref)
-                except RayActorError as exc:
-                    # The slot gets a new actor; it takes work once its model is loaded, and
-                    # until then the other actors carry on (a lost node may never come back).
-                    replace(slot, exc)
-                    retry_or_fail(shard, attempt, f"actor died: {_first_line(exc)}")
-                    continue
-                except RayTaskError as exc:
-                    permanent = isinstance(getattr(exc, "cause", None), _PERMANENT_SHARD_ERRORS)
-                    retry_or_fail(shard, attempt, _short_error(exc), permanent=permanent)
-                except RayError as exc:  # its result object lost with a node, a worker crash
-                    retry_or_fail(shard, attempt, f"{type(exc).__name__}: {_first_line(exc)}")
-                else:
-                    if result.lost:  # another run committed it: its rows are the shard's
-                        summary.shards_skipped += 1
-                        release(shard)
-                        bar.update(1)
-                        idle.append(slot)
-                        continue
-                    summary.results.append(result)
-                    summary.shards_done += 1
-                    summary.images_ok += result.ok
-                    summary.images_error += result.errors
-                    release(shard)
-                    bar.update(1)
-                    elapsed = time.perf_counter() - labelling_start
-                    images = summary.images_ok + summary.images_error
-                    bar.set_postfix(images=images, img_s=f"{images / max(elapsed, 1e-9):.1f}")
-                idle.append(slot)
-    finally:
-        bar.close()
-        for _, shard, _ in in_flight.values():
-            release(shard)
+            tally = scheduler.run()
+        finally:
+            bar.close()
+            summary.failures += scheduler.failures
+            _add_tally(summary, scheduler.tally)
+    return tally
 
 
-def _renew_leases(layout: RunLayout, shards: list[Shard], owner: str, config: RunConfig) -> None:
-    for shard in shards:
-        try:
-            if not acquire_lease(layout, shard.shard_id, owner, config.lease_ttl_s):
-                # Taken over (we were paused or cut off past the TTL): our actor sees it
-                # before publishing and abandons the shard; the commit is fenced regardless.
-                log.warning("lease of %s was taken over by another run", shard.shard_id)
-        except Exception as exc:  # noqa: BLE001 - the next renewal tries again
-            log.warning("could not renew the lease of %s: %s", shard.shard_id, type(exc).__name__)
+def _storage_threads(actors: int) -> int:
+    return max(4, min(64, 2 * actors))
 
 
-def _dispatch(queue, idle, in_flight, pool, layout, config, owner, summary, bar) -> None:
-    """Give every idle actor the next shard whose backoff has passed and that we can lease."""
-    now = time.monotonic()
-    deferred = []
-    while idle and queue:
-        shard, attempt, not_before = queue.popleft()
-        if not_before > now:
-            deferred.append((shard, attempt, not_before))
-            continue
-        if not with_retries(acquire_lease, layout, shard.shard_id, owner, config.lease_ttl_s):
-            summary.shards_leased_elsewhere += 1
-            bar.update(1)
-            continue
-        if with_retries(read_marker, layout, shard.shard_id) is not None:  # a concurrent run's
-            with_retries(release_lease, layout, shard.shard_id, owner)
-            summary.shards_skipped += 1
-            bar.update(1)
-            continue
-        # Ours now and not committed: whatever a dead attempt left (a temporary file, a whole
-        # but uncommitted Parquet file) goes, so no reader ever sees a stray file.
-        leftovers = with_retries(remove_uncommitted, layout, shard.shard_id)
-        if leftovers:
-            log.info("removed %d leftover file(s) of %s", len(leftovers), shard.shard_id)
-        slot = idle.popleft()
-        in_flight[pool.actors[slot].process_shard.remote(shard, owner)] = (slot, shard, attempt)
-    queue.extendleft(reversed(deferred))
+def _add_tally(summary: RunSummary, tally: Tally) -> None:
+    summary.shards_done += tally.done
+    summary.shards_skipped += tally.skipped
+    summary.shards_failed += tally.failed
+    summary.shards_leased_elsewhere += tally.leased_elsewhere
+    summary.shard_retries += tally.retries
+    summary.images_ok += tally.images_ok
+    summary.images_error += tally.images_error
 
 
 def _public(uri: str) -> str:

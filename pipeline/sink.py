@@ -26,13 +26,8 @@ from PIL import Image
 
 from cliptrase.taps import confidence_at
 
-from .manifest import (
-    RunLayout,
-    _is_local,
-    committed_shard_ids,
-    create_marker,
-    read_marker,
-)
+from .layout import RunLayout
+from .ledger import committed_shard_ids, create_marker, read_marker
 
 log = logging.getLogger("pipeline")
 
@@ -276,7 +271,7 @@ class ShardWriter:
         self._buffer: list[dict[str, Any]] = []
         self._buffer_bytes = 0
         self._state = "open"
-        self._local = _is_local(layout.fs)
+        self._local = layout.store.local
         # This attempt's own names: shards/<id>.<attempt>.parquet, so no two attempts (a run
         # whose lease was taken over, and its taker) ever write, publish or delete one file.
         self.attempt = new_attempt()
@@ -344,20 +339,16 @@ class ShardWriter:
                 self.lost = True
                 return read_marker(self.layout, self.shard_id) or {}
             final = self.layout.shard_file(self.file_name)
-            if self._local:
-                try:
-                    os.replace(self._path, final)
-                except FileNotFoundError:
-                    # The shard's winner swept our partial file: we have lost.
-                    committed = read_marker(self.layout, self.shard_id)
-                    if committed is None:
-                        raise
-                    self._state, self.lost = "aborted", True
-                    log.warning("shard %s was committed by another attempt", self.shard_id)
-                    return committed
-            else:
-                self.layout.fs.put_file(self._path, final)
-                _remove(self._path)
+            try:
+                self.layout.store.publish(self._path, final)
+            except FileNotFoundError:
+                # Local: the shard's winner swept our partial file; we have lost.
+                committed = read_marker(self.layout, self.shard_id)
+                if committed is None:
+                    raise
+                self._state, self.lost = "aborted", True
+                log.warning("shard %s was committed by another attempt", self.shard_id)
+                return committed
         except BaseException:
             self.abort()
             raise
@@ -494,7 +485,7 @@ def remove_uncommitted(layout: RunLayout, shard_id: str) -> list[str]:
             for name in _list_files(layout.fs, f"{layout.root}/shards")
             if _attempt_of(name, shard_id) is not None and name != named
         ]
-    if _is_local(layout.fs):
+    if layout.store.local:
         for name in _list_files(layout.fs, layout.tmp_dir()):
             attempt = _attempt_of(name.removesuffix(".part"), shard_id)
             # Committed: any other attempt has lost (a live one finds the marker and aborts;
@@ -615,7 +606,7 @@ def read_run_metadata(
             meta = pq.read_schema(f).metadata or {}
         if METADATA_KEY in meta:
             return json.loads(meta[METADATA_KEY])
-    from .manifest import read_manifest
+    from .ledger import read_manifest
 
     manifest = read_manifest(layout)
     if manifest and manifest.get("metadata"):

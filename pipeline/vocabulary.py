@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import struct
 import threading
 import time
@@ -27,16 +26,9 @@ import torch
 from cliptrase.names import validate_names, validate_synonyms
 from cliptrase.text import DEFAULT_TEMPLATES, Vocabulary
 
-from .manifest import (
-    RunLayout,
-    _create_exclusive,
-    _is_local,
-    _owner_is_dead,
-    _remove,
-    new_owner,
-    with_retries,
-    write_whole,
-)
+from .layout import RunLayout
+from .leases import new_owner, owner_is_dead
+from .retries import with_retries
 
 log = logging.getLogger("pipeline")
 
@@ -206,7 +198,7 @@ class _Claim:
         while not self._stop.wait(max(self.stale_s / 4, 0.05)):
             try:
                 if (_read_claim(self.layout, self.path) or {}).get("owner") == self.owner:
-                    write_whole(self.layout, self.path, self.body())
+                    self.layout.store.put_whole(self.path, self.body())
             except Exception as exc:  # noqa: BLE001 - a missed beat only risks a second compute
                 log.debug("vocabulary claim heartbeat failed: %s", exc)
 
@@ -216,30 +208,27 @@ class _Claim:
             self._thread.join()
         try:
             if (_read_claim(self.layout, self.path) or {}).get("owner") == self.owner:
-                _remove(self.layout.fs, self.path)
+                self.layout.store.remove(self.path)
         except Exception as exc:  # noqa: BLE001 - a leftover claim goes stale on its own
             log.warning("could not remove the vocabulary claim %s: %s", self.path, exc)
 
 
 def _read_claim(layout: RunLayout, path: str) -> dict | None:
-    try:
-        return json.loads(layout.fs.cat_file(path))
-    except (FileNotFoundError, ValueError):
-        return None
+    return layout.store.read_json(path)
 
 
 def _is_stale(claim: dict, stale_s: float) -> bool:
     heartbeat = claim.get("heartbeat_at")
     if not isinstance(heartbeat, (int, float)) or time.time() - heartbeat > stale_s:
         return True
-    return _owner_is_dead(str(claim.get("owner", "")))
+    return owner_is_dead(str(claim.get("owner", "")))
 
 
 def _try_claim(layout: RunLayout, path: str, claim: _Claim) -> str:
     """``"ours"``, ``"theirs"`` (a live claim by someone else) or ``"none"`` (this store cannot
     create exclusively, or the claim failed: compute without coordinating)."""
     for _ in range(2):
-        created = _create_exclusive(layout.fs, path, claim.body())
+        created = layout.store.create_exclusive(path, claim.body())
         if created is True:
             return "ours"
         if created is None:
@@ -250,7 +239,7 @@ def _try_claim(layout: RunLayout, path: str, claim: _Claim) -> str:
         if not _is_stale(current, claim.stale_s):
             return "theirs"
         log.info("vocabulary claim %s is stale (%s); taking it over", path, current.get("owner"))
-        _remove(layout.fs, path)
+        layout.store.remove(path)
     return "theirs"
 
 
@@ -382,9 +371,7 @@ def _store(layout: RunLayout, path: str, key: str, prompts, embeddings, segmento
             model=segmentor.model_name,
             weights_identity=segmentor.weights.identity,
         )
-        if _is_local(layout.fs):
-            os.makedirs(vocabulary_dir(layout), exist_ok=True)
-        with_retries(write_whole, layout, path, data)
+        with_retries(layout.store.put_whole, path, data)
     except Exception as exc:  # noqa: BLE001 - the next actor computes it again
         log.warning("vocabulary cache: could not store %s (%s)", path, exc)
 

@@ -25,7 +25,8 @@ import cliptrase
 from . import sink
 from .config import OUTPUT_FORMAT, RunConfig
 from .decode import DecodedImage, Prefetcher, decode_image
-from .manifest import RunLayout, read_lease
+from .layout import RunLayout
+from .leases import read_lease
 from .sources import ImageRecord, Shard, read_shard
 
 log = logging.getLogger("pipeline")

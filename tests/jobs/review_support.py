@@ -18,7 +18,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from pipeline.manifest import RunLayout
+from pipeline.layout import RunLayout
 from pipeline.sink import ok_row, write_shard
 from tests.pipeline.conftest import TINY, VOCAB
 

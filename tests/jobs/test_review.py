@@ -275,7 +275,7 @@ def test_cli_rejects_bad_arguments_with_a_clear_error(rare, args, message, capsy
 
 
 def test_empty_missing_and_all_error_runs_are_clear_errors(tmp_path, capsys):
-    from pipeline.manifest import RunLayout
+    from pipeline.layout import RunLayout
     from pipeline.sink import error_row, write_shard
 
     RunLayout.open(str(tmp_path / "empty"), "aaaaaaaaaaaa").makedirs()

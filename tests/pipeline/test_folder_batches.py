@@ -8,7 +8,8 @@ import uuid
 import pytest
 
 import pipeline
-from pipeline.manifest import FolderBatchLog, RunLayout
+from pipeline.layout import RunLayout
+from pipeline.ledger import FolderBatchLog
 
 from .conftest import fresh_s3fs, jpeg, s3_options, tiny_config
 

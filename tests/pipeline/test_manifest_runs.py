@@ -6,7 +6,8 @@ import json
 import threading
 from datetime import datetime, timezone
 
-from pipeline.manifest import RunLayout, new_run_id, read_manifest, record_run
+from pipeline.layout import RunLayout
+from pipeline.ledger import new_run_id, read_manifest, record_run
 
 CONFIG = {"config_hash": "cfg"}
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import pipeline
-from pipeline.manifest import RunLayout, _create_exclusive, acquire_lease, release_lease
+from pipeline.layout import RunLayout
+from pipeline.leases import acquire_lease, release_lease
 
 from .conftest import FAKE_SECRET, fresh_s3fs, s3_options, tiny_config
 
@@ -78,7 +79,7 @@ def test_s3_lease_is_a_conditional_create(s3, storage_options):
     layout = RunLayout.open("s3://labels/leases", "h", storage_options)
     assert acquire_lease(layout, "shard", "run-A", ttl_s=60)
     # The exclusive path (If-None-Match: *), not the racy write-then-read-back fallback:
-    assert _create_exclusive(layout.fs, layout.lease_path("shard"), b"{}") is False
+    assert layout.store.create_exclusive(layout.lease_path("shard"), b"{}") is False
     assert not acquire_lease(layout, "shard", "run-B", ttl_s=60)
     release_lease(layout, "shard", "run-A")
     assert acquire_lease(layout, "shard", "run-B", ttl_s=60)

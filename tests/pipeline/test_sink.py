@@ -9,13 +9,9 @@ import pytest
 
 import pipeline
 from pipeline import sink
-from pipeline.manifest import (
-    RunLayout,
-    acquire_lease,
-    committed_shard_ids,
-    pending_shards,
-    release_lease,
-)
+from pipeline.layout import RunLayout
+from pipeline.leases import acquire_lease, release_lease
+from pipeline.ledger import committed_shard_ids, pending_shards
 
 
 def _row(labels, confidence, num_labels, image_id="s/k"):
@@ -239,12 +235,10 @@ def test_stale_spools_of_dead_processes_are_swept(tmp_path, monkeypatch):
 
 def test_readers_pick_the_only_prefix_with_committed_shards_and_name_the_choices(tmp_path):
     """A run that failed before committing anything left a prefix with a manifest only."""
-    from pipeline.manifest import write_whole
-
     row = _row(np.zeros((2, 2), np.uint8), np.ones((2, 2), np.float32), 1)
     failed = RunLayout.open(str(tmp_path), "aaaaaaaaaaaa")
     failed.makedirs()
-    write_whole(failed, failed.manifest_path, b'{"runs": []}')
+    failed.store.put_whole(failed.manifest_path, b'{"runs": []}')
     good = RunLayout.open(str(tmp_path), "bbbbbbbbbbbb")
     good.makedirs()
     sink.write_shard(good, "s", [row], {"config_hash": "bbbbbbbbbbbb"})

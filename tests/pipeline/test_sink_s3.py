@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import sink
-from pipeline.manifest import RunLayout, committed_shard_ids
+from pipeline.layout import RunLayout
+from pipeline.ledger import committed_shard_ids
 
 from .conftest import fresh_s3fs, s3_options
 from .test_sink import _rows

@@ -14,7 +14,7 @@ import torch
 import cliptrase
 import pipeline
 from pipeline import vocabulary as vc
-from pipeline.manifest import RunLayout, write_whole
+from pipeline.layout import RunLayout
 
 from .conftest import fresh_s3fs, s3_options
 
@@ -189,7 +189,7 @@ def test_a_corrupt_or_mismatched_file_is_recomputed_and_replaced(layout, caplog)
     if layout.fs.protocol != "file" and "file" not in layout.fs.protocol:
         bad = {k: bad[k] for k in ("truncated", "another key", "shape")}  # S3: fewer round trips
     for name, data in bad.items():
-        write_whole(layout, path, data)
+        layout.store.put_whole(path, data)
         fresh = tiny()
         tower = TextTower(fresh)
         with caplog.at_level("WARNING", logger="pipeline"):
@@ -236,7 +236,7 @@ def test_a_stale_claim_is_taken_over_and_a_live_one_waited_for_at_most_wait_s(lo
     local_layout.fs.makedirs(vc.vocabulary_dir(local_layout), exist_ok=True)
     # A claim whose holder stopped heartbeating: taken over at once, though wait_s is long.
     old = {"owner": "elsewhere:1:dead", "heartbeat_at": time.time() - 3600}
-    write_whole(local_layout, claim, json.dumps(old).encode())
+    local_layout.store.put_whole(claim, json.dumps(old).encode())
     started = time.monotonic()
     vc.compiled_vocabulary(seg, SMALL, local_layout, wait_s=60, poll_s=0.05)
     assert time.monotonic() - started < 10
@@ -247,7 +247,7 @@ def test_a_stale_claim_is_taken_over_and_a_live_one_waited_for_at_most_wait_s(lo
     other = pipeline.VocabularySpec(("a", "b"), templates=("{}",))
     claim = vc.claim_path(local_layout, vc.vocabulary_key(seg, other))
     live = {"owner": "elsewhere:1:live", "heartbeat_at": time.time() + 3600}
-    write_whole(local_layout, claim, json.dumps(live).encode())
+    local_layout.store.put_whole(claim, json.dumps(live).encode())
     started = time.monotonic()
     vocab = vc.compiled_vocabulary(seg, other, local_layout, wait_s=0.5, poll_s=0.05)
     assert 0.5 <= time.monotonic() - started < 10

@@ -1,0 +1,105 @@
+"""Leases: which run labels a shard now, until when; and owners, the identities that hold them.
+
+A lease keeps two concurrent runs from labelling one shard at once; it is advisory, since the
+commit itself is fenced by the exclusive marker (pipeline.ledger), so a run paused past its TTL
+whose lease was taken over can never publish a second output. Created exclusively through
+:class:`pipeline.store.Store`; an expired lease, or one whose owner is a dead process on this
+host, is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+
+from .layout import RunLayout
+
+log = logging.getLogger("pipeline")
+
+
+def acquire_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) -> bool:
+    """Claim (or renew) a shard for ``ttl_s`` seconds; False if someone else holds a live lease.
+
+    Where the store cannot create exclusively, write-then-read-back narrows but does not close
+    the race (two writers may both read their own body before one overwrites the other).
+    """
+    store, path = layout.store, layout.lease_path(shard_id)
+    body = json.dumps({"owner": owner, "expires_at": time.time() + ttl_s}).encode()
+    for _ in range(2):
+        created = store.create_exclusive(path, body)
+        if created is True:
+            return True
+        current = store.read_json(path)
+        if current is None:
+            if created is None:  # no exclusive create here: write, then see who won
+                layout.fs.pipe_file(path, body)
+                return (store.read_json(path) or {}).get("owner") == owner
+            continue  # released between our create and our read: try again
+        if current.get("owner") == owner:
+            store.put_whole(path, body)  # renew our own lease
+            return True
+        if float(current.get("expires_at", 0)) > time.time() and not owner_is_dead(
+            current.get("owner", "")
+        ):
+            return False
+        log.info(
+            "lease on %s expired or its owner died (%s); taking it over",
+            shard_id,
+            current.get("owner"),
+        )
+        store.remove(path)
+    return False
+
+
+def release_lease(layout: RunLayout, shard_id: str, owner: str) -> None:
+    """Drop our lease (someone else's is left alone)."""
+    path = layout.lease_path(shard_id)
+    current = layout.store.read_json(path)
+    if current is not None and current.get("owner") == owner:
+        layout.store.remove(path)
+
+
+def read_lease(layout: RunLayout, shard_id: str) -> dict | None:
+    """The shard's current lease (owner, expires_at), or None."""
+    return layout.store.read_json(layout.lease_path(shard_id))
+
+
+def remove_committed_leases(layout: RunLayout, committed: set[str]) -> int:
+    """Drop leases of shards in ``committed`` (a driver killed after its actor committed
+    leaves one behind). Safe for a live holder too: nobody labels a shard with a marker."""
+    stale = set(layout.store.list_names(layout.leases_dir, ".json")) & committed
+    for shard_id in stale:
+        layout.store.remove(layout.lease_path(shard_id))
+    return len(stale)
+
+
+def new_owner() -> str:
+    """``host:pid:random``: unique per run; the host and pid let a restart on the same machine
+    see that the previous driver is gone and take its leases over at once (owner_is_dead).
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead(owner: str) -> bool:
+    """True only when the owner ran on this host and its pid no longer exists.
+
+    Another host's owner is never presumed dead here: its lease expires (``lease_ttl_s``)
+    unless it keeps renewing it. A reused pid only delays the takeover until expiry.
+    """
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

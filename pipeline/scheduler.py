@@ -1,0 +1,370 @@
+"""The work queue: which shard goes to which actor when, retries, backoff, actor replacement.
+
+:class:`Scheduler` is plain Python with explicit state (``queue``, ``claiming``, ``ready``,
+``in_flight``, ``starting``, live slots) and three injected collaborators, so every decision is
+unit-tested without Ray, storage or sleeps (tests/pipeline/test_scheduler.py):
+
+* ``actors`` (:class:`Actors`): submit a shard to a slot's actor, replace a slot's actor, wait
+  for results. :class:`pipeline.runner.RayActors` is the real one.
+* ``book`` (:class:`Bookkeeping`): claim a shard (lease + marker check + sweep), release it,
+  renew leases. :class:`pipeline.runner.StoreBookkeeping` does it on the run's storage.
+* ``clock`` / ``sleep``: time.
+
+Actors never wait on the driver: each holds ``depth`` shards (one running, the next queued in
+the actor), and claims (~3 storage requests each) run ahead in a thread pool (``executor``),
+so a finished shard is replaced by an already-claimed one without a storage round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+log = logging.getLogger("pipeline")
+
+MAX_BACKOFF_S = 30.0
+# A replacement actor that cannot be placed (its node is gone, the cluster is full) is waited
+# for this long while no other actor is alive; other actors carry on meanwhile.
+ACTOR_START_TIMEOUT_S = 600.0
+
+
+class ActorLost(Exception):
+    """The actor holding the shard died (its process, its node); the slot needs a new one."""
+
+
+class ShardFailed(Exception):
+    """The attempt raised. ``permanent``: retrying cannot help (the shard is invalid, gone or
+    forbidden; the next run, which lists the inputs again, tries it afresh)."""
+
+    def __init__(self, reason: str, permanent: bool = False):
+        super().__init__(reason)
+        self.reason, self.permanent = reason, permanent
+
+
+class Claim(Enum):
+    OURS = "ours"  # leased by us, not committed, leftovers swept: label it
+    LEASED_ELSEWHERE = "leased elsewhere"  # another run holds a live lease: left to it
+    COMMITTED = "committed"  # a concurrent run committed it since we listed
+
+
+class Actors(Protocol):
+    size: int
+    restarts: int
+
+    def submit(self, slot: int, shard: Any) -> Any:
+        """Start labelling ``shard`` on the slot's actor; returns a handle for :meth:`wait`."""
+
+    def replace(self, slot: int) -> Any:
+        """A new actor in ``slot``; returns a handle that completes once it is ready."""
+
+    def wait(self, handles: list[Any], timeout: float) -> list[Any]:
+        """The handles among ``handles`` that have completed (at least one unless timed out)."""
+
+    def result(self, handle: Any) -> Any:
+        """The handle's value; raises :class:`ActorLost` or :class:`ShardFailed`."""
+
+
+class Bookkeeping(Protocol):
+    def claim(self, shard: Any) -> Claim: ...
+
+    def release(self, shard: Any) -> None: ...
+
+    def renew(self, shard: Any) -> bool:
+        """Extend our lease; False if another run has taken it over."""
+
+
+@dataclass
+class Attempt:
+    shard: Any
+    number: int = 0  # 0 for the first attempt
+    not_before: float = 0.0  # backoff: not dispatched before this clock time
+
+
+@dataclass
+class _Running:
+    slot: int
+    generation: int  # the slot's actor this went to; a replaced actor's results are stale
+    attempt: Attempt
+
+
+@dataclass
+class Tally:
+    """What the scheduler did, for the run summary."""
+
+    done: int = 0
+    skipped: int = 0  # committed by a concurrent run (found at claim, or lost at commit)
+    failed: int = 0
+    leased_elsewhere: int = 0
+    retries: int = 0
+    images_ok: int = 0
+    images_error: int = 0
+
+
+class _InlineExecutor(Executor):
+    """Runs each call at once in the caller's thread (tests, and a single-actor run)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future
+            future.set_exception(exc)
+        return future
+
+
+INLINE = _InlineExecutor()
+
+
+class Scheduler:
+    """Label ``shards`` on ``actors``: each actor gets the next claimed shard as soon as it has
+    fewer than ``depth``; failures are retried with bounded backoff up to ``max_retries``; a
+    dead actor is replaced and its shards requeued."""
+
+    def __init__(
+        self,
+        shards: list[Any],
+        actors: Actors,
+        book: Bookkeeping,
+        *,
+        max_retries: int,
+        renew_every_s: float,
+        depth: int = 2,
+        executor: Executor = INLINE,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        on_result: Callable[[Any], None] = lambda result: None,
+        on_progress: Callable[[Tally], None] = lambda tally: None,
+        shard_id: Callable[[Any], str] = lambda shard: shard.shard_id,
+        describe: Callable[[Any], str] = lambda shard: getattr(shard, "uri", ""),
+    ):
+        self.actors, self.book = actors, book
+        self.max_retries, self.renew_every_s, self.depth = max_retries, renew_every_s, depth
+        self.executor, self.clock, self.sleep = executor, clock, sleep
+        self.on_result, self.on_progress = on_result, on_progress
+        self.shard_id, self.describe = shard_id, describe
+        self.queue: deque[Attempt] = deque(Attempt(s) for s in shards)
+        self.claiming: dict[Future, Attempt] = {}
+        self.ready: deque[Attempt] = deque()  # claimed, waiting for a free actor
+        self.in_flight: dict[Any, _Running] = {}
+        self.starting: dict[Any, int] = {}  # replacement actors getting ready, by slot
+        self.live = set(range(actors.size))
+        self.generation = [0] * actors.size
+        self.releasing: list[Future] = []
+        self.tally = Tally()
+        self.failures: list[dict] = []
+        self.max_restarts = (max_retries + 1) * actors.size
+        self._last_renewal = clock()
+        self._no_actor_since: float | None = None
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Tally:
+        try:
+            while self.queue or self.claiming or self.ready or self.in_flight:
+                self._claim_ahead()
+                self._harvest_claims()
+                self._submit()
+                self._renew_if_due()
+                if not self.in_flight and not self.starting and not self.ready:
+                    if self.claiming:
+                        self._wait_for_claims()
+                    elif self.queue:  # everything waits on a backoff
+                        self.sleep(max(0.05, self._next_due() - self.clock()))
+                    continue
+                self._check_actors_alive()
+                waiting = list(self.in_flight) + list(self.starting)
+                timeout = 0.02 if self.claiming else 1.0  # claims complete off the loop
+                for handle in self.actors.wait(waiting, timeout) if waiting else ():
+                    self._finished(handle)
+        finally:
+            for running in self.in_flight.values():
+                self._release(running.attempt.shard)
+            for attempt in self.ready:
+                self._release(attempt.shard)
+            for attempt in self.queue:
+                if attempt.number > 0:  # claimed before, waiting on its backoff
+                    self._release(attempt.shard)
+            for future in list(self.claiming):
+                future.cancel()
+            for future in self.releasing:
+                try:
+                    future.result()
+                except Exception:  # noqa: BLE001 - logged where it happened
+                    pass
+        return self.tally
+
+    # ------------------------------------------------------------------ claims
+    def _wanted(self) -> int:
+        """Claimed shards to hold: enough to fill every live actor to ``depth``, plus one
+        ahead per actor so a finished shard is replaced without waiting on storage."""
+        free = len(self.live) * self.depth - len(self.in_flight)
+        return max(0, free) + len(self.live)
+
+    def _claim_ahead(self) -> None:
+        now = self.clock()
+        deferred = []
+        while self.queue and len(self.ready) + len(self.claiming) < self._wanted():
+            attempt = self.queue.popleft()
+            if attempt.not_before > now:
+                deferred.append(attempt)
+                continue
+            self.claiming[self.executor.submit(self.book.claim, attempt.shard)] = attempt
+        self.queue.extendleft(reversed(deferred))
+
+    def _harvest_claims(self) -> None:
+        for future in [f for f in self.claiming if f.done()]:
+            attempt = self.claiming.pop(future)
+            outcome = future.result()  # a storage error past its retries ends the run
+            if outcome is Claim.OURS:
+                self.ready.append(attempt)
+            elif outcome is Claim.LEASED_ELSEWHERE:
+                self.tally.leased_elsewhere += 1
+                self.on_progress(self.tally)
+            else:
+                self.tally.skipped += 1
+                self.on_progress(self.tally)
+
+    def _wait_for_claims(self) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        wait(list(self.claiming), timeout=1.0, return_when=FIRST_COMPLETED)
+
+    # ------------------------------------------------------------------ dispatch
+    def _submit(self) -> None:
+        load = {slot: 0 for slot in self.live}
+        for running in self.in_flight.values():
+            if running.slot in load:
+                load[running.slot] += 1
+        while self.ready:
+            slot = min(load, key=lambda s: (load[s], s), default=None)
+            if slot is None or load[slot] >= self.depth:
+                return
+            attempt = self.ready.popleft()
+            handle = self.actors.submit(slot, attempt.shard)
+            self.in_flight[handle] = _Running(slot, self.generation[slot], attempt)
+            load[slot] += 1
+
+    def _finished(self, handle: Any) -> None:
+        if handle in self.starting:
+            slot = self.starting.pop(handle)
+            try:
+                self.actors.result(handle)
+            except ActorLost as exc:
+                self._replace(slot, exc)
+            else:
+                self.live.add(slot)
+            return
+        running = self.in_flight.pop(handle)
+        attempt = running.attempt
+        try:
+            result = self.actors.result(handle)
+        except ActorLost as exc:
+            # The slot gets a new actor, once: its other shards are stale results of the same
+            # death. It takes work once ready; the other actors carry on meanwhile.
+            self._retry_or_fail(attempt, f"actor died: {exc}")
+            if running.generation == self.generation[running.slot]:
+                self._replace(running.slot, exc)
+        except ShardFailed as exc:
+            self._retry_or_fail(attempt, exc.reason, permanent=exc.permanent)
+        else:
+            if getattr(result, "lost", False):  # another run committed it: its rows stand
+                self.tally.skipped += 1
+            else:
+                self.tally.done += 1
+                self.tally.images_ok += getattr(result, "ok", 0)
+                self.tally.images_error += getattr(result, "errors", 0)
+                self.on_result(result)
+            self._release(attempt.shard)
+            self.on_progress(self.tally)
+
+    # ------------------------------------------------------------------ failures
+    def _replace(self, slot: int, exc: BaseException) -> None:
+        self.live.discard(slot)
+        if self.actors.restarts >= self.max_restarts:
+            raise RuntimeError(
+                f"segmentor actors died {self.actors.restarts} times; giving up"
+            ) from exc
+        self.generation[slot] += 1
+        self.starting[self.actors.replace(slot)] = slot
+
+    def _retry_or_fail(self, attempt: Attempt, reason: str, permanent: bool = False) -> None:
+        shard_id = self.shard_id(attempt.shard)
+        if attempt.number < self.max_retries and not permanent:
+            backoff = min(2.0**attempt.number, MAX_BACKOFF_S)
+            log.warning(
+                "shard %s attempt %d failed (%s); retrying in %.0fs",
+                shard_id,
+                attempt.number + 1,
+                reason,
+                backoff,
+            )
+            # The lease stays ours through the backoff (renewed like in-flight ones).
+            self.queue.append(Attempt(attempt.shard, attempt.number + 1, self.clock() + backoff))
+            self.tally.retries += 1
+            return
+        log.error("shard %s failed after %d attempts: %s", shard_id, attempt.number + 1, reason)
+        self.tally.failed += 1
+        self.failures.append(
+            {
+                "shard_id": shard_id,
+                "uri": self.describe(attempt.shard),
+                "attempts": attempt.number + 1,
+                "error": reason[-2000:],
+            }
+        )
+        self._release(attempt.shard)
+        self.on_progress(self.tally)
+
+    def _check_actors_alive(self) -> None:
+        if self.live:
+            self._no_actor_since = None
+        elif self._no_actor_since is None:
+            self._no_actor_since = self.clock()
+        elif self.clock() - self._no_actor_since > ACTOR_START_TIMEOUT_S:
+            raise RuntimeError(
+                f"no segmentor actor could be started in {ACTOR_START_TIMEOUT_S:.0f}s "
+                "(nodes lost, or no resources left for an actor)"
+            )
+
+    # ------------------------------------------------------------------ leases
+    def _held(self) -> list[Any]:
+        held = [r.attempt.shard for r in self.in_flight.values()]
+        return held + [a.shard for a in self.ready]
+
+    def _renew_if_due(self) -> None:
+        # Leases are renewed while their shard is held, so a shard may take longer than the
+        # TTL and a dead driver's leases still expire one TTL after its last renewal.
+        if self.clock() - self._last_renewal <= self.renew_every_s:
+            return
+        self._last_renewal = self.clock()
+        held = self._held()
+        for shard, renewed in zip(held, self.executor.map(self._renew_one, held)):
+            if renewed is False:
+                # Taken over (we were paused or cut off past the TTL): our actor sees it
+                # before publishing and abandons the shard; the commit is fenced regardless.
+                log.warning("lease of %s was taken over by another run", self.shard_id(shard))
+
+    def _renew_one(self, shard: Any) -> bool | None:
+        try:
+            return self.book.renew(shard)
+        except Exception as exc:  # noqa: BLE001 - the next renewal tries again
+            log.warning("could not renew the lease of %s: %s", self.shard_id(shard), exc)
+            return None
+
+    def _release(self, shard: Any) -> None:
+        self.releasing.append(self.executor.submit(self._release_one, shard))
+        self.releasing = [f for f in self.releasing if not f.done()]
+
+    def _release_one(self, shard: Any) -> None:
+        try:
+            self.book.release(shard)
+        except Exception as exc:  # noqa: BLE001 - an orphan lease only expires; keep going
+            log.warning("could not release the lease of %s: %s", self.shard_id(shard), exc)
+
+    def _next_due(self) -> float:
+        return min(a.not_before for a in self.queue)
