@@ -48,10 +48,6 @@ class RunLayout:
     def shards_dir(self) -> str:
         return f"{self.root}/shards"
 
-    def shard_path(self, shard_id: str) -> str:
-        """Where format-1 runs wrote a shard (one name per shard, before attempt names)."""
-        return f"{self.shards_dir}/{shard_id}.parquet"
-
     def shard_file(self, name: str) -> str:
         """A file under ``shards/`` by name (``<shard_id>.<attempt>.parquet``: its marker's)."""
         return f"{self.shards_dir}/{name}"

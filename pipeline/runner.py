@@ -26,13 +26,11 @@ from .ledger import (
     FolderBatchLog,
     committed_shard_ids,
     new_run_id,
-    read_marker,
     record_run,
     write_summary,
 )
 from .retries import with_retries
-from .scheduler import ActorLost, Claim, Scheduler, ShardFailed, Tally
-from .sink import remove_uncommitted
+from .scheduler import ActorLost, Scheduler, ShardFailed, Tally
 from .sources import InvalidShardError, Shard, list_shards
 from .worker import SegmentorActor, ShardResult
 
@@ -229,24 +227,12 @@ class RayActors:
 
 @dataclass(frozen=True)
 class StoreBookkeeping:
-    """Leases and markers on the run's storage, as :class:`pipeline.scheduler.Bookkeeping`."""
+    """The driver's side of the leases on the run's storage, as
+    :class:`pipeline.scheduler.Bookkeeping` (the actors claim and drop them: pipeline.claim)."""
 
     layout: RunLayout
     owner: str
     ttl_s: float
-
-    def claim(self, shard: Shard) -> Claim:
-        layout, shard_id = self.layout, shard.shard_id
-        if not with_retries(acquire_lease, layout, shard_id, self.owner, self.ttl_s):
-            return Claim.LEASED_ELSEWHERE
-        if with_retries(read_marker, layout, shard_id) is not None:  # a concurrent run's
-            with_retries(release_lease, layout, shard_id, self.owner)
-            return Claim.COMMITTED
-        # Ours now and not committed: whatever a dead attempt left (a temporary file, a whole
-        # but uncommitted Parquet file) goes, so no reader ever sees a stray file.
-        if leftovers := with_retries(remove_uncommitted, layout, shard_id):
-            log.info("removed %d leftover file(s) of %s", len(leftovers), shard_id)
-        return Claim.OURS
 
     def release(self, shard: Shard) -> None:
         with_retries(release_lease, self.layout, shard.shard_id, self.owner)
@@ -274,8 +260,8 @@ def _label(
         images = tally.images_ok + tally.images_error
         bar.set_postfix(images=images, img_s=f"{images / max(elapsed, 1e-9):.1f}", refresh=True)
 
-    # Claims, releases and renewals are storage round trips: run them side by side, so a
-    # driver with hundreds of actors on a high-latency store still keeps every actor fed.
+    # Renewals and releases are storage round trips: run them side by side, so a driver with
+    # hundreds of actors on a high-latency store renews them all in a few round trips.
     with ThreadPoolExecutor(max_workers=_storage_threads(actors.size)) as executor:
         scheduler = Scheduler(
             pending,

@@ -1,18 +1,19 @@
 """The work queue: which shard goes to which actor when, retries, backoff, actor replacement.
 
-:class:`Scheduler` is plain Python with explicit state (``queue``, ``claiming``, ``ready``,
-``in_flight``, ``starting``, live slots) and three injected collaborators, so every decision is
+:class:`Scheduler` is plain Python with explicit state (``queue``, ``in_flight``, ``starting``,
+live slots) and three injected collaborators, so every decision is
 unit-tested without Ray, storage or sleeps (tests/pipeline/test_scheduler.py):
 
 * ``actors`` (:class:`Actors`): submit a shard to a slot's actor, replace a slot's actor, wait
   for results. :class:`pipeline.runner.RayActors` is the real one.
-* ``book`` (:class:`Bookkeeping`): claim a shard (lease + marker check + sweep), release it,
-  renew leases. :class:`pipeline.runner.StoreBookkeeping` does it on the run's storage.
+* ``book`` (:class:`Bookkeeping`): renew the leases of the shards handed out, release one
+  whose attempts are over. :class:`pipeline.runner.StoreBookkeeping` does it on the run's
+  storage, side by side in ``executor``'s threads.
 * ``clock`` / ``sleep``: time.
 
 Actors never wait on the driver: each holds ``depth`` shards (one running, the next queued in
-the actor), and claims (~3 storage requests each) run ahead in a thread pool (``executor``),
-so a finished shard is replaced by an already-claimed one without a storage round trip.
+the actor), and the per-shard storage requests (claim, commit, lease drop) are the actors'
+own (:mod:`pipeline.claim`), so the driver's work per shard is one call, not a round trip.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Protocol
+
+from .claim import Claim
 
 log = logging.getLogger("pipeline")
 
@@ -47,12 +49,6 @@ class ShardFailed(Exception):
         self.reason, self.permanent = reason, permanent
 
 
-class Claim(Enum):
-    OURS = "ours"  # leased by us, not committed, leftovers swept: label it
-    LEASED_ELSEWHERE = "leased elsewhere"  # another run holds a live lease: left to it
-    COMMITTED = "committed"  # a concurrent run committed it since we listed
-
-
 class Actors(Protocol):
     size: int
     restarts: int
@@ -71,8 +67,6 @@ class Actors(Protocol):
 
 
 class Bookkeeping(Protocol):
-    def claim(self, shard: Any) -> Claim: ...
-
     def release(self, shard: Any) -> None: ...
 
     def renew(self, shard: Any) -> bool:
@@ -149,8 +143,6 @@ class Scheduler:
         self.on_result, self.on_progress = on_result, on_progress
         self.shard_id, self.describe = shard_id, describe
         self.queue: deque[Attempt] = deque(Attempt(s) for s in shards)
-        self.claiming: dict[Future, Attempt] = {}
-        self.ready: deque[Attempt] = deque()  # claimed, waiting for a free actor
         self.in_flight: dict[Any, _Running] = {}
         self.starting: dict[Any, int] = {}  # replacement actors getting ready, by slot
         self.live = set(range(actors.size))
@@ -165,32 +157,23 @@ class Scheduler:
     # ------------------------------------------------------------------ the loop
     def run(self) -> Tally:
         try:
-            while self.queue or self.claiming or self.ready or self.in_flight:
-                self._claim_ahead()
-                self._harvest_claims()
+            while self.queue or self.in_flight:
                 self._submit()
                 self._renew_if_due()
-                if not self.in_flight and not self.starting and not self.ready:
-                    if self.claiming:
-                        self._wait_for_claims()
-                    elif self.queue:  # everything waits on a backoff
+                if not self.in_flight and not self.starting:
+                    if self.queue:  # everything waits on a backoff
                         self.sleep(max(0.05, self._next_due() - self.clock()))
                     continue
                 self._check_actors_alive()
                 waiting = list(self.in_flight) + list(self.starting)
-                timeout = 0.02 if self.claiming else 1.0  # claims complete off the loop
-                for handle in self.actors.wait(waiting, timeout) if waiting else ():
+                for handle in self.actors.wait(waiting, self._wait_timeout()):
                     self._finished(handle)
         finally:
             for running in self.in_flight.values():
                 self._release(running.attempt.shard)
-            for attempt in self.ready:
-                self._release(attempt.shard)
             for attempt in self.queue:
-                if attempt.number > 0:  # claimed before, waiting on its backoff
+                if attempt.number > 0:  # handed out before, waiting on its backoff
                     self._release(attempt.shard)
-            for future in list(self.claiming):
-                future.cancel()
             for future in self.releasing:
                 try:
                     future.result()
@@ -198,56 +181,33 @@ class Scheduler:
                     pass
         return self.tally
 
-    # ------------------------------------------------------------------ claims
-    def _wanted(self) -> int:
-        """Claimed shards to hold: enough to fill every live actor to ``depth``, plus one
-        ahead per actor so a finished shard is replaced without waiting on storage."""
-        free = len(self.live) * self.depth - len(self.in_flight)
-        return max(0, free) + len(self.live)
-
-    def _claim_ahead(self) -> None:
-        now = self.clock()
-        deferred = []
-        while self.queue and len(self.ready) + len(self.claiming) < self._wanted():
-            attempt = self.queue.popleft()
-            if attempt.not_before > now:
-                deferred.append(attempt)
-                continue
-            self.claiming[self.executor.submit(self.book.claim, attempt.shard)] = attempt
-        self.queue.extendleft(reversed(deferred))
-
-    def _harvest_claims(self) -> None:
-        for future in [f for f in self.claiming if f.done()]:
-            attempt = self.claiming.pop(future)
-            outcome = future.result()  # a storage error past its retries ends the run
-            if outcome is Claim.OURS:
-                self.ready.append(attempt)
-            elif outcome is Claim.LEASED_ELSEWHERE:
-                self.tally.leased_elsewhere += 1
-                self.on_progress(self.tally)
-            else:
-                self.tally.skipped += 1
-                self.on_progress(self.tally)
-
-    def _wait_for_claims(self) -> None:
-        from concurrent.futures import FIRST_COMPLETED, wait
-
-        wait(list(self.claiming), timeout=1.0, return_when=FIRST_COMPLETED)
+    def _wait_timeout(self) -> float:
+        """Until the next backoff is due, if an actor has room for it (so a retry goes out on
+        time); at most 1 s. With every actor full only a result can change anything."""
+        if not self.queue or len(self.in_flight) >= len(self.live) * self.depth:
+            return 1.0
+        return min(1.0, max(0.01, self._next_due() - self.clock()))
 
     # ------------------------------------------------------------------ dispatch
     def _submit(self) -> None:
+        """Fill every live actor up to ``depth`` with the next shards whose backoff is over."""
         load = {slot: 0 for slot in self.live}
         for running in self.in_flight.values():
             if running.slot in load:
                 load[running.slot] += 1
-        while self.ready:
-            slot = min(load, key=lambda s: (load[s], s), default=None)
-            if slot is None or load[slot] >= self.depth:
-                return
-            attempt = self.ready.popleft()
+        now, deferred = self.clock(), []
+        while self.queue and load:
+            slot = min(load, key=lambda s: (load[s], s))
+            if load[slot] >= self.depth:
+                break
+            attempt = self.queue.popleft()
+            if attempt.not_before > now:
+                deferred.append(attempt)
+                continue
             handle = self.actors.submit(slot, attempt.shard)
             self.in_flight[handle] = _Running(slot, self.generation[slot], attempt)
             load[slot] += 1
+        self.queue.extendleft(reversed(deferred))
 
     def _finished(self, handle: Any) -> None:
         if handle in self.starting:
@@ -272,14 +232,18 @@ class Scheduler:
         except ShardFailed as exc:
             self._retry_or_fail(attempt, exc.reason, permanent=exc.permanent)
         else:
-            if getattr(result, "lost", False):  # another run committed it: its rows stand
-                self.tally.skipped += 1
+            claim = getattr(result, "claim", Claim.OURS.value)
+            if claim == Claim.LEASED_ELSEWHERE.value:  # another run is labelling it
+                self.tally.leased_elsewhere += 1
+            elif claim == Claim.COMMITTED.value or getattr(result, "lost", False):
+                self.tally.skipped += 1  # another run committed it: its rows stand
             else:
                 self.tally.done += 1
                 self.tally.images_ok += getattr(result, "ok", 0)
                 self.tally.images_error += getattr(result, "errors", 0)
                 self.on_result(result)
-            self._release(attempt.shard)
+            if claim == Claim.OURS.value and not getattr(result, "lease_released", False):
+                self._release(attempt.shard)
             self.on_progress(self.tally)
 
     # ------------------------------------------------------------------ failures
@@ -333,8 +297,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ leases
     def _held(self) -> list[Any]:
-        held = [r.attempt.shard for r in self.in_flight.values()]
-        return held + [a.shard for a in self.ready]
+        return [r.attempt.shard for r in self.in_flight.values()]
 
     def _renew_if_due(self) -> None:
         # Leases are renewed while their shard is held, so a shard may take longer than the

@@ -464,21 +464,25 @@ def write_shard(
         return writer.commit()
 
 
-def remove_uncommitted(layout: RunLayout, shard_id: str) -> list[str]:
+_UNREAD: Any = object()
+
+
+def remove_uncommitted(
+    layout: RunLayout, shard_id: str, marker: dict | None = _UNREAD
+) -> list[str]:
     """Delete what dead attempts at ``shard_id`` left, and never a live attempt's file.
 
-    Without a marker: the pre-fencing fixed-name file, and local temporary files whose writer
+    ``marker``: the shard's marker (None: known to have none) if the caller has just read it.
+    Without a marker: local temporary files whose writer
     process is gone (``<id>.<host>-<pid>-<random>``); published files of other attempts stay
     (a paused attempt may still commit one). With a marker (the winner calls this after its
     commit): every file of the shard the marker does not name, temporary ones included (losers
     and dead attempts; a live loser finds the marker and drops its own).
     """
     removed = []
-    marker = read_marker(layout, shard_id)
+    marker = read_marker(layout, shard_id) if marker is _UNREAD else marker
     candidates = []
-    if marker is None:
-        candidates.append(layout.shard_path(shard_id))
-    else:
+    if marker is not None:
         named = marker.get("file", f"{shard_id}.parquet")
         candidates += [
             f"{layout.root}/shards/{name}"

@@ -23,6 +23,7 @@ import ray
 import cliptrase
 
 from . import sink
+from .claim import Claim, claim_shard, drop_lease
 from .config import OUTPUT_FORMAT, RunConfig
 from .decode import DecodedImage, Prefetcher, decode_image
 from .layout import RunLayout
@@ -56,10 +57,16 @@ class ShardResult:
     cpu_s: float  # CPU time of the actor process (all threads) during the shard
     sha256: str
     lost: bool = False  # another attempt committed the shard first: this one's rows are dropped
+    lease_released: bool = False  # the actor dropped the shard's lease after committing it
+    claim: str = Claim.OURS.value  # not "ours": the actor left the shard alone (rows are 0)
     node_id: str | None = None
     gpu_ids: list = field(default_factory=list)
     pid: int = 0
     torch_threads: int = 0
+
+    @classmethod
+    def unclaimed(cls, shard_id: str, claim: Claim, seconds: float) -> ShardResult:
+        return cls(shard_id, 0, 0, 0, seconds, 0.0, 0.0, 0.0, 0.0, "", claim=claim.value)
 
 
 @dataclass
@@ -114,7 +121,9 @@ class ShardLabeler:
         self.vocab = compiled_vocabulary(self.segmentor, config.vocabulary, self.layout)
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         # JPEGs decoded by libjpeg's DCT scaling down to no less than the processing size.
-        self.draft_short_side = self.segmentor.config.short_side if config.source.jpeg_draft else None
+        self.draft_short_side = (
+            self.segmentor.config.short_side if config.source.jpeg_draft else None
+        )
 
     # ------------------------------------------------------------------ provenance
     def metadata(self) -> dict[str, Any]:
@@ -150,7 +159,9 @@ class ShardLabeler:
     def process_shard(self, shard: Shard, owner: str | None = None) -> ShardResult:
         """Label every image of ``shard``, stream its rows into its Parquet file and commit it.
 
-        ``owner``: the run's lease owner; the shard is published only if the lease is still
+        ``owner``: the run's lease owner. The actor claims the shard first (lease, marker:
+        :func:`pipeline.claim.claim_shard`) and returns at once, rows 0, with ``claim`` saying
+        why if it is not ours. It is published only if the lease is still
         its own (a paused driver whose lease was taken over abandons the shard), and the
         commit is fenced either way (``sink.ShardWriter.commit``).
 
@@ -159,6 +170,10 @@ class ShardLabeler:
         one row group in the writer), so memory does not grow with the shard's length.
         """
         start, cpu_start = time.perf_counter(), time.process_time()
+        if owner is not None:
+            claim = claim_shard(self.layout, shard.shard_id, owner, self.config.lease_ttl_s)
+            if claim is not Claim.OURS:
+                return ShardResult.unclaimed(shard.shard_id, claim, time.perf_counter() - start)
         fs, _ = fsspec.core.url_to_fs(shard.uri, **self.config.storage_options)
         stats: dict[str, float] = {}
         limit = 2 * self.config.segmentor.batch_size
@@ -179,6 +194,9 @@ class ShardLabeler:
             while in_flight:
                 writer.write(_resolve(in_flight.popleft()))
             marker = writer.commit(None if owner is None else self._lease_check(shard, owner))
+        lease_released = (
+            owner is not None and not writer.lost and drop_lease(self.layout, shard.shard_id)
+        )
         end = time.perf_counter()
         return ShardResult(
             shard_id=shard.shard_id,
@@ -192,6 +210,7 @@ class ShardLabeler:
             cpu_s=time.process_time() - cpu_start,
             sha256=marker.get("sha256", ""),
             lost=writer.lost,
+            lease_released=lease_released,
             node_id=_node_id(),
             gpu_ids=_gpu_ids(),
             pid=os.getpid(),
