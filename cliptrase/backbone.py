@@ -33,15 +33,24 @@ class HeadProjections:
     v: torch.Tensor
 
 
-def resampled_positional_embedding(
-    pos: torch.Tensor, native: tuple[int, int], grid: tuple[int, int]
-) -> torch.Tensor:
-    """Positional embedding for an ``h x w`` grid (spec section 1).
+POS_EMBED_RESIZES = ("scale_factor", "size")
 
-    Bicubic, align_corners=False, *by scale factor* ``((h + 0.1)/g, (w + 0.1)/g)`` as the
-    reference does: the 0.1 offset changes the sampling positions, and parity at 336 depends
-    on it. The [CLS] position is kept.
+
+def resampled_positional_embedding(
+    pos: torch.Tensor,
+    native: tuple[int, int],
+    grid: tuple[int, int],
+    mode: str = "scale_factor",
+) -> torch.Tensor:
+    """Positional embedding for an ``h x w`` grid (spec section 1), bicubic, align_corners=False.
+
+    ``mode="scale_factor"`` (the spec; CLIPtrase, SCLIP, NACLIP): *by scale factor*
+    ``((h + 0.1)/g, (w + 0.1)/g)`` as the reference does: the 0.1 offset changes the sampling
+    positions, and parity at 336 depends on it. ``mode="size"`` (MaskCLIP: mmseg's
+    ``resize_pos_embed``): to the target size ``(h, w)``. The [CLS] position is kept.
     """
+    if mode not in POS_EMBED_RESIZES:
+        raise ValueError(f"mode must be one of {POS_EMBED_RESIZES}, got {mode!r}")
     h, w = grid
     gh, gw = native
     if (h, w) == (gh, gw):
@@ -49,11 +58,12 @@ def resampled_positional_embedding(
     cls_pos, patch_pos = pos[:1], pos[1:]
     dim = pos.shape[-1]
     patch_pos = patch_pos.reshape(1, gh, gw, dim).permute(0, 3, 1, 2)
+    if mode == "size":
+        resize = {"size": (h, w)}
+    else:
+        resize = {"scale_factor": ((h + 0.1) / gh, (w + 0.1) / gw)}
     patch_pos = F.interpolate(
-        patch_pos.float(),
-        scale_factor=((h + 0.1) / gh, (w + 0.1) / gw),
-        mode="bicubic",
-        align_corners=False,
+        patch_pos.float(), mode="bicubic", align_corners=False, **resize
     ).to(pos.dtype)
     if patch_pos.shape[-2:] != (h, w):  # cannot happen for integer grids; guard the contract
         raise AssertionError(f"resampled grid {tuple(patch_pos.shape[-2:])} != {(h, w)}")
@@ -87,7 +97,11 @@ def unsupported_block(block: torch.nn.Module) -> str | None:
 class ClipVisionBackbone:
     """Operates an open_clip ViT block by block. Wraps, does not copy, the model."""
 
-    def __init__(self, visual: torch.nn.Module):
+    def __init__(self, visual: torch.nn.Module, pos_embed_resize: str = "scale_factor"):
+        """``pos_embed_resize``: how the positional embedding reaches other grids
+        (:func:`resampled_positional_embedding`'s ``mode``)."""
+        if pos_embed_resize not in POS_EMBED_RESIZES:
+            raise ValueError(f"pos_embed_resize must be one of {POS_EMBED_RESIZES}")
         if not isinstance(visual, VisionTransformer):
             raise UnsupportedModelError(
                 f"{type(visual).__name__} is not an open_clip VisionTransformer; CLIPtrase needs "
@@ -108,6 +122,7 @@ class ClipVisionBackbone:
         if not getattr(visual.transformer, "batch_first", True):
             raise UnsupportedModelError("only batch-first open_clip transformers are supported")
         self.visual = visual
+        self.pos_embed_resize = pos_embed_resize
         self.blocks = blocks
         self.patch_size: int = visual.patch_size[0]
         self.native_grid: tuple[int, int] = tuple(visual.grid_size)
@@ -122,7 +137,7 @@ class ClipVisionBackbone:
             if len(self._pos_cache) > 32:
                 self._pos_cache.clear()
             self._pos_cache[key] = resampled_positional_embedding(
-                pos.detach(), self.native_grid, grid
+                pos.detach(), self.native_grid, grid, self.pos_embed_resize
             )
         return self._pos_cache[key]
 

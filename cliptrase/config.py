@@ -80,3 +80,10 @@ class SegmentorConfig:
             raise ValueError(
                 f"bucket must be a positive number of pixels or None, got {self.bucket}"
             )
+
+
+# Bumped when a preset's labels change on purpose, so a labelling run's config hash
+# (``pipeline.RunConfig``) moves with them; a method not listed is at revision 0 and hashes as
+# before. 1: MaskCLIP's and NACLIP's official protocols (issue 14: tower, normalisation,
+# position-embedding resize, input fit, PAMR on, whole images up to the official resize).
+METHOD_REVISIONS: dict[str, int] = {"maskclip": 1, "naclip": 1}

@@ -3,7 +3,9 @@
 Two plans, each a list of same-size crops the segmentor runs in batches (crops of many images
 share one forward):
 
-* :class:`WholeImagePlan`: the image as one padded tile; above ``max_patches`` (or for a
+* :class:`WholeImagePlan`: the image as one tile (padded, or cut to the patch grid: the
+  method's ``input_fit``); above the patch limit (``max_patches``, or the larger whole-image
+  size the method's official protocol runs: ``Method.long_side_cap``), or for a
   cluster-vote method in slide mode) owned windows. Each window is labelled completely on its
   own (head, refiners, cluster vote: the correlation and DBSCAN are quadratic in the patch
   count, so each window is clustered on its own, as the paper does at 336 px). Overlapping
@@ -31,6 +33,27 @@ class Tile:
     left: int
     # Region of the canvas this tile owns, in canvas coordinates: (y0, y1, x0, x1).
     owns: tuple[int, int, int, int]
+    # Stretch fits (Method.input_fit): the grid's logits are stretched onto this size (the
+    # image's, unpadded) instead of upsampled to the tile's, and ``guide`` (the unpadded image)
+    # guides PAMR. None: logits at the tile's size, PAMR guided by ``pixels``.
+    stretch_to: tuple[int, int] | None = None
+    guide: torch.Tensor | None = None
+
+
+def whole_tile(prepared: Prepared, patch_size: int, input_fit: str = "pad_crop") -> Tile:
+    """The whole image as one tile under ``input_fit`` (see ``Method.input_fit``)."""
+    h, w = prepared.resized
+    ph, pw = prepared.pixels.shape[-2:]
+    owns = (0, h, 0, w)
+    if input_fit == "pad_crop" or (ph, pw) == (h, w):
+        return Tile(prepared.pixels, 0, 0, owns)
+    image = prepared.pixels[:, :h, :w]
+    if input_fit == "pad_stretch":
+        return Tile(prepared.pixels, 0, 0, owns, stretch_to=(h, w), guide=image)
+    if input_fit == "drop_stretch":
+        cut = prepared.pixels[:, : h // patch_size * patch_size, : w // patch_size * patch_size]
+        return Tile(cut, 0, 0, owns, stretch_to=(h, w), guide=image)
+    raise ValueError(f"unknown input_fit {input_fit!r}")
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -64,13 +87,20 @@ class WholeImagePlan:
         window: int | None = None,
         stride: int | None = None,
         force_windows: bool = False,
+        input_fit: str = "pad_crop",
+        max_patches: int | None = None,
     ) -> WholeImagePlan:
         """``config``: max_patches and the fallback window (its ``short_side``); ``window`` and
-        ``stride`` override the config's."""
+        ``stride`` override the config's; ``max_patches`` (None: the config's) the limit above
+        which the image is windowed; ``input_fit``: how the whole image becomes one tile."""
         h, w = prepared.resized
         ph, pw = prepared.pixels.shape[-2:]
-        if not force_windows and (ph // patch_size) * (pw // patch_size) <= config.max_patches:
-            return cls(prepared, [Tile(prepared.pixels, 0, 0, (0, h, 0, w))])
+        limit = config.max_patches if max_patches is None else max_patches
+        if not force_windows:
+            tile = whole_tile(prepared, patch_size, input_fit)
+            th, tw = tile.pixels.shape[-2:]
+            if (th // patch_size) * (tw // patch_size) <= limit:
+                return cls(prepared, [tile])
         window = window or config.window or config.short_side
         window = max(patch_size, window // patch_size * patch_size)
         stride = stride or config.stride or max(patch_size, (2 * window) // 3)

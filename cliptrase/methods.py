@@ -25,9 +25,18 @@ from .attention import (
     CalibrationOptions,
     ResidualOptions,
 )
+from .backbone import POS_EMBED_RESIZES
 from .head import DecisionHead
 from .refine import PAMR, ClusterVote
 from .text import DEFAULT_TEMPLATES, MASKCLIP_EXTRA_TEMPLATES, Template
+from .tower import ACTIVATIONS
+
+INPUT_FITS = ("pad_crop", "pad_stretch", "drop_stretch")
+# Pixel mean/std by name; "model" is resolved from the weights' preprocess config.
+NORMALISATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "model": None,
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,29 @@ class Method:
     # Whole-forward methods (``attention`` in DENSE_FORWARDS): their knobs; None takes the
     # forward's defaults (DENSE_FORWARD_OPTIONS). Must stay None for per-block strategies.
     forward_options: CalibrationOptions | ResidualOptions | None = None
+    # How the official code builds and feeds the image tower, where it differs from open_clip's
+    # OpenAI model and this product's defaults (MaskCLIP's mmseg ViT, NACLIP's whole images):
+    # the MLP activation (None: the model's; "gelu": exact GELU) and every LayerNorm's eps
+    # (None: the model's), applied to a parameter-sharing copy of the tower (cliptrase.tower);
+    activation: str | None = None
+    layer_norm_eps: float | None = None
+    # the pixel mean/std ("model": the weights' own, OpenAI's for CLIP; "imagenet": mmseg's
+    # img_norm_cfg, (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375) over 255);
+    normalisation: str = "model"
+    # the positional embedding's resize to the patch grid ("scale_factor": the spec's
+    # (g + 0.1) / native factor; "size": bicubic to the grid, mmseg's resize_pos_embed);
+    pos_embed_resize: str = "scale_factor"
+    # a whole image whose sides are not patch multiples (INPUT_FITS): "pad_crop" pads the
+    # tensor, upsamples the logits to the padded size and keeps the image's part; "pad_stretch"
+    # (MaskCLIP: mmseg's corner padding) stretches the padded grid's logits onto the image;
+    # "drop_stretch" (NACLIP: the patch conv drops the remainder pixels) stretches the
+    # floor grid's logits onto the image;
+    input_fit: str = "pad_crop"
+    # the long side of mmseg's Resize img_scale (2048, short_side), keep_ratio: the scale is
+    # min(short_side / short, long_side_cap / long), and whole images up to that size run
+    # whole whatever SegmentorConfig.max_patches says (the official protocol never windows
+    # them). None: short side only, and max_patches decides.
+    long_side_cap: int | None = None
 
     def __post_init__(self):
         known = sorted(ATTENTION_STRATEGIES) + sorted(DENSE_FORWARDS)
@@ -91,6 +123,18 @@ class Method:
             raise ValueError("gaussian_std must be positive and gem_iterations >= 0")
         if self.templates is not None:
             object.__setattr__(self, "templates", tuple(self.templates))
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS} or None")
+        if self.layer_norm_eps is not None and self.layer_norm_eps <= 0:
+            raise ValueError("layer_norm_eps must be positive")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {sorted(NORMALISATIONS)}")
+        if self.pos_embed_resize not in POS_EMBED_RESIZES:
+            raise ValueError(f"pos_embed_resize must be one of {POS_EMBED_RESIZES}")
+        if self.input_fit not in INPUT_FITS:
+            raise ValueError(f"input_fit must be one of {INPUT_FITS}")
+        if self.long_side_cap is not None and self.long_side_cap < self.short_side:
+            raise ValueError("long_side_cap must be at least short_side")
 
     @property
     def is_dense_forward(self) -> bool:
@@ -134,7 +178,11 @@ METHODS: dict[str, Method] = {
     "cliptrase": Method("cliptrase"),
     # arXiv 2112.01071, official code (mmseg backbones/vit.py, return_qkv): the last block's
     # attention is replaced by its value path, v -> out_proj, and residual and FFN are kept
-    # ("v += x; v = ffn(norm2(v), identity=v)"); 85 templates; whole image at 512.
+    # ("v += x; v = ffn(norm2(v), identity=v)"); 85 templates; whole image at 512 (mmseg
+    # Resize (2048, 512)). Its config builds the tower with exact GELU and LayerNorm eps 1e-6
+    # (on OpenAI's QuickGELU weights: we follow the released code), resizes the position
+    # embedding bicubically to the grid, pads (PatchEmbed padding="corner") and stretches the
+    # padded grid's logits onto the image; its dataset configs normalise with ImageNet's stats.
     "maskclip": Method(
         "maskclip",
         attention="identity",
@@ -142,6 +190,12 @@ METHODS: dict[str, Method] = {
         refiner=None,
         short_side=512,
         templates=DEFAULT_TEMPLATES + MASKCLIP_EXTRA_TEMPLATES,
+        activation="gelu",
+        layer_norm_eps=1e-6,
+        normalisation="imagenet",
+        pos_embed_resize="size",
+        input_fit="pad_stretch",
+        long_side_cap=2048,
     ),
     # arXiv 2312.01597, clip_segmentor.py + cfg_*.py: softmax(qq)+softmax(kk), residual and FFN
     # kept; slide 224/112 at 336; logit scale 40; prob_thd 0.1 on background datasets.
@@ -169,7 +223,10 @@ METHODS: dict[str, Method] = {
     ),
     # arXiv 2404.08181, naclip.py: softmax(s kk^T + Gaussian(std 5)), no residual, no FFN
     # (arch "reduced"); SCLIP's protocol; logit scale 40; prob_thd 0.1 on background datasets.
-    # The paper's numbers are without PAMR (the repo's README adds PAMR(10, (8, 16))).
+    # The released default runs PAMR(10, (8, 16)) (NACLIP's pamr_steps=10; its README's main
+    # results pass "on"); the paper's no-PAMR numbers: with_options(pamr=None). Whole images
+    # (VOC) go through the patch conv unpadded: the remainder pixels are dropped and the floor
+    # grid's logits stretched onto the image; mmseg Resize (2048, 336).
     "naclip": Method(
         "naclip",
         attention="kk+gaussian",
@@ -177,7 +234,10 @@ METHODS: dict[str, Method] = {
         keep_ffn=False,
         correlation_block=None,
         refiner=None,
+        pamr=PAMR(),
         head=DecisionHead(logit_scale=40.0, prob_thd=0.1),
+        input_fit="drop_stretch",
+        long_side_cap=2048,
         **SCLIP_PROTOCOL,
     ),
     # arXiv 2312.00878, gem_wrapper.py/gem_utils.py: self-self attention (q, k, v each

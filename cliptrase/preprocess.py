@@ -65,8 +65,18 @@ class Prepared:
     original: tuple[int, int]  # (H, W) of the input image
 
 
-def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """Aspect-preserving size whose shorter side is ``short_side`` (torchvision's rounding)."""
+def resized_size(
+    height: int, width: int, short_side: int, long_side_cap: int | None = None
+) -> tuple[int, int]:
+    """Aspect-preserving size whose shorter side is ``short_side`` (torchvision's rounding).
+
+    ``long_side_cap`` (mmseg's Resize ``img_scale=(cap, short_side)``, keep_ratio): where the
+    long side would pass ``cap``, the scale is ``cap / long`` instead and the short side shrinks.
+    """
+    long, short = max(height, width), min(height, width)
+    if long_side_cap is not None and long * short_side > long_side_cap * short:
+        scale = long_side_cap / long
+        return max(1, int(height * scale)), max(1, int(width * scale))
     if height <= width:
         return short_side, int(short_side * width / height)
     return int(short_side * height / width), short_side
@@ -89,6 +99,7 @@ def prepare_whole_image(
     std: tuple,
     bucket: int | None = None,
     original: tuple[int, int] | None = None,
+    long_side_cap: int | None = None,
 ) -> Prepared:
     """Resize (bicubic, aspect kept), normalise, pad right/bottom to a multiple of the patch.
 
@@ -98,11 +109,12 @@ def prepare_whole_image(
     ``original`` ``(H, W)``: the size ``image`` stands for when it was decoded smaller (a JPEG
     decoded at 1/2, 1/4 or 1/8 scale); the resize target and ``Prepared.original`` come from
     it, so the processing size (and batching, windows, padding) match a full decode.
+    ``long_side_cap``: see :func:`resized_size`.
     """
     if original is None:
         original = (image.height, image.width)
     original = (int(original[0]), int(original[1]))
-    size = resized_size(*original, short_side)
+    size = resized_size(*original, short_side, long_side_cap)
     if bucket is not None:
         size = bucketed_size(size, bucket)
     resized = TF.resize(image, list(size), interpolation=InterpolationMode.BICUBIC)

@@ -29,7 +29,7 @@ from .errors import InvalidImageError
 from .fullsize import Canvas, OutputWindow
 from .head import confidence_of, decide
 from .inference import SlidePlan, WholeImagePlan
-from .methods import Method, method_preset
+from .methods import NORMALISATIONS, Method, method_preset
 from .names import validate_names, validate_synonyms
 from .preprocess import ImageLike, Prepared, as_rgb_image, prepare_whole_image
 from .refine import region_logit_sums, vote_winners
@@ -40,6 +40,7 @@ from .text import (
     Vocabulary,
     class_embeddings,
 )
+from .tower import tower_with_overrides
 from .weights import WeightsInfo, create_clip_model
 
 log = logging.getLogger("cliptrase")
@@ -151,7 +152,12 @@ class Segmentor:
             config = dataclasses.replace(config, short_side=self.method.short_side)
         self.config = config
         self.clip = clip.to(self.device).eval().requires_grad_(False)
-        self.backbone = ClipVisionBackbone(self.clip.visual)
+        # The method's build of the image tower (MaskCLIP: exact GELU, LayerNorm eps 1e-6), on
+        # the shared weights; ``self.clip`` (text tower, other variants) stays as loaded.
+        tower = tower_with_overrides(
+            self.clip.visual, self.method.activation, self.method.layer_norm_eps
+        )
+        self.backbone = ClipVisionBackbone(tower, pos_embed_resize=self.method.pos_embed_resize)
         self.patch_size = self.backbone.patch_size
         if config.bucket is not None and config.bucket % self.patch_size:
             raise ValueError(
@@ -161,6 +167,8 @@ class Segmentor:
         preprocess = getattr(self.clip.visual, "preprocess_cfg", {}) or {}
         self.mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
         self.std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
+        if NORMALISATIONS[self.method.normalisation] is not None:
+            self.mean, self.std = NORMALISATIONS[self.method.normalisation]
         self.logit_scale = float(self.clip.logit_scale.exp())
         self._vocab_cache: dict[tuple, Vocabulary] = {}
         if weights.random:
@@ -392,15 +400,26 @@ class Segmentor:
         return logits
 
     @torch.inference_mode()
-    def _process(self, pixels: torch.Tensor, vocab: Vocabulary) -> _Processed:
-        """Forward, logits at the input size, PAMR, the head's labels and the cluster maps."""
+    def _process(
+        self,
+        pixels: torch.Tensor,
+        vocab: Vocabulary,
+        stretch_to: tuple[int, int] | None = None,
+        guide: torch.Tensor | None = None,
+    ) -> _Processed:
+        """Forward, logits at the input size, PAMR, the head's labels and the cluster maps.
+
+        ``stretch_to``: the size the grid's logits are stretched onto instead (the image's,
+        for the stretch fits of ``Method.input_fit``), with ``guide`` (that size) for PAMR.
+        """
         feats = self.dense_features(pixels, vocab)
-        size = tuple(pixels.shape[-2:])
+        size = tuple(pixels.shape[-2:]) if stretch_to is None else tuple(stretch_to)
         logits = F.interpolate(
             self._scaled_logits(feats, vocab), size=size, mode="bilinear", align_corners=False
         )
         if self.method.pamr is not None:
-            logits = self.method.pamr(pixels.to(logits.device), logits)
+            image = pixels if guide is None else guide
+            logits = self.method.pamr(image.to(logits.device), logits)
         maps = clusters = None
         if self.method.refiner is not None:
             correlation = feats.correlation.float()  # DBSCAN in fp32 even under autocast
@@ -458,6 +477,23 @@ class Segmentor:
         stride = config.stride or method.stride or max(1, crop // 2)
         return mode, config.short_side, crop, stride
 
+    @property
+    def whole_patch_limit(self) -> int:
+        """Whole mode: the most patches one forward takes before owned windows.
+
+        ``SegmentorConfig.max_patches``, raised for a method whose official protocol runs
+        whole images of any size its resize allows (``Method.long_side_cap``): up to
+        ``ceil(cap / p) * ceil(short_side / p)`` at the method's own short side, so e.g.
+        MaskCLIP at 512 on a 4:3 image (1376 patches) or Pascal Context at 520 run whole as
+        officially. Larger inputs (a short side raised past the method's) are still windowed:
+        the memory guard stays.
+        """
+        cap, p = self.method.long_side_cap, self.patch_size
+        if cap is None:
+            return self.config.max_patches
+        official = -(-cap // p) * -(-self.method.short_side // p)
+        return max(self.config.max_patches, official)
+
     def segment(self, image: ImageLike, vocab: Vocabulary) -> SegmentationResult:
         """Label a whole image (PIL or ``H x W x 3`` uint8) at its original resolution."""
         return self.segment_batch([image], vocab)[0]
@@ -505,7 +541,8 @@ class Segmentor:
         return results
 
     def _batches(self, plans, batch_size: int):
-        """Chunks of ``(plan, tile)`` indices whose tiles share one shape, and their pixels.
+        """Chunks of ``(plan, tile)`` indices whose tiles share one shape (and stretch size),
+        their pixels, and the stretch size and PAMR guides of stretch fits (else None, None).
 
         On CUDA the stacked batch is staged in pinned (page-locked) host memory and copied
         asynchronously: the copy overlaps the previous batch's kernels still in the queue.
@@ -513,15 +550,22 @@ class Segmentor:
         by_shape: dict[tuple, list[tuple[int, int]]] = {}
         for p, plan in enumerate(plans):
             for u, tile in enumerate(plan.tiles):
-                by_shape.setdefault(tuple(tile.pixels.shape), []).append((p, u))
-        cuda = self.device.type == "cuda"
-        for members in by_shape.values():
+                stretch_to = getattr(tile, "stretch_to", None)
+                by_shape.setdefault((tuple(tile.pixels.shape), stretch_to), []).append((p, u))
+        for (_, stretch_to), members in by_shape.items():
             for start in range(0, len(members), batch_size):
                 chunk = members[start : start + batch_size]
-                pixels = torch.stack([plans[p].tiles[u].pixels for p, u in chunk])
-                if cuda:
-                    pixels = pixels.float().pin_memory().to(self.device, non_blocking=True)
-                yield chunk, pixels
+                tiles = [plans[p].tiles[u] for p, u in chunk]
+                pixels = self._staged(torch.stack([tile.pixels for tile in tiles]))
+                guides = None
+                if stretch_to is not None:
+                    guides = self._staged(torch.stack([tile.guide for tile in tiles]))
+                yield chunk, pixels, stretch_to, guides
+
+    def _staged(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return batch
+        return batch.float().pin_memory().to(self.device, non_blocking=True)
 
     def _canvas(self, prepared: Prepared, num_labels: int) -> Canvas:
         return Canvas(
@@ -538,12 +582,14 @@ class Segmentor:
                 window=crop,
                 stride=stride,
                 force_windows=crop is not None,
+                input_fit=self.method.input_fit,
+                max_patches=self.whole_patch_limit,
             )
             for item in prepared
         ]
         canvases = [self._canvas(item, vocab.num_labels) for item in prepared]
-        for chunk, pixels in self._batches(plans, batch_size):
-            processed = self._process(pixels, vocab)
+        for chunk, pixels, stretch_to, guides in self._batches(plans, batch_size):
+            processed = self._process(pixels, vocab, stretch_to, guides)
             final = self._processing_labels(processed, vocab)
             confidence = self._confidence(processed.logits, final, vocab)
             for b, (p, u) in enumerate(chunk):
@@ -579,7 +625,7 @@ class Segmentor:
     def _segment_sliding(self, prepared, vocab, batch_size, crop, stride):
         """The SCLIP-lineage protocol: crop logits averaged, then PAMR and the head per image."""
         plans = [SlidePlan.build(item, self.patch_size, crop, stride) for item in prepared]
-        for chunk, pixels in self._batches(plans, batch_size):
+        for chunk, pixels, _, _ in self._batches(plans, batch_size):
             logits = self._scaled_logits(self.dense_features(pixels, vocab), vocab)
             up = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
             for (p, u), crop_logits in zip(chunk, up):
@@ -619,6 +665,7 @@ class Segmentor:
             self.std,
             config.bucket,
             original=original_size,
+            long_side_cap=self.method.long_side_cap,
         )
 
     def __repr__(self) -> str:

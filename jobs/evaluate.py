@@ -345,15 +345,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _method_names(text: str) -> list[str]:
-    from cliptrase import METHODS
+    """``--method``: comma-separated preset names, or ``all``: every preset, in
+    ``cliptrase.METHOD_NAMES``'s order (the torch-free list, kept equal to ``METHODS``)."""
+    from cliptrase.config import METHOD_NAMES
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     if names == ["all"]:
-        names = sorted(METHODS)
-    unknown = [n for n in names if n not in METHODS]
+        names = list(METHOD_NAMES)
+    unknown = [n for n in names if n not in METHOD_NAMES]
     if not names or unknown:
         raise _cli.CliError(
-            f"unknown --method {unknown or text!r}; known: {', '.join(sorted(METHODS))} or 'all'"
+            f"unknown --method {unknown or text!r}; known: {', '.join(METHOD_NAMES)} or 'all'"
         )
     return names
 

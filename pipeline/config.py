@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from cliptrase.config import SegmentorConfig
+from cliptrase.config import METHOD_REVISIONS, SegmentorConfig
 from cliptrase.names import validate_names, validate_synonyms
 
 # Bump when the row schema or the layout under <output>/<hash>/ changes incompatibly.
@@ -203,6 +203,9 @@ class RunConfig:
         marked :func:`hashed`, and the output format."""
         segmentor = hashed_values(self.segmentor)
         segmentor["pretrained"] = redact_uri(self.segmentor.pretrained)
+        revision = METHOD_REVISIONS.get(self.segmentor.method, 0)
+        if revision:  # a preset changed on purpose: its runs get a new prefix
+            segmentor["method_revision"] = revision
         vocabulary = hashed_values(self.vocabulary)
         if "synonyms" in vocabulary:
             vocabulary["synonyms"] = [list(s) for s in vocabulary["synonyms"]]

@@ -149,7 +149,8 @@ def test_each_method_forward_matches_a_literal_block_by_block_reference(tiny, as
     seg = tiny.variant(method=name)
     pixels = parity_pixels(seg, astronaut, 224)
     feats = seg.dense_features(pixels)
-    expected = _ref_dense_patch_features(seg.clip.visual, pixels, seg.method)
+    # The method's tower (MaskCLIP's: exact GELU, LayerNorm eps 1e-6; test_fidelity.py pins it).
+    expected = _ref_dense_patch_features(seg.backbone.visual, pixels, seg.method)
     torch.testing.assert_close(feats.patch_features[0], expected, atol=2e-5, rtol=1e-4)
     assert feats.correlation is None
 
@@ -472,8 +473,11 @@ def _ref_slide_logits(seg, pixels, vocab, crop, stride, scale):
     return preds / count
 
 
-def test_sliding_window_equals_the_published_loop(tiny, chelsea):
-    seg = tiny.variant(method="naclip")
+@pytest.mark.parametrize("with_pamr", [False, True])
+def test_sliding_window_equals_the_published_loop(tiny, chelsea, with_pamr):
+    """NACLIP's predict: slide, (resize to the original: identity here), PAMR if on, head."""
+    method = METHODS["naclip"] if with_pamr else METHODS["naclip"].with_options(pamr=None)
+    seg = tiny.variant(method=method)
     vocab = seg.vocabulary(["cat", "grass", "floor"], ["background", "wall"])
     prepared = seg.prepare(chelsea)  # 336 x 505 -> padded 336 x 512
     assert prepared.resized == (336, 505)
@@ -482,6 +486,8 @@ def test_sliding_window_equals_the_published_loop(tiny, chelsea):
     item = cliptrase.preprocess.Prepared(pixels[0], (336, 496), (336, 496))
     result = seg.segment_batch([item], vocab)[0]
     logits = _ref_slide_logits(seg, pixels, vocab, 224, 112, 40.0)
+    if with_pamr:  # pamr() itself is pinned by test_pamr_matches_a_pixel_loop_reference
+        logits = pamr(pixels, logits, 10, (8, 16))
     expected = decide(
         logits, vocab.row_labels, vocab.num_labels, vocab.background_label, seg.method.head
     )[0].numpy()

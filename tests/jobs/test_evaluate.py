@@ -254,6 +254,28 @@ def test_method_comparison_writes_one_row_per_method_from_its_own_report(generic
     assert "| cliptrase |" in (out / "comparison.md").read_text()
 
 
+def test_method_all_runs_every_preset(generic, tmp_path):
+    """``--method all`` is every name in cliptrase.METHOD_NAMES (SC-CLIP, SFP, DIH-CLIP and
+    both ResCLIPs included), each with its own report."""
+    from cliptrase import METHOD_NAMES
+
+    assert {"scclip", "sfp", "dihclip", "resclip", "resclip_sclip"} <= set(METHOD_NAMES)
+    assert evaluate._method_names("all") == list(METHOD_NAMES)
+    root, _ = generic
+    out = tmp_path / "all"
+    code = evaluate.main(
+        [
+            *f"--dataset generic --root {root} --classes {CLASSES} --run {TINY_MODEL}".split(),
+            *f"--method all --short-side 32 --limit 1 --out {out} --no-progress".split(),
+        ]
+    )
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO((out / "comparison.csv").read_text())))
+    assert [r["method"] for r in rows] == list(METHOD_NAMES)
+    for name in METHOD_NAMES:
+        assert json.loads((out / name / "metrics.json").read_text())["method"] == name
+
+
 def test_unknown_method_is_a_user_error(generic, tmp_path, capsys):
     root, _ = generic
     args = f"--dataset generic --root {root} --classes {CLASSES} --run {TINY_MODEL}".split()

@@ -112,6 +112,15 @@ def test_config_hash_of_a_reference_config_is_pinned():
     assert _reference_config().config_hash() == "2cb51156b1f4"
 
 
+def test_a_changed_preset_moves_its_runs_hash_and_no_other():
+    """MaskCLIP's and NACLIP's presets now run their official protocols (issue 14): their
+    runs' prefixes move (the values before it are written out); every other method's stays."""
+    assert _reference_config(method="maskclip").config_hash() != "b89ea7f173fc"
+    assert _reference_config(method="naclip").config_hash() != "bd75911cbec0"
+    assert _reference_config(method="sclip").config_hash() == "c83c1e283758"
+    assert _reference_config(method="cliptrase").config_hash() == "2cb51156b1f4"
+
+
 def test_a_new_throughput_field_leaves_the_hash_alone():
     """Fields are hashed by inclusion: one added without the mark changes no prefix."""
     faster = dataclasses.make_dataclass(
