@@ -7,6 +7,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import open_clip
@@ -42,6 +43,9 @@ from .text import (
 )
 from .tower import tower_with_overrides
 from .weights import WeightsInfo, create_clip_model
+
+if TYPE_CHECKING:
+    from .floss import TemplateExperts
 
 log = logging.getLogger("cliptrase")
 
@@ -215,13 +219,21 @@ class Segmentor:
         templates: Sequence[Template | str] | None = None,
         synonyms: Sequence[Sequence[str]] | None = None,
         class_templates: Sequence[Sequence[Template | str] | None] | None = None,
+        experts: TemplateExperts | None = None,
     ) -> Vocabulary:
         """Compile class names (and optional background words) into a cached :class:`Vocabulary`.
 
         ``synonyms[i]``: extra phrases of class ``i``, each its own row; the head scores the
         class by the max over its rows. ``templates`` None: the method's (OpenAI's 80 for most).
         ``class_templates[i]`` (optional) replaces ``templates`` for class ``i`` and its synonyms.
+        ``experts``: FLOSS's template experts (:func:`cliptrase.floss.rank_templates`, ranked
+        over these ``templates``): the vocabulary then carries one expert classifier per class
+        and the segmentor fuses them (any method).
         """
+        if experts is not None:
+            if class_templates is not None:
+                raise ValueError("experts and class_templates cannot be combined")
+            return self._expert_vocabulary(classes, background, templates, synonyms, experts)
         classes, background = validate_names(classes, background or ())
         synonyms = validate_synonyms(classes, background, synonyms)
         templates = tuple(
@@ -255,6 +267,19 @@ class Segmentor:
             self._vocab_cache[key] = Vocabulary(
                 classes, background, torch.stack(embeddings), synonyms
             )
+        return self._vocab_cache[key]
+
+    def _expert_vocabulary(self, classes, background, templates, synonyms, experts) -> Vocabulary:
+        from .floss import expert_vocabulary, prompt_embeddings
+
+        base = self.vocabulary(classes, background, templates, synonyms)
+        chosen = tuple(
+            _as_template(t) for t in (templates or self.method.templates or DEFAULT_TEMPLATES)
+        )
+        key = ("floss", base.classes, base.background, chosen, base.synonyms, experts.experts)
+        if key not in self._vocab_cache:
+            per_prompt = prompt_embeddings(self, base.prompts, chosen)
+            self._vocab_cache[key] = expert_vocabulary(base, per_prompt, chosen, experts)
         return self._vocab_cache[key]
 
     def vocabulary_from(self, class_list: ClassList) -> Vocabulary:
@@ -392,12 +417,33 @@ class Segmentor:
         scale = self.method.head.logit_scale
         return self.logit_scale if scale is None else scale
 
-    def _scaled_logits(self, feats: DenseFeatures, vocab: Vocabulary) -> torch.Tensor:
-        """``(B, rows, h, w)`` logits at the head's scale ([CLS]-weighted if the method says)."""
-        logits = feats.patch_logits(vocab, self.logit_scale_used)
+    def classifier_logits(self, feats: DenseFeatures, text: torch.Tensor) -> torch.Tensor:
+        """``(B, N, h, w)`` logits of ``N`` unit text rows ``(N, D)`` at the head's scale
+        ([CLS]-weighted if the method says): what the head decides on, for any classifier."""
+        text = text.to(feats.patch_features.device, torch.float32)
+        logits = self.logit_scale_used * torch.einsum("bhwd,kd->bkhw", feats.patch_features, text)
         if self.method.cls_weighting:
-            logits = logits * feats.cls_logits(vocab)[:, :, None, None]
+            logits = logits * (feats.cls_features @ text.T)[:, :, None, None]
         return logits
+
+    def _scaled_logits(self, feats: DenseFeatures, vocab: Vocabulary) -> torch.Tensor:
+        """``(B, rows, h, w)`` logits at the head's scale ([CLS]-weighted if the method says);
+        with FLOSS experts, the log of the fused probabilities (:mod:`cliptrase.floss`)."""
+        logits = self.classifier_logits(feats, vocab.embeddings)
+        if vocab.expert_embeddings is None:
+            return logits
+        from .floss import fuse_expert_logits
+
+        experts = vocab.expert_embeddings
+        expert_logits = self.classifier_logits(feats, experts.flatten(0, 1))
+        expert_logits = expert_logits.reshape(logits.shape[0], *experts.shape[:2], *logits.shape[2:])
+        return fuse_expert_logits(
+            logits,
+            expert_logits,
+            torch.tensor(vocab.expert_labels, dtype=torch.int64),
+            vocab.row_labels,
+            vocab.num_labels,
+        )
 
     @torch.inference_mode()
     def _process(

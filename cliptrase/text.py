@@ -48,6 +48,10 @@ class Vocabulary:
     background: tuple[str, ...]
     embeddings: torch.Tensor = field(repr=False)
     synonyms: tuple[tuple[str, ...], ...] = ()
+    # FLOSS (cliptrase.floss): ``(E, rows, D)`` expert classifiers, expert ``e`` the one of
+    # class ``expert_labels[e]``; None: the plain classifier ``embeddings`` alone.
+    expert_embeddings: torch.Tensor | None = field(default=None, repr=False)
+    expert_labels: tuple[int, ...] = ()
 
     @property
     def row_labels(self) -> torch.Tensor:

@@ -68,6 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="softmax temperature of the per-pixel confidence (default 1: CLIP's own scale)",
     )
     method.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    floss = parser.add_argument_group(
+        "FLOSS template experts (any method; docs/methods.md, section FLOSS)"
+    )
+    floss.add_argument(
+        "--floss",
+        action="store_true",
+        help="rank the prompt templates per class by prediction entropy on a seeded sample of "
+        "the inputs (no labels needed) and label with each class's expert templates; ranked "
+        "once per output prefix and reused by every actor and re-run; changes the config hash",
+    )
+    floss.add_argument(
+        "--floss-sample", type=int, default=64, metavar="N",
+        help="images the templates are ranked on (default 64)",
+    )
+    floss.add_argument(
+        "--floss-top-k", type=int, default=4, metavar="K",
+        help="expert templates kept per class (default 4, as the FLOSS paper)",
+    )
+    floss.add_argument(
+        "--floss-seed", type=int, default=0, help="seed of the sample's draw (default 0)"
+    )
     source = parser.add_argument_group("inputs")
     source.add_argument("--image-column", default="image", help="Parquet inputs: image column")
     source.add_argument("--id-column", default="id", help="Parquet inputs: id column")
@@ -152,7 +173,7 @@ def _gpus_per_actor(args: argparse.Namespace) -> float:
 
 def config_from_args(args: argparse.Namespace, options: dict):
     """The pipeline's RunConfig for these arguments (Ray must be up for the GPU default)."""
-    from pipeline import RunConfig, SegmentorSpec, SourceSpec
+    from pipeline import FlossSpec, RunConfig, SegmentorSpec, SourceSpec
 
     if args.method not in METHOD_NAMES:
         raise _cli.CliError(
@@ -200,8 +221,21 @@ def config_from_args(args: argparse.Namespace, options: dict):
             max_image_pixels=args.max_image_pixels,
             jpeg_draft=not args.no_jpeg_draft,
         )
+        floss_given = any(
+            getattr(args, name) != default
+            for name, default in (("floss_sample", 64), ("floss_top_k", 4), ("floss_seed", 0))
+        )
+        if floss_given and not args.floss:
+            raise _cli.CliError("--floss-sample, --floss-top-k and --floss-seed need --floss")
+        floss = FlossSpec(
+            enabled=args.floss,
+            sample=args.floss_sample,
+            top_k=args.floss_top_k,
+            seed=args.floss_seed,
+        )
         return RunConfig(
             inputs=tuple(inputs),
+            floss=floss,
             output=output,
             segmentor=segmentor,
             vocabulary=_vocabulary(args, options),

@@ -7,7 +7,7 @@
 See docs/architecture.md for how sources, decoding, actors, sink and manifest fit together.
 """
 
-from .config import RunConfig, SegmentorSpec, SourceSpec, VocabularySpec
+from .config import FlossSpec, RunConfig, SegmentorSpec, SourceSpec, VocabularySpec
 from .ledger import committed_shard_ids, pending_shards
 from .runner import RunSummary, run
 from .sink import SCHEMA, decode_masks, read_rows, read_run_metadata
@@ -16,6 +16,7 @@ from .worker import ShardResult
 
 __all__ = [
     "SCHEMA",
+    "FlossSpec",
     "ImageRecord",
     "InvalidShardError",
     "RunConfig",

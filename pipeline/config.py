@@ -162,6 +162,24 @@ class SourceSpec:
 
 
 @dataclass(frozen=True)
+class FlossSpec:
+    """FLOSS template experts (cliptrase.floss): ranked once per run on a seeded sample of the
+    inputs, stored under ``<output>/<hash>/_experts/``. Hashed only when enabled, so runs
+    without it keep their output prefixes."""
+
+    enabled: bool = False
+    sample: int = 64  # images ranked on, drawn by ``seed`` across the input shards
+    top_k: int = 4  # experts kept per class (the official top_n)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.sample < 1:
+            raise ValueError(f"FLOSS sample must be at least 1 image, got {self.sample}")
+        if self.top_k < 1:
+            raise ValueError(f"FLOSS top_k must be at least 1, got {self.top_k}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One labelling run: inputs, output prefix, model, vocabulary and execution resources."""
 
@@ -170,6 +188,7 @@ class RunConfig:
     segmentor: SegmentorSpec = field(default_factory=SegmentorSpec)
     vocabulary: VocabularySpec = field(default_factory=lambda: VocabularySpec(("object",)))
     source: SourceSpec = field(default_factory=SourceSpec)
+    floss: FlossSpec = field(default_factory=FlossSpec)
     num_actors: int | None = None  # None: as many as the cluster's resources allow
     num_gpus_per_actor: float = 0.0  # 0: CPU actors; fractions share a GPU
     num_cpus_per_actor: float = 1.0
@@ -209,12 +228,15 @@ class RunConfig:
         vocabulary = hashed_values(self.vocabulary)
         if "synonyms" in vocabulary:
             vocabulary["synonyms"] = [list(s) for s in vocabulary["synonyms"]]
-        return {
+        out = {
             "format": OUTPUT_FORMAT,
             "segmentor": segmentor,
             "vocabulary": vocabulary,
             "source": hashed_values(self.source),
         }
+        if self.floss.enabled:  # absent when off: older runs keep their hashes
+            out["floss"] = asdict(self.floss)
+        return out
 
     def config_hash(self) -> str:
         """First 12 hex digits of sha256 over :meth:`hashed_fields` (stable across versions)."""
@@ -229,6 +251,7 @@ class RunConfig:
             "segmentor": self.segmentor.describe(),
             "vocabulary": self.hashed_fields()["vocabulary"],
             "source": {**asdict(self.source), "extensions": list(self.source.extensions)},
+            "floss": asdict(self.floss),
             "num_actors": self.num_actors,
             "num_gpus_per_actor": self.num_gpus_per_actor,
             "num_cpus_per_actor": self.num_cpus_per_actor,

@@ -119,6 +119,16 @@ class ShardLabeler:
         from .vocabulary import compiled_vocabulary  # torch: actors only, never the driver
 
         self.vocab = compiled_vocabulary(self.segmentor, config.vocabulary, self.layout)
+        self.experts = None  # FLOSS: ranked by the run's first actor, loaded by the others
+        if config.floss.enabled:
+            from .experts import run_experts
+
+            self.experts = run_experts(self.segmentor, config, self.layout)
+            voc = config.vocabulary
+            self.vocab = self.segmentor.vocabulary(
+                voc.classes, voc.background, voc.templates, synonyms=voc.synonyms or None,
+                experts=self.experts.experts,
+            )
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         # JPEGs decoded by libjpeg's DCT scaling down to no less than the processing size.
         self.draft_short_side = (
@@ -144,6 +154,7 @@ class ShardLabeler:
             "segmentor": self.config.segmentor.describe(),
             "package_version": package_version(),
             "output_format": OUTPUT_FORMAT,
+            "floss": None if self.experts is None else self.experts.describe(),
         }
 
     def placement(self) -> dict[str, Any]:
