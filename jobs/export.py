@@ -26,8 +26,7 @@ import logging
 import posixpath
 import re
 import sys
-import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import fsspec
@@ -37,6 +36,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps
 
+from pipeline.formats import SourceReader
 from pipeline.layout import RunLayout
 from pipeline.ledger import committed_shard_ids, read_manifest
 from pipeline.sink import METADATA_KEY, committed_file, decode_masks, encode_png, resolve_layout
@@ -195,94 +195,6 @@ def safe_name(image_id: str) -> str:
         digest = hashlib.sha1(image_id.encode("utf-8", "surrogatepass")).hexdigest()[:10]
         name = f"{name}-{digest}"
     return name
-
-
-# ----------------------------------------------------------------- source images
-def read_source_images(
-    uris: Iterable[str], storage_options: dict | None = None, image_column: str = "image"
-) -> dict[str, bytes | Exception]:
-    """The bytes of each source image, or the exception that stopped reading it.
-
-    ``source_uri`` is a plain file URI, ``<tar URI>#<member>`` or ``<parquet URI>#row=<n>`` (as
-    ``pipeline.sources`` writes them). Each tar or Parquet container is read once, streaming.
-    """
-    uris = list(uris)
-    files: list[str] = []
-    containers: dict[str, dict[str, str]] = {}
-    for uri in uris:
-        container, fragment = _split_container(uri)
-        if fragment is None:
-            files.append(uri)
-        else:
-            containers.setdefault(container, {})[fragment] = uri
-    found: dict[str, bytes | Exception] = {}
-    if files:
-        found.update(_read_files(files, storage_options))
-    for container, wanted in containers.items():
-        try:
-            if container.lower().endswith(".parquet"):
-                found.update(_read_parquet_rows(container, wanted, storage_options, image_column))
-            else:
-                found.update(_read_tar_members(container, wanted, storage_options))
-        except Exception as err:  # noqa: BLE001 - an unreadable container fails its images only
-            found.update({uri: err for uri in wanted.values()})
-    for uri in uris:
-        found.setdefault(uri, FileNotFoundError(f"{uri} is not in its container"))
-    return found
-
-
-def _split_container(uri: str) -> tuple[str, str | None]:
-    if "#" in uri:
-        container, fragment = uri.split("#", 1)
-        lower = container.lower()
-        if lower.endswith(".tar") or (lower.endswith(".parquet") and fragment.startswith("row=")):
-            return container, fragment
-    return uri, None
-
-
-def _read_files(uris: list[str], storage_options) -> dict[str, bytes | Exception]:
-    out: dict[str, bytes | Exception] = {}
-    for uri in uris:
-        try:
-            with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-                out[uri] = f.read()
-        except Exception as err:  # noqa: BLE001 - reported per image
-            out[uri] = err
-    return out
-
-
-def _read_tar_members(container: str, wanted: dict[str, str], storage_options):
-    out: dict[str, bytes | Exception] = {}
-    with (
-        fsspec.open(container, "rb", **(storage_options or {})) as f,
-        tarfile.open(fileobj=f, mode="r|*") as tar,
-    ):
-        for member in tar:
-            uri = wanted.get(member.name)
-            if uri is not None and member.isfile():
-                out[uri] = tar.extractfile(member).read()
-                if len(out) == len(wanted):
-                    break
-    return out
-
-
-def _read_parquet_rows(container: str, wanted: dict[str, str], storage_options, column: str):
-    rows = {int(fragment[4:]): uri for fragment, uri in wanted.items()}
-    out: dict[str, bytes | Exception] = {}
-    with fsspec.open(container, "rb", **(storage_options or {})) as f:
-        start = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, columns=[column]):
-            values = batch.column(column)
-            for offset in range(len(values)):
-                uri = rows.get(start + offset)
-                if uri is not None:
-                    value = values[offset].as_py()
-                    data = value.get("bytes") if isinstance(value, dict) else value
-                    out[uri] = bytes(data) if data is not None else ValueError("no image bytes")
-            start += len(values)
-            if start > max(rows):
-                break
-    return out
 
 
 def training_image(data: bytes, exif_transposed: bool, image_format: str = "original"):
@@ -582,14 +494,14 @@ def export(
             tqdm(run.shard_ids, desc="export", unit="shard", disable=not progress)
         ):
             writer.begin_shard(number, shard_id)
+            # one reader per shard: its rows are in source order, so each container streams once
+            sources = SourceReader(storage_options, run.image_column)
             for batch in run.batches(shard_id, columns):
                 ok = [r for r in batch if r["status"] == "ok"]
                 summary.skipped_error += len(batch) - len(ok)
                 images = {}
                 if options.include_images and ok:
-                    images = read_source_images(
-                        [r["source_uri"] for r in ok], storage_options, run.image_column
-                    )
+                    images = sources.read([r["source_uri"] for r in ok])
                 for row in ok:
                     image = None
                     if options.include_images:
@@ -604,6 +516,7 @@ def export(
                     summary.exported += 1
                     summary.pixels += mask.size
                     summary.ignored_pixels += ignored
+            sources.close()
             writer.end_shard()
     finally:
         writer.close()

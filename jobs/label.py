@@ -79,11 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
         "once per output prefix and reused by every actor and re-run; changes the config hash",
     )
     floss.add_argument(
-        "--floss-sample", type=int, default=64, metavar="N",
+        "--floss-sample",
+        type=int,
+        default=64,
+        metavar="N",
         help="images the templates are ranked on (default 64)",
     )
     floss.add_argument(
-        "--floss-top-k", type=int, default=4, metavar="K",
+        "--floss-top-k",
+        type=int,
+        default=4,
+        metavar="K",
         help="expert templates kept per class (default 4, as the FLOSS paper)",
     )
     floss.add_argument(

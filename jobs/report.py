@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.formats import read_source_images
 from pipeline.ledger import read_manifest
 
 from . import _cli
-from .export import LabelledRun, _output_fs, _put, open_run, read_source_images, safe_name
+from .export import LabelledRun, _output_fs, _put, open_run, safe_name
 from .review import (
     find_selection,
     load_selection,

@@ -41,10 +41,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.formats import read_source_images
 from pipeline.ledger import read_manifest
 
 from . import _cli
-from .export import LabelledRun, _output_fs, _put, open_run, read_source_images
+from .export import LabelledRun, _output_fs, _put, open_run
 
 log = logging.getLogger("jobs.review")
 

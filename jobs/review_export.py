@@ -38,6 +38,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
+from pipeline.formats import read_source_images
 from pipeline.sink import decode_masks
 
 from . import _cli
@@ -47,7 +48,6 @@ from .export import (
     _output_fs,
     _put,
     open_run,
-    read_source_images,
     safe_name,
     training_image,
 )

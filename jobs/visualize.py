@@ -23,10 +23,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.decode import decode_image
+from pipeline.formats import read_source_images
 from pipeline.sink import decode_masks
 
 from . import _cli
-from .export import LabelledRun, _output_fs, _put, open_run, read_source_images, safe_name
+from .export import LabelledRun, _output_fs, _put, open_run, safe_name
 
 log = logging.getLogger("jobs.visualize")
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import SourceSpec
+from .formats import member_uri, row_uri
 
 log = logging.getLogger("pipeline")
 
@@ -244,7 +245,7 @@ def _read_tar_members(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRec
             base = posixpath.basename(name)
             key = keys.unique(posixpath.join(posixpath.dirname(name), base.split(".", 1)[0]), name)
             image_id = f"{shard.shard_id}/{key}"
-            source_uri = f"{shard.uri}#{name}"
+            source_uri = member_uri(shard.uri, name)
             if _is_unsafe_member(name):
                 yield ImageRecord(image_id, key, source_uri, None, f"unsafe member path {name!r}")
             elif not member.isfile():
@@ -282,7 +283,7 @@ def _read_parquet(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]
                 fallback = f"row{row:06d}"
                 key = keys.unique(fallback if ident is None else str(ident), f"{ident}~{fallback}")
                 image_id = f"{shard.shard_id}/{key}"
-                source_uri = f"{shard.uri}#row={row}"
+                source_uri = row_uri(shard.uri, row)
                 data = value.get("bytes") if isinstance(value, dict) else value
                 if data is None:
                     yield ImageRecord(image_id, key, source_uri, None, "no image bytes in the row")

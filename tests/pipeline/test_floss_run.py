@@ -101,18 +101,19 @@ def storage_options(s3_endpoint):
 
 @pytest.fixture(scope="module")
 def s3(storage_options, dataset):
+    # Buckets of their own: moto's backend is process-wide, other modules use "inputs".
     fs = fresh_s3fs(storage_options)
-    fs.mkdir("inputs")
-    fs.mkdir("labels")
-    fs.put(str(dataset["root"]) + "/", "inputs/", recursive=True)
+    fs.mkdir("floss-inputs")
+    fs.mkdir("floss-labels")
+    fs.put(str(dataset["root"]) + "/", "floss-inputs/", recursive=True)
     fs.invalidate_cache()
     return fs
 
 
 def _config(storage_options):
     return tiny_config(
-        ["s3://inputs/tars/*.tar", "s3://inputs/table.parquet", "s3://inputs/folder/"],
-        "s3://labels/floss",
+        ["s3://floss-inputs/tars/*.tar", "s3://floss-inputs/table.parquet", "s3://floss-inputs/folder/"],
+        "s3://floss-labels/floss",
         storage_options=storage_options,
         floss=FLOSS,
     )
@@ -133,7 +134,7 @@ def test_a_floss_run_stores_experts_that_actors_and_reruns_reuse(
     s3, storage_options, local_ray, tmp_path, photos
 ):
     config = _config(storage_options)
-    root = f"labels/floss/{config.config_hash()}"
+    root = f"floss-labels/floss/{config.config_hash()}"
     summary = pipeline.run(config, progress=False)
     assert (summary.shards_done, summary.shards_failed) == (5, 0)
     path = experts_path(RunLayout.open(config.output, config.config_hash(), storage_options),
@@ -161,7 +162,7 @@ def test_a_floss_run_stores_experts_that_actors_and_reruns_reuse(
     # A re-run finds one new shard: its actor loads the experts, the stored file is untouched.
     new_tar = tmp_path / "00002.tar"
     make_tar(new_tar, {"200.jpg": jpeg(photos["chelsea"]), "201.jpg": jpeg(photos["coffee"])})
-    s3.put(str(new_tar), "inputs/tars/00002.tar")
+    s3.put(str(new_tar), "floss-inputs/tars/00002.tar")
     s3.invalidate_cache()
     rerun = pipeline.run(config, progress=False)
     assert (rerun.shards_done, rerun.shards_skipped) == (1, 5)
