@@ -8,10 +8,11 @@ See docs/architecture.md for how sources, decoding, actors, sink and manifest fi
 """
 
 from .config import FlossSpec, RunConfig, SegmentorSpec, SourceSpec, VocabularySpec
+from .formats import ImageRecord, InvalidShardError
 from .ledger import committed_shard_ids, pending_shards
 from .runner import RunSummary, run
 from .sink import SCHEMA, decode_masks, read_rows, read_run_metadata
-from .sources import ImageRecord, InvalidShardError, Shard, list_shards, read_shard
+from .sources import Shard, list_shards, read_shard
 from .worker import ShardResult
 
 __all__ = [

@@ -30,10 +30,11 @@ from cliptrase.floss import TemplateExperts, rank_templates
 
 from .config import RunConfig
 from .decode import decode_image
+from .formats import ImageRecord
 from .layout import RunLayout
 from .leases import new_owner
 from .retries import with_retries
-from .sources import ImageRecord, list_shards, read_shard
+from .sources import list_shards, read_shard
 from .vocabulary import DEFAULT_POLL_S, DEFAULT_STALE_S, DEFAULT_WAIT_S, _Claim, _claim_or_wait
 
 log = logging.getLogger("pipeline")

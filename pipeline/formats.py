@@ -1,25 +1,33 @@
-"""The source URI grammar, and reading source images back by it, each container streamed once.
+"""The input kinds, one class each (tar, Parquet, folder of files): how a whole shard is read
+for labelling, how each image's source URI is written, and how images are read back by it.
 
 Every output row names its image's source (``source_uri``):
 
 * a loose file: its own URI;
-* a tar member: ``<tar URI>#<member path>``;
-* a Parquet row: ``<parquet URI>#row=<n>`` (0-based, in file order).
+* a tar member: ``<tar URI>#<member path>`` (:func:`member_uri`);
+* a Parquet row: ``<parquet URI>#row=<n>``, 0-based in file order (:func:`row_uri`).
 
-:mod:`pipeline.sources` writes these (:func:`member_uri`, :func:`row_uri`) while labelling;
-export, visualize, review and report read images back with :class:`SourceReader`, which keeps
-each container's stream open between calls, so reading a shard's images batch by batch, in
-the order they were labelled, streams each tar or Parquet file once.
+:data:`FORMATS` by kind read whole shards (``read_shard``, called by
+:func:`pipeline.sources.read_shard`); export, visualize, review and report read images back
+with :class:`SourceReader`, which keeps each container's stream open between calls, so reading
+a shard's images batch by batch, in the order they were labelled, streams each file once.
 """
 
 from __future__ import annotations
 
+import posixpath
 import tarfile
 from collections.abc import Iterable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from .config import SourceSpec
+    from .sources import Shard
 
 ROWS_PER_BATCH = 64
 
@@ -41,6 +49,201 @@ def split_source_uri(uri: str) -> tuple[str, str | None]:
         if lower.endswith(".tar") or (lower.endswith(".parquet") and fragment.startswith("row=")):
             return container, fragment
     return uri, None
+
+
+# ----------------------------------------------------------------------------- records
+class InvalidShardError(ValueError):
+    """The shard's content cannot be read as its kind (not a tar, not Parquet, no image column).
+
+    Permanent: the runner fails such a shard at once instead of retrying it; transient storage
+    errors (connection resets, timeouts) stay ordinary exceptions and are retried.
+    """
+
+
+@dataclass
+class ImageRecord:
+    """One input image as read from its shard: bytes, or why there are none."""
+
+    image_id: str
+    key: str
+    source_uri: str
+    data: bytes | None
+    error: str | None = None
+
+
+def relative_name(file: str, root: str) -> str:
+    """A loose file's name relative to its input root (its key), else its base name."""
+    if root and file.startswith(root.rstrip("/") + "/"):
+        return file[len(root.rstrip("/")) + 1 :]
+    return posixpath.basename(file)
+
+
+_FETCH_CHUNK = 32  # loose files fetched concurrently (s3fs cat of many paths) per request
+
+
+def _redacted(uri: str) -> str:
+    from .config import redact_uri
+
+    return redact_uri(uri) or ""
+
+
+# ----------------------------------------------------------------------------- whole shards
+
+
+class _Keys:
+    """Unique keys within a shard: a repeated key gets a disambiguating suffix."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+
+    def unique(self, key: str, alternative: str) -> str:
+        if key in self.seen:
+            key = alternative
+            n = 1
+            while key in self.seen:
+                n += 1
+                key = f"{alternative}~{n}"
+        self.seen.add(key)
+        return key
+
+
+def _is_unsafe_member(name: str) -> bool:
+    return name.startswith("/") or ".." in name.split("/") or "\\" in name
+
+
+def _read_tar(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
+    try:
+        yield from _read_tar_members(shard, fs, source)
+    except tarfile.TarError as exc:  # not a tar, or cut short: the file itself is bad
+        raise InvalidShardError(
+            f"{_redacted(shard.uri)} is not a readable tar archive ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _read_tar_members(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
+    keys = _Keys()
+    with fs.open(shard.path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        # Streaming mode: members are read in order, nothing is extracted to disk.
+        for member in tar:
+            name = member.name
+            if member.isdir() or not name.lower().endswith(source.extensions):
+                continue  # sidecars (.json, .txt, .cls) and directories
+            # WebDataset key: the member path up to the first dot of its base name.
+            base = posixpath.basename(name)
+            key = keys.unique(posixpath.join(posixpath.dirname(name), base.split(".", 1)[0]), name)
+            image_id = f"{shard.shard_id}/{key}"
+            source_uri = member_uri(shard.uri, name)
+            if _is_unsafe_member(name):
+                yield ImageRecord(image_id, key, source_uri, None, f"unsafe member path {name!r}")
+            elif not member.isfile():
+                what = "symlink" if member.issym() else "link" if member.islnk() else "special file"
+                yield ImageRecord(
+                    image_id, key, source_uri, None, f"tar member is a {what}, not a regular file"
+                )
+            else:
+                data = tar.extractfile(member).read()
+                yield ImageRecord(image_id, key, source_uri, data)
+
+
+def _read_parquet(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
+    keys = _Keys()
+    with fs.open(shard.path, "rb") as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except pa.ArrowInvalid as exc:
+            raise InvalidShardError(
+                f"{_redacted(shard.uri)} is not a readable Parquet file ({exc})"
+            ) from exc
+        names = pf.schema_arrow.names
+        if source.image_column not in names:
+            raise InvalidShardError(
+                f"{_redacted(shard.uri)} has no image column {source.image_column!r} "
+                f"(columns: {names}); set SourceSpec(image_column=...)"
+            )
+        id_column = source.id_column if source.id_column in names else None
+        columns = [source.image_column] + ([id_column] if id_column else [])
+        row = 0
+        for batch in pf.iter_batches(batch_size=64, columns=columns):
+            images = batch.column(source.image_column).to_pylist()
+            ids = batch.column(id_column).to_pylist() if id_column else [None] * len(images)
+            for value, ident in zip(images, ids):
+                fallback = f"row{row:06d}"
+                key = keys.unique(fallback if ident is None else str(ident), f"{ident}~{fallback}")
+                image_id = f"{shard.shard_id}/{key}"
+                source_uri = row_uri(shard.uri, row)
+                data = value.get("bytes") if isinstance(value, dict) else value
+                if data is None:
+                    yield ImageRecord(image_id, key, source_uri, None, "no image bytes in the row")
+                else:
+                    yield ImageRecord(image_id, key, source_uri, bytes(data))
+                row += 1
+
+
+def _read_files(shard: Shard, fs) -> Iterator[ImageRecord]:
+    members = list(shard.members)
+    for start in range(0, len(members), _FETCH_CHUNK):
+        chunk = members[start : start + _FETCH_CHUNK]
+        # One cat of many paths: s3fs fetches them concurrently; errors come back per path.
+        fetched = fs.cat(chunk, on_error="return") if len(chunk) > 1 else _cat_one(fs, chunk[0])
+        for path in chunk:
+            key = relative_name(path, shard.root)
+            image_id = f"{shard.shard_id}/{key}"
+            data = fetched.get(path, fetched.get(fs._strip_protocol(path)))
+            if isinstance(data, BaseException) or data is None:
+                reason = f"{type(data).__name__}: {data}" if data is not None else "missing"
+                yield ImageRecord(
+                    image_id, key, fs.unstrip_protocol(path), None, f"cannot read file ({reason})"
+                )
+            else:
+                yield ImageRecord(image_id, key, fs.unstrip_protocol(path), bytes(data))
+
+
+def _cat_one(fs, path: str) -> dict:
+    try:
+        return {path: fs.cat_file(path)}
+    except Exception as exc:  # noqa: BLE001 - any back-end error becomes this image's error
+        return {path: exc}
+
+
+class TarFormat:
+    """WebDataset tars: one image per member with an image extension, keyed by the member path
+    up to the first dot of its base name; ``<tar URI>#<member>``."""
+
+    kind = "tar"
+    uri = staticmethod(member_uri)
+
+    @staticmethod
+    def read_shard(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
+        return _read_tar(shard, fs, source)
+
+
+class ParquetFormat:
+    """Parquet files with an image column (bytes, or Hugging Face ``{bytes, path}`` structs) and
+    an optional id column; ``<parquet URI>#row=<n>``."""
+
+    kind = "parquet"
+    uri = staticmethod(row_uri)
+
+    @staticmethod
+    def read_shard(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
+        return _read_parquet(shard, fs, source)
+
+
+class FolderFormat:
+    """Loose image files, grouped into shards by :func:`pipeline.sources.list_shards`; each
+    image's own URI."""
+
+    kind = "files"
+
+    @staticmethod
+    def read_shard(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
+        return _read_files(shard, fs)
+
+
+FORMATS = {f.kind: f for f in (TarFormat, ParquetFormat, FolderFormat)}
+
+
+# ----------------------------------------------------------------------------- read back by URI
 
 
 class _Cursor:

@@ -34,7 +34,7 @@ import ray
 
 from . import sink
 from .config import IMAGE_EXTENSIONS, RunConfig, SegmentorSpec, SourceSpec, VocabularySpec
-from .sources import ImageRecord
+from .formats import ImageRecord
 from .worker import ShardLabeler
 
 if TYPE_CHECKING:

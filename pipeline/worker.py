@@ -26,9 +26,10 @@ from . import sink
 from .claim import Claim, claim_shard, drop_lease
 from .config import OUTPUT_FORMAT, RunConfig
 from .decode import DecodedImage, Prefetcher, decode_image
+from .formats import ImageRecord
 from .layout import RunLayout
 from .leases import read_lease
-from .sources import ImageRecord, Shard, read_shard
+from .sources import Shard, read_shard
 
 log = logging.getLogger("pipeline")
 
