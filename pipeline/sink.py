@@ -401,6 +401,11 @@ class ShardWriter:
         self.abort()  # a no-op after commit
 
 
+def warm_up() -> None:
+    """Import what the first row group would (pyarrow's pandas shim), ahead of time."""
+    pa.Table.from_pylist([{"warm": 1}])
+
+
 def _row_bytes(row: dict[str, Any]) -> int:
     return 256 + len(row.get("mask_png") or b"") + len(row.get("confidence_png") or b"")
 

@@ -98,6 +98,9 @@ class ShardLabeler:
         self.config = config
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
+        # pyarrow imports pandas on the first Table.from_pylist (~0.6 s of CPU): pay it while
+        # the actor starts, not inside its first shard.
+        sink.warm_up()
         limit = config.source.max_image_pixels
         if limit is None or limit > (Image.MAX_IMAGE_PIXELS or 0):
             # Pillow refuses above 2x its global limit before our own check can run.
