@@ -25,8 +25,8 @@ out: they load the server, not the driver). Two loads per N:
 
 Threads, not Ray actors, stand for the actors: this machine has 2 cores, and 64 Ray worker
 processes would measure process scheduling. What Ray adds per shard (one ``.remote`` call and
-one ``ray.wait`` over the refs in flight) is below a millisecond. The S3 server runs in a
-process of its own (``moto_server``), so its CPU is not the bench's.
+one ``ray.wait`` over the refs in flight) is below a millisecond. The S3 server and the proxy
+run in processes of their own, so their CPU is not the bench's.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import queue
@@ -62,9 +63,9 @@ class DelayProxy:
     """TCP proxy on loopback: every chunk from a client reaches the server ``delay_s`` later
     (a delay line: chunks queue, the connection is not throttled). Replies pass at once."""
 
-    def __init__(self, upstream_port: int, delay_s: float):
+    def __init__(self, upstream_port: int, delay_s: float, counter=None):
         self.upstream_port, self.delay_s = upstream_port, delay_s
-        self.requests = 0
+        self.counter = counter if counter is not None else multiprocessing.Value("q", 0)
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
         self.thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
@@ -86,7 +87,9 @@ class DelayProxy:
 
         async def receive():
             while data := await client_r.read(65536):
-                self.requests += data[:8].split(b" ", 1)[0].isupper()
+                if data[:8].split(b" ", 1)[0].isupper():
+                    with self.counter.get_lock():
+                        self.counter.value += 1
                 await line.put((time.monotonic() + self.delay_s, data))
             await line.put((0.0, b""))
 
@@ -108,8 +111,40 @@ class DelayProxy:
 
         await asyncio.gather(receive(), deliver(), reply(), return_exceptions=True)
 
+    @property
+    def requests(self) -> int:
+        return self.counter.value
+
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _serve_proxy(upstream_port: int, delay_s: float, counter, ports) -> None:
+    proxy = DelayProxy(upstream_port, delay_s, counter)
+    ports.put(proxy.port)
+    proxy.thread.join()
+
+
+class ProxyProcess:
+    """:class:`DelayProxy` in a process of its own, so the bench's threads do not share its
+    interpreter lock."""
+
+    def __init__(self, upstream_port: int, delay_s: float):
+        self.counter = multiprocessing.Value("q", 0)
+        ports = multiprocessing.Queue()
+        self.process = multiprocessing.Process(
+            target=_serve_proxy, args=(upstream_port, delay_s, self.counter, ports), daemon=True
+        )
+        self.process.start()
+        self.port = ports.get(timeout=30)
+
+    @property
+    def requests(self) -> int:
+        return self.counter.value
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.join(timeout=10)
 
 
 # ----------------------------------------------------------------------------- the actors
@@ -298,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         stderr=subprocess.DEVNULL,
     )
     _wait_for_port(port)
-    proxy = DelayProxy(port, args.delay_ms / 1000)
+    proxy = ProxyProcess(port, args.delay_ms / 1000)
     options = {
         "key": "bench",
         "secret": "bench",
