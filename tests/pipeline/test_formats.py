@@ -63,7 +63,7 @@ def test_parquet_rows_by_index_in_one_pass(tmp_path):
 def test_an_unreadable_container_fails_only_its_images(tmp_path):
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"not a tar at all" * 100)
-    good = tmp_path / "x.jpg"
+    good = tmp_path / "loose.jpg"
     good.write_bytes(b"loose")
     with SourceReader() as reader:
         found = reader.read([member_uri(str(bad), "a.jpg"), str(good)])
