@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .head import pool_rows
 from .inference import SlidePlan, WholeImagePlan
 from .preprocess import ImageLike, Prepared
-from .text import DEFAULT_TEMPLATES, Template, Vocabulary, class_embeddings
+from .text import Template, Vocabulary, class_embeddings
 
 if TYPE_CHECKING:
     from .segmentor import Segmentor
@@ -105,7 +105,9 @@ class TemplateExperts:
 # ----------------------------------------------------------------------------- text side
 
 
-def _row_texts(classes: Sequence[str], background: Sequence[str], synonyms) -> tuple[list[str], Vocabulary]:
+def _row_texts(
+    classes: Sequence[str], background: Sequence[str], synonyms
+) -> tuple[list[str], Vocabulary]:
     shell = Vocabulary(tuple(classes), tuple(background), torch.empty(0), tuple(synonyms or ()))
     return shell.prompts, shell
 
@@ -141,15 +143,18 @@ def expert_vocabulary(
         raise ValueError("the experts were ranked over other templates than this vocabulary's")
     if tuple(base.classes) != experts.classes:
         raise ValueError(
-            f"the experts were ranked for classes {list(experts.classes)}, "
-            f"not {list(base.classes)}"
+            f"the experts were ranked for classes {list(experts.classes)}, not {list(base.classes)}"
         )
     labels = [c for c, chosen in enumerate(experts.experts) if chosen]
     classifiers = [
         F.normalize(per_prompt[list(experts.experts[c])].mean(dim=0), dim=-1) for c in labels
     ]
     width = per_prompt.shape[-1]
-    stacked = torch.stack(classifiers) if classifiers else per_prompt.new_zeros((0, len(base.prompts), width))
+    stacked = (
+        torch.stack(classifiers)
+        if classifiers
+        else per_prompt.new_zeros((0, len(base.prompts), width))
+    )
     return Vocabulary(
         base.classes,
         base.background,
@@ -275,9 +280,7 @@ def rank_templates(
 
     classes, background = validate_names(classes, background or ())
     synonyms = validate_synonyms(classes, background, synonyms)
-    chosen = [
-        _callable(t) for t in (templates or segmentor.method.templates or DEFAULT_TEMPLATES)
-    ]
+    chosen = list(segmentor.templates(templates))
     rows, shell = _row_texts(classes, background, synonyms)
     default = segmentor.vocabulary(classes, background, chosen, synonyms=synonyms or None)
     per_prompt = prompt_embeddings(segmentor, rows, chosen)  # (T, K, D)
@@ -302,14 +305,6 @@ def rank_templates(
     )
 
 
-def _callable(template: Template | str) -> Template:
-    if callable(template):
-        return template
-    if "{}" not in template:
-        raise ValueError(f"a prompt template must contain '{{}}' for the class name: {template!r}")
-    return template.format
-
-
 @torch.inference_mode()
 def _template_label_probs(segmentor, prepared: Prepared, per_prompt, default, shell):
     """``(first, probs (G, L, H, W))`` for groups of templates: each template's label
@@ -321,7 +316,11 @@ def _template_label_probs(segmentor, prepared: Prepared, per_prompt, default, sh
         tiles = SlidePlan.build(prepared, patch, crop, stride).tiles
     else:
         tiles = WholeImagePlan.build(
-            prepared, patch, segmentor.config, window=crop, stride=stride,
+            prepared,
+            patch,
+            segmentor.config,
+            window=crop,
+            stride=stride,
             force_windows=crop is not None,
         ).tiles
     # The features depend on the image only (ResCLIP's text feedback reads the default
@@ -369,7 +368,9 @@ def _tile_scores(segmentor, prepared, tiles, features, text, slide) -> torch.Ten
         if segmentor.method.pamr is not None:
             up = segmentor.method.pamr(tile.pixels[None].to(up.device), up[None])[0]
         y0, y1, x0, x1 = tile.owns
-        canvas[:, y0:y1, x0:x1] = up[:, y0 - tile.top : y1 - tile.top, x0 - tile.left : x1 - tile.left]
+        canvas[:, y0:y1, x0:x1] = up[
+            :, y0 - tile.top : y1 - tile.top, x0 - tile.left : x1 - tile.left
+        ]
         count[:, y0:y1, x0:x1] = 1
     canvas = canvas / count
     if slide and segmentor.method.pamr is not None:

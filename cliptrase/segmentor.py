@@ -39,6 +39,7 @@ from .text import (
     DEFAULT_TEMPLATES,
     Template,
     Vocabulary,
+    as_template,
     class_embeddings,
 )
 from .tower import tower_with_overrides
@@ -236,11 +237,9 @@ class Segmentor:
             return self._expert_vocabulary(classes, background, templates, synonyms, experts)
         classes, background = validate_names(classes, background or ())
         synonyms = validate_synonyms(classes, background, synonyms)
-        templates = tuple(
-            _as_template(t) for t in (templates or self.method.templates or DEFAULT_TEMPLATES)
-        )
+        templates = self.templates(templates)
         per_class = tuple(
-            None if t is None else tuple(_as_template(x) for x in t)
+            None if t is None else tuple(as_template(x) for x in t)
             for t in (class_templates or (None,) * len(classes))
         )
         if len(per_class) != len(classes):
@@ -269,13 +268,18 @@ class Segmentor:
             )
         return self._vocab_cache[key]
 
+    def templates(self, templates: Sequence[Template | str] | None = None) -> tuple[Template, ...]:
+        """The prompt templates a vocabulary uses: ``templates``, else the method's, else
+        OpenAI's 80, each as a callable."""
+        return tuple(
+            as_template(t) for t in (templates or self.method.templates or DEFAULT_TEMPLATES)
+        )
+
     def _expert_vocabulary(self, classes, background, templates, synonyms, experts) -> Vocabulary:
         from .floss import expert_vocabulary, prompt_embeddings
 
         base = self.vocabulary(classes, background, templates, synonyms)
-        chosen = tuple(
-            _as_template(t) for t in (templates or self.method.templates or DEFAULT_TEMPLATES)
-        )
+        chosen = self.templates(templates)
         key = ("floss", base.classes, base.background, chosen, base.synonyms, experts.experts)
         if key not in self._vocab_cache:
             per_prompt = prompt_embeddings(self, base.prompts, chosen)
@@ -436,7 +440,9 @@ class Segmentor:
 
         experts = vocab.expert_embeddings
         expert_logits = self.classifier_logits(feats, experts.flatten(0, 1))
-        expert_logits = expert_logits.reshape(logits.shape[0], *experts.shape[:2], *logits.shape[2:])
+        expert_logits = expert_logits.reshape(
+            logits.shape[0], *experts.shape[:2], *logits.shape[2:]
+        )
         return fuse_expert_logits(
             logits,
             expert_logits,
@@ -567,8 +573,9 @@ class Segmentor:
             outputs = self._segment_sliding(prepared, vocab, batch_size, crop, stride)
         else:  # whole images, or owned windows (each clustered on its own)
             outputs = self._segment_tiles(prepared, vocab, batch_size, crop, stride)
-        host = _to_host([t for labels, confidence, counts, _ in outputs
-                         for t in (labels, confidence, counts)])
+        host = _to_host(
+            [t for labels, confidence, counts, _ in outputs for t in (labels, confidence, counts)]
+        )
         results = []
         for index, (_, _, _, windows) in enumerate(outputs):
             labels, confidence, counts = (x.numpy() for x in host[3 * index : 3 * index + 3])
@@ -655,7 +662,11 @@ class Segmentor:
         """Tile ``b``'s labels over the output pixels it owns, decided at the original size."""
         logits = processed.logits[b]
         first = fullsize.first_prediction(
-            logits, window, vocab.row_labels, vocab.num_labels, vocab.background_label,
+            logits,
+            window,
+            vocab.row_labels,
+            vocab.num_labels,
+            vocab.background_label,
             self.method.head,
         )
         refiner = self.method.refiner
@@ -663,7 +674,12 @@ class Segmentor:
         if n == 0:
             return first.full(window)
         return fullsize.vote(
-            first, processed.maps[b, :n], logits, window, vocab.row_labels, vocab.num_labels,
+            first,
+            processed.maps[b, :n],
+            logits,
+            window,
+            vocab.row_labels,
+            vocab.num_labels,
             refiner.vote,
         )
 
@@ -730,14 +746,6 @@ def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         target.copy_(source, non_blocking=True)
     torch.cuda.current_stream(tensors[0].device).synchronize()
     return host
-
-
-def _as_template(template: Template | str) -> Template:
-    if callable(template):
-        return template
-    if "{}" not in template:
-        raise ValueError(f"a prompt template must contain '{{}}' for the class name: {template!r}")
-    return template.format
 
 
 def load_segmentor(

@@ -22,6 +22,17 @@ from open_clip.transformer import (
 )
 
 Template = Callable[[str], str]
+
+
+def as_template(template: Template | str) -> Template:
+    """A prompt template as a callable: ``"a photo of a {}."`` strings become ``str.format``."""
+    if callable(template):
+        return template
+    if "{}" not in template:
+        raise ValueError(f"a prompt template must contain '{{}}' for the class name: {template!r}")
+    return template.format
+
+
 DEFAULT_TEMPLATES: tuple[Template, ...] = tuple(open_clip.OPENAI_IMAGENET_TEMPLATES)
 # MaskCLIP's 85: the 80 above and five scene templates (MaskCLIP, prompt_engineering.py).
 MASKCLIP_EXTRA_TEMPLATES: tuple[str, ...] = (
