@@ -81,7 +81,8 @@ def relative_name(file: str, root: str) -> str:
 _FETCH_CHUNK = 32  # loose files fetched concurrently (s3fs cat of many paths) per request
 
 
-def _redacted(uri: str) -> str:
+def redacted_uri(uri: str) -> str:
+    """``uri`` for error messages: credentials stripped (``config.redact_uri``), never None."""
     from .config import redact_uri
 
     return redact_uri(uri) or ""
@@ -116,7 +117,7 @@ def _read_tar(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
         yield from _read_tar_members(shard, fs, source)
     except tarfile.TarError as exc:  # not a tar, or cut short: the file itself is bad
         raise InvalidShardError(
-            f"{_redacted(shard.uri)} is not a readable tar archive ({type(exc).__name__}: {exc})"
+            f"{redacted_uri(shard.uri)} is not a readable tar archive ({type(exc).__name__}: {exc})"
         ) from exc
 
 
@@ -152,12 +153,12 @@ def _read_parquet(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]
             pf = pq.ParquetFile(f)
         except pa.ArrowInvalid as exc:
             raise InvalidShardError(
-                f"{_redacted(shard.uri)} is not a readable Parquet file ({exc})"
+                f"{redacted_uri(shard.uri)} is not a readable Parquet file ({exc})"
             ) from exc
         names = pf.schema_arrow.names
         if source.image_column not in names:
             raise InvalidShardError(
-                f"{_redacted(shard.uri)} has no image column {source.image_column!r} "
+                f"{redacted_uri(shard.uri)} has no image column {source.image_column!r} "
                 f"(columns: {names}); set SourceSpec(image_column=...)"
             )
         id_column = source.id_column if source.id_column in names else None
@@ -210,7 +211,6 @@ class TarFormat:
     up to the first dot of its base name; ``<tar URI>#<member>``."""
 
     kind = "tar"
-    uri = staticmethod(member_uri)
 
     @staticmethod
     def read_shard(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
@@ -222,7 +222,6 @@ class ParquetFormat:
     an optional id column; ``<parquet URI>#row=<n>``."""
 
     kind = "parquet"
-    uri = staticmethod(row_uri)
 
     @staticmethod
     def read_shard(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import fsspec
 
 from .config import SourceSpec
-from .formats import FORMATS, ImageRecord, relative_name
+from .formats import FORMATS, ImageRecord, redacted_uri, relative_name
 
 log = logging.getLogger("pipeline")
 
@@ -78,7 +78,7 @@ def list_shards(
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         root, files = _expand(fs, path)
         if not files:
-            raise FileNotFoundError(f"no files match input {_redacted(uri)}")
+            raise FileNotFoundError(f"no files match input {redacted_uri(uri)}")
         loose: list[str] = []
         for file in files:
             name = posixpath.basename(file)
@@ -102,12 +102,6 @@ def list_shards(
             for shard in grouped:
                 shards.setdefault(shard.shard_id, shard)
     return sorted(shards.values(), key=lambda s: (s.uri, s.shard_id))
-
-
-def _redacted(uri: str) -> str:
-    from .config import redact_uri
-
-    return redact_uri(uri) or ""
 
 
 def _expand(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, list[str]]:
