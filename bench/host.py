@@ -100,9 +100,17 @@ STAGES = (
     ("encode_mask", "  of which: mask PNG (original size)"),
     ("encode_confidence", "  of which: confidence PNG (processing size)"),
     ("encode_busy", "encode, busier mask (photo in 8 labels)"),
+    ("encode_pillow", "  the same two PNGs with Pillow, level 1 (until session 6)"),
     ("write", "write (ShardWriter.write + commit)"),
 )
 HOST_ONLY = ("read", "decode_draft", "prepare", "copy", "fetch", "encode", "write")
+
+
+def pillow_png(array: np.ndarray) -> bytes:
+    """The encoder ``sink`` used before ``pipeline.png``: Pillow's adaptive filters, level 1."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -264,6 +272,9 @@ class SizeRun:
             start = cpu()
             busy = sink.encode_png(mask)
             clock.add("encode_busy", cpu() - start)
+            start = cpu()
+            pillow_png(result.labels), pillow_png(result.confidence_map)
+            clock.add("encode_pillow", cpu() - start)
             self.png_kb["mask"].append(len(row["mask_png"]) / 1024)
             self.png_kb["confidence"].append(len(row["confidence_png"]) / 1024)
             self.png_kb["busy_mask"].append(len(busy) / 1024)

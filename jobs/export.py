@@ -39,7 +39,8 @@ from PIL import Image, ImageOps
 from pipeline.formats import SourceReader
 from pipeline.layout import RunLayout
 from pipeline.ledger import committed_shard_ids, read_manifest
-from pipeline.sink import METADATA_KEY, committed_file, decode_masks, encode_png, resolve_layout
+from pipeline.png import encode_png
+from pipeline.sink import METADATA_KEY, committed_file, decode_masks, resolve_layout
 
 from . import _cli
 

@@ -28,6 +28,7 @@ from cliptrase.taps import confidence_at
 
 from .layout import RunLayout
 from .ledger import committed_shard_ids, create_marker, read_marker
+from .png import encode_png
 
 log = logging.getLogger("pipeline")
 
@@ -59,19 +60,6 @@ COLUMNS = tuple(SCHEMA.names)
 
 
 # ----------------------------------------------------------------------------- rows
-
-
-def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
-    """Lossless PNG of a 2-D uint8 ("L") or uint16 ("I;16") array."""
-    if array.dtype == np.uint8:
-        image = Image.fromarray(np.ascontiguousarray(array))  # mode "L"
-    elif array.dtype == np.uint16:
-        image = Image.fromarray(np.ascontiguousarray(array, dtype="<u2"))  # mode "I;16"
-    else:
-        raise TypeError(f"masks must be uint8 or uint16, got {array.dtype}")
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
 
 
 def ok_row(
