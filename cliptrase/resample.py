@@ -87,8 +87,9 @@ def corner_agreement(first_max: torch.Tensor) -> torch.Tensor:
 
 def expand(cells: torch.Tensor, rows: LinearAxis, cols: LinearAxis) -> torch.Tensor:
     """``(h, w)`` per source cell -> ``(H, W)``: every output pixel takes its cell's value (the
-    cell of its upper-left tap). Two row/column selections: memory copies, no arithmetic."""
-    return cells.index_select(0, rows.lo).index_select(1, cols.lo)
+    cell of its upper-left tap). Two selections, memory copies, no arithmetic: columns first,
+    then whole rows (row copies are memcpy; ~2.4x faster than the other order on the CPU)."""
+    return cells.index_select(1, cols.lo).index_select(0, rows.lo)
 
 
 def cell_multiplicity(rows: LinearAxis, cols: LinearAxis, shape: tuple[int, int]) -> torch.Tensor:
@@ -98,60 +99,129 @@ def cell_multiplicity(rows: LinearAxis, cols: LinearAxis, shape: tuple[int, int]
     return per_row[:, None] * per_col[None, :]
 
 
-def pixel_argmax(
-    source: torch.Tensor, rows: LinearAxis, cols: LinearAxis, ys: torch.Tensor, xs: torch.Tensor
-) -> torch.Tensor:
-    """``(m,)`` first-maximum channel of ``stretched(source)`` at output pixels ``(ys, xs)``,
-    in chunks that keep the ``C x m`` temporaries within the strip budget."""
-    out = torch.empty(ys.shape[0], dtype=torch.int64, device=source.device)
-    if ys.numel() == 0:
-        return out
-    # Channels last: each tap reads one contiguous C-vector instead of C strided values.
-    pixels = source.permute(1, 2, 0).contiguous().view(-1, source.shape[0])
-    width = source.shape[-1]
-    step = max(1, STRIP_ELEMENTS // (4 * max(1, source.shape[0])))
-    for start in range(0, ys.shape[0], step):
-        part = slice(start, start + step)
-        values = _pixel_values(pixels, width, rows, cols, ys[part], xs[part])
-        out[part] = values.max(dim=1).indices
-    return out
+@dataclass(frozen=True)
+class Boundary:
+    """The output pixels of marked source cells, as ``P`` (band, column) pairs x ``J`` rows.
+
+    Output rows that share their upper source row (``rows.lo``, hence also ``rows.hi``) form a
+    *band*; one band per source row. A marked cell ``(r, c)`` owns, in band ``r``, every output
+    column whose left tap is ``c`` and every row of the band. So its pixels are pairs (band,
+    column) -- few: one per boundary column per source row -- times the band's rows, padded to
+    the tallest band ``J``. The four C-vectors a pixel reads depend only on its pair, so each
+    pair gathers them once and every row of its band is a broadcast multiply-add: the same
+    arithmetic per pixel as :func:`stretched`, with no full-size mask, no per-pixel gather and
+    no Python loop over bands (a fixed number of kernels per call, as on a GPU it should be).
+    """
+
+    top: torch.Tensor  # (P,) int64 upper source row of each pair
+    bottom: torch.Tensor  # (P,) lower source row
+    xs: torch.Tensor  # (P,) output column
+    w_top: torch.Tensor  # (P, J) float32 row weights of the pair's rows (0 past the band)
+    w_bottom: torch.Tensor  # (P, J)
+    flat: torch.Tensor  # (P, J) int64 output index y * W + x (0 past the band)
+    valid: torch.Tensor  # (P, J) bool: rows inside the band
+
+    @classmethod
+    def of(cls, marked: torch.Tensor, rows: LinearAxis, cols: LinearAxis) -> Boundary:
+        """The pixels of the cells marked in ``marked`` ``(h, w)`` bool."""
+        device = marked.device
+        if len(rows) == 0 or len(cols) == 0:
+            return cls._empty(device)
+        band_lo, band_rows = torch.unique_consecutive(rows.lo, return_counts=True)
+        band_y0 = torch.cumsum(band_rows, 0) - band_rows
+        # Bands taller than the typical one (the edges, where clamped taps pile up) are cut
+        # into pieces of at most ``tallest`` rows, so that padding to it wastes little.
+        tallest = -(-len(rows) // band_lo.numel())
+        pieces = torch.div(band_rows + tallest - 1, tallest, rounding_mode="floor")
+        band = torch.repeat_interleave(torch.arange(band_lo.numel(), device=device), pieces)
+        first_piece = torch.repeat_interleave(torch.cumsum(pieces, 0) - pieces, pieces)
+        start = (torch.arange(band.numel(), device=device) - first_piece) * tallest
+        piece_y0 = band_y0.index_select(0, band) + start
+        piece_rows = torch.clamp(band_rows.index_select(0, band) - start, max=tallest)
+        piece_lo = band_lo.index_select(0, band)
+        pairs = torch.nonzero(marked.index_select(1, cols.lo).index_select(0, piece_lo))
+        if pairs.shape[0] == 0:
+            return cls._empty(device)
+        piece, xs = pairs[:, 0], pairs[:, 1]
+        offset = torch.arange(tallest, device=device)
+        valid = offset[None, :] < piece_rows.index_select(0, piece)[:, None]
+        ys = piece_y0.index_select(0, piece)[:, None] + offset[None, :]
+        ys = torch.where(valid, ys, torch.zeros((), dtype=ys.dtype, device=device)).reshape(-1)
+        shape = valid.shape
+        return cls(  # rows past a piece read row 0's weights; their values are never used
+            top=piece_lo.index_select(0, piece),
+            bottom=rows.hi.index_select(0, piece_y0.index_select(0, piece)),
+            xs=xs,
+            w_top=rows.w_lo.index_select(0, ys).view(shape),
+            w_bottom=rows.w_hi.index_select(0, ys).view(shape),
+            flat=(ys.view(shape) * len(cols) + xs[:, None]),
+            valid=valid,
+        )
+
+    @classmethod
+    def _empty(cls, device: torch.device) -> Boundary:
+        index = torch.zeros(0, dtype=torch.int64, device=device)
+        weights = torch.zeros(0, 1, dtype=torch.float32, device=device)
+        return cls(index, index, index, weights, weights, index[:, None], weights.bool())
+
+    def __len__(self) -> int:
+        return self.xs.shape[0]
+
+    def select(self, pairs: torch.Tensor) -> Boundary:
+        """The pairs at indices ``pairs`` ``(p,)`` int64."""
+        return Boundary(*(getattr(self, f).index_select(0, pairs)
+                          for f in ("top", "bottom", "xs", "w_top", "w_bottom", "flat", "valid")))
+
+    def cells(self, cols: LinearAxis, width: int) -> torch.Tensor:
+        """``(P,)`` flat index ``r * w + c`` of each pair's source cell in an ``(h, w)`` map."""
+        return self.top * width + cols.lo.index_select(0, self.xs)
+
+    def put(self, out: torch.Tensor, values: torch.Tensor) -> None:
+        """``out`` ``(H, W)`` at the pixels: ``values`` ``(P, J)`` (the padding ignored)."""
+        out.view(-1).index_copy_(0, self.flat.masked_select(self.valid),
+                                 values.masked_select(self.valid).to(out.dtype))
 
 
-def boundary_pixels(
-    uncertain: torch.Tensor, rows: LinearAxis, cols: LinearAxis
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ys, xs)``: the output pixels whose cell is marked in ``uncertain`` ``(h, w)``."""
-    return torch.nonzero(expand(uncertain, rows, cols), as_tuple=True)
+def channels_last(source: torch.Tensor) -> torch.Tensor:
+    """``(C, h, w)`` -> ``(h * w, C)`` contiguous: each tap then reads one C-vector."""
+    return source.permute(1, 2, 0).contiguous().view(-1, source.shape[0])
 
 
-def argmax_at(
+def boundary_argmax(
     source: torch.Tensor,
-    first_max: torch.Tensor,
-    agree: torch.Tensor,
-    rows: LinearAxis,
     cols: LinearAxis,
-    ys: torch.Tensor,
-    xs: torch.Tensor,
+    boundary: Boundary,
+    pixels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(m,)``: the first-maximum channel of ``stretched(source)`` at output pixels
-    ``(ys, xs)``: the cell's channel where its corners agree, else from the ``C``-vector."""
-    cells = rows.lo.index_select(0, ys) * first_max.shape[1] + cols.lo.index_select(0, xs)
-    out = take(first_max, cells)
-    need = ~take(agree, cells)
-    if bool(need.any()):
-        out[need] = pixel_argmax(source, rows, cols, ys[need], xs[need]).to(out.dtype)
+    """``(P, J)`` int64 first-maximum channel of ``stretched(source)`` ``(C, h, w)`` at the
+    boundary's pixels, in chunks of pairs that keep ``P x J x C`` within the strip budget.
+    ``pixels``: ``channels_last(source)``, when the caller keeps it."""
+    channels, width = source.shape[0], source.shape[-1]
+    out = torch.zeros(boundary.flat.shape, dtype=torch.int64, device=source.device)
+    if len(boundary) == 0:
+        return out
+    if pixels is None:
+        pixels = channels_last(source)
+    step = max(1, STRIP_ELEMENTS // max(1, boundary.flat.shape[1] * channels))
+    for start in range(0, len(boundary), step):
+        part = slice(start, start + step)
+        xs = boundary.xs[part]
+        taps = (cols.lo.index_select(0, xs), cols.hi.index_select(0, xs),
+                cols.w_lo.index_select(0, xs)[:, None], cols.w_hi.index_select(0, xs)[:, None])
+        top = _width_pass(pixels, width, boundary.top[part], taps)
+        bottom = _width_pass(pixels, width, boundary.bottom[part], taps)
+        values = (top[:, None, :] * boundary.w_top[part][:, :, None]
+                  + bottom[:, None, :] * boundary.w_bottom[part][:, :, None])
+        out[part] = values.max(dim=-1).indices
     return out
 
 
-def take(values: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """``values.reshape(-1)[flat]`` by ``index_select`` (several times faster on the CPU than
-    advanced indexing)."""
-    return values.reshape(-1).index_select(0, flat)
-
-
-def put(out: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, values: torch.Tensor) -> None:
-    """``out[ys, xs] = values`` by ``index_copy_`` on the flat view (see :func:`take`)."""
-    out.view(-1).index_copy_(0, ys * out.shape[1] + xs, values.to(out.dtype))
+def _width_pass(pixels: torch.Tensor, width: int, row: torch.Tensor, taps) -> torch.Tensor:
+    """``(p, C)``: source ``row`` of each pair interpolated at its column, as :func:`stretched`
+    does its first (width) pass; ``pixels`` channels-last ``(h * w, C)``."""
+    c_lo, c_hi, w_lo, w_hi = taps
+    base = row * width
+    return pixels.index_select(0, base + c_lo) * w_lo + pixels.index_select(0, base + c_hi) * w_hi
 
 
 def stretched_argmax(
@@ -163,39 +233,11 @@ def stretched_argmax(
     """First-maximum channel of ``stretched(source)`` ``(C, h, w) -> (H, W)`` int64.
 
     Pixels whose four source corners agree take the corners' channel (a copy of the cell map);
-    only the others are computed from the ``C``-vectors.
+    only the others are computed from the ``C``-vectors (:class:`Boundary`).
     """
     if first_max is None:
         first_max = source.max(dim=0).indices
-    agree = corner_agreement(first_max)
     out = expand(first_max, rows, cols)
-    ys, xs = boundary_pixels(~agree, rows, cols)
-    if 4 * ys.numel() > out.numel():  # noise-like scores: dense strips are cheaper
-        for y0, y1 in strips(len(rows), len(cols), source.shape[0]):
-            out[y0:y1] = stretched(source, rows.part(y0, y1), cols).max(dim=0).indices
-    elif ys.numel():
-        put(out, ys, xs, pixel_argmax(source, rows, cols, ys, xs))
+    boundary = Boundary.of(~corner_agreement(first_max), rows, cols)
+    boundary.put(out, boundary_argmax(source, cols, boundary))
     return out
-
-
-def _pixel_values(
-    pixels: torch.Tensor,
-    width: int,
-    rows: LinearAxis,
-    cols: LinearAxis,
-    ys: torch.Tensor,
-    xs: torch.Tensor,
-) -> torch.Tensor:
-    """``(m, C)``: ``stretched(source)`` at output pixels ``(ys, xs)``, the same arithmetic;
-    ``pixels`` is the source channels-last, ``(h * w, C)``."""
-    c_lo, c_hi = cols.lo.index_select(0, xs), cols.hi.index_select(0, xs)
-    cw_lo, cw_hi = cols.w_lo.index_select(0, xs)[:, None], cols.w_hi.index_select(0, xs)[:, None]
-    r_lo = rows.lo.index_select(0, ys) * width
-    r_hi = rows.hi.index_select(0, ys) * width
-
-    def at(index: torch.Tensor) -> torch.Tensor:
-        return pixels.index_select(0, index)
-
-    top = at(r_lo + c_lo) * cw_lo + at(r_lo + c_hi) * cw_hi
-    bottom = at(r_hi + c_lo) * cw_lo + at(r_hi + c_hi) * cw_hi
-    return top * rows.w_lo.index_select(0, ys)[:, None] + bottom * rows.w_hi.index_select(0, ys)[:, None]

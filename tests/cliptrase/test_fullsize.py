@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import cliptrase
-from cliptrase import resample
+from cliptrase import fullsize, resample
 from cliptrase.head import decide
 from cliptrase.resample import LinearAxis, stretched, stretched_argmax
 
@@ -79,6 +79,39 @@ def test_stretched_argmax_equals_the_dense_argmax_in_any_strips(
         assert got.shape == (big_h, big_w)
         # Equal up to rounding-level ties between two rows (none seen on these inputs).
         assert (got != expected).float().mean() < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strip_elements", [resample.STRIP_ELEMENTS, 61])
+@pytest.mark.parametrize(
+    "k,h,w,big_h,big_w",
+    [
+        (6, 84, 112, 300, 451),  # upsampled ~3.6x: bands of 3-4 rows, taller at the edges
+        (4, 7, 9, 100, 13),  # bands of ~14 rows cut into pieces; columns downsampled
+        (5, 40, 60, 37, 29),  # downsampled both ways: one row per band, source rows skipped
+        (3, 1, 6, 5, 17),  # one source row: every output row in one band
+        (20, 30, 30, 30, 30),  # same size: the identity taps
+    ],
+)
+def test_boundary_pixels_get_exactly_the_dense_strips_channel(
+    monkeypatch, strip_elements, device, k, h, w, big_h, big_w
+):
+    """Per (band, column) pair and broadcast over the band's rows, the same float operations
+    as ``stretched``: the same first maximum at every pixel, not merely close."""
+    monkeypatch.setattr(resample, "STRIP_ELEMENTS", strip_elements)
+    scores = _smooth_scores(k, h, w, seed=big_h).to(device)
+    rows, cols = LinearAxis.build(h, big_h, device), LinearAxis.build(w, big_w, device)
+    dense = stretched(scores, rows, cols).max(dim=0).indices
+    assert torch.equal(stretched_argmax(scores, rows, cols), dense)
+    # The same through a window that owns only part of the output.
+    part_rows, part_cols = rows.part(big_h // 3, big_h), cols.part(1, big_w)
+    dense_part = stretched(scores, part_rows, part_cols).max(dim=0).indices
+    assert torch.equal(stretched_argmax(scores, part_rows, part_cols), dense_part)
+    # Counted without the full map: every pixel once, boundary pixels one by one.
+    window = fullsize.OutputWindow(rows, cols, slice(0, big_h), slice(0, big_w))
+    choice = fullsize.Choice.of(scores, torch.arange(k, device=device))
+    assert torch.equal(choice.full(window).long(), dense)
+    assert torch.equal(choice.counts(window, k), torch.bincount(dense.reshape(-1), minlength=k))
 
 
 def test_most_pixels_never_touch_their_logits(tiny, astronaut):
