@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torchvision.io
 from PIL import Image
 
+from pipeline import png
 from pipeline.png import encode_png
 
 
@@ -47,8 +49,18 @@ ARRAYS = {
 }
 
 
+@pytest.fixture(params=["zlib-ng", "stdlib zlib"])
+def deflate(request, monkeypatch):
+    """Either deflate the encoder may run with (the stdlib's where zlib-ng is missing)."""
+    if request.param == "stdlib zlib":
+        monkeypatch.setattr(png, "deflate", zlib)
+    else:
+        assert png.deflate.__name__ == "zlib_ng.zlib_ng"
+    return request.param
+
+
 @pytest.mark.parametrize("name", ARRAYS)
-def test_pillow_and_libpng_decode_the_input_bit_for_bit(name):
+def test_pillow_and_libpng_decode_the_input_bit_for_bit(name, deflate):
     array = ARRAYS[name]
     png = encode_png(array)
     for decoded in (_pillow_decode(png), _libpng_decode(png)):
