@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import (
     CenterCrop,
@@ -118,12 +117,25 @@ def prepare_whole_image(
     if bucket is not None:
         size = bucketed_size(size, bucket)
     resized = TF.resize(image, list(size), interpolation=InterpolationMode.BICUBIC)
-    pixels = TF.normalize(TF.to_tensor(resized), mean, std)
-    pad_h = math.ceil(size[0] / patch_size) * patch_size - size[0]
-    pad_w = math.ceil(size[1] / patch_size) * patch_size - size[1]
-    if pad_h or pad_w:
-        pixels = F.pad(pixels, (0, pad_w, 0, pad_h))
-    return Prepared(pixels, size, original)
+    padded = (math.ceil(size[0] / patch_size) * patch_size, math.ceil(size[1] / patch_size) * patch_size)
+    return Prepared(normalised_into(resized, padded, mean, std), size, original)
+
+
+def normalised_into(
+    image: Image.Image, padded: tuple[int, int], mean: tuple, std: tuple
+) -> torch.Tensor:
+    """``Normalize(mean, std)(ToTensor()(image))`` zero-padded right/bottom to ``padded``,
+    written straight into the padded tensor: the same float operations (``/ 255``, ``- mean``,
+    ``/ std``, each elementwise IEEE), so the same bits, without ToTensor's and Normalize's
+    copies or the pad's."""
+    rgb = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, h, w) uint8, writable copy
+    out = torch.zeros((3, *padded), dtype=torch.float32)
+    pixels = out[:, : rgb.shape[1], : rgb.shape[2]]
+    pixels.copy_(rgb)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    pixels.div_(255).sub_(mean_t).div_(std_t)
+    return out
 
 
 def parity_transform(size: int, mean: tuple, std: tuple) -> Compose:

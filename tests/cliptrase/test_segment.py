@@ -177,3 +177,22 @@ def test_random_weights_are_reproducible_and_announced(caplog, astronaut):
     for key, value in a.clip.state_dict().items():
         assert torch.equal(value, b.clip.state_dict()[key])
     assert not torch.equal(a.clip.visual.proj, c.clip.visual.proj)
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee"])
+@pytest.mark.parametrize("size", [(336, 336), (331, 507), (17, 1023), (1, 1)])
+def test_prepared_pixels_are_torchvisions_to_tensor_normalize_and_pad_bit_for_bit(name, size):
+    """The product writes the normalised pixels straight into the padded tensor; odd widths
+    put vector-loop tails at every row end, where a different code path could round apart."""
+    import skimage.data
+    import torch.nn.functional as F
+    from torchvision.transforms import functional as TF
+
+    from cliptrase.preprocess import normalised_into
+
+    image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize(size[::-1])
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    padded = (size[0] + 16 - size[0] % 16 if size[0] % 16 else size[0], size[1] + 5)
+    expected = TF.normalize(TF.to_tensor(image), mean, std)
+    expected = F.pad(expected, (0, padded[1] - size[1], 0, padded[0] - size[0]))
+    assert torch.equal(normalised_into(image, padded, mean, std), expected)
