@@ -194,6 +194,8 @@ class RunConfig:
     num_cpus_per_actor: float = 1.0
     torch_threads: int | None = None  # None: Ray's default (OMP_NUM_THREADS = the actor's CPUs)
     decode_threads: int = 2
+    # Large freed blocks stay in the heap for reuse (pipeline/allocator.py): no labels change.
+    reuse_host_memory: bool = True
     prefetch_images: int = 64  # decoded + prepared images queued ahead of the model
     max_retries: int = 3  # per shard, after an actor died or the shard raised
     lease_ttl_s: float = 6 * 3600.0
@@ -257,6 +259,7 @@ class RunConfig:
             "num_cpus_per_actor": self.num_cpus_per_actor,
             "torch_threads": self.torch_threads,
             "decode_threads": self.decode_threads,
+            "reuse_host_memory": self.reuse_host_memory,
             "prefetch_images": self.prefetch_images,
             "max_retries": self.max_retries,
             "config_hash": self.config_hash(),

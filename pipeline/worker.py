@@ -23,6 +23,7 @@ import ray
 import cliptrase
 
 from . import sink
+from .allocator import reuse_freed_memory
 from .claim import Claim, claim_shard, drop_lease
 from .config import OUTPUT_FORMAT, RunConfig
 from .decode import DecodedImage, Prefetcher, decode_image
@@ -96,6 +97,8 @@ class ShardLabeler:
         from PIL import Image
 
         self.config = config
+        if config.reuse_host_memory:
+            reuse_freed_memory()
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         # pyarrow imports pandas on the first Table.from_pylist (~0.6 s of CPU): pay it while

@@ -18,6 +18,7 @@ def test_config_hash_ignores_throughput_knobs_and_credentials():
         segmentor=dataclasses.replace(TINY, batch_size=32),
         num_actors=7,
         decode_threads=5,
+        reuse_host_memory=False,
         storage_options={"secret": FAKE_SECRET},
     )
     assert base.config_hash() == same.config_hash()
