@@ -154,12 +154,20 @@ def joint_counts(
     Cells where both choices' corners agree count once, weighted by how many output pixels
     read them; only the pixels of the other cells are looked at one by one.
     """
+    return _joint_counts(first, second, window, n_first, n_second)[0]
+
+
+def _joint_counts(
+    first: Choice, second: Choice | None, window: OutputWindow, n_first: int, n_second: int
+) -> tuple[torch.Tensor, Boundary | None, torch.Tensor | None]:
+    """:func:`joint_counts`, and the boundary it looked at with ``second``'s values there
+    (None where a dense choice made it count full maps)."""
     both = [c for c in (first, second) if c is not None]
     if any(c.dense is not None for c in both):
         value = first.full(window).reshape(-1).long()
         if second is not None:
             value = second.full(window).reshape(-1).long() * n_first + value
-        return torch.bincount(value, minlength=n_first * n_second)
+        return torch.bincount(value, minlength=n_first * n_second), None, None
     rows, cols = window.rows, window.cols
     agree = both[0].agree if second is None else first.agree & second.agree
     value = first.cells.long()
@@ -169,12 +177,14 @@ def joint_counts(
     counts = torch.bincount(value[agree], weights=weight[agree].double(),
                             minlength=n_first * n_second).round().long()
     boundary = Boundary.of(~agree, rows, cols)
+    second_values = None
     if len(boundary):
         value = first.at(window, boundary).long()
         if second is not None:
-            value = second.at(window, boundary).long() * n_first + value
+            second_values = second.at(window, boundary)
+            value = second_values.long() * n_first + value
         counts += torch.bincount(value.masked_select(boundary.valid), minlength=n_first * n_second)
-    return counts
+    return counts, boundary, second_values
 
 
 def _looked_up(lookup: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -235,10 +245,17 @@ def vote(
             sums += region_logit_sums(part, region_map[y0:y1], n)
         winners = row_labels.to(logits.device)[sums.argmax(dim=1)]
         return winners[region_map.long()]
-    votes = joint_counts(first, regions, window, num_labels, n)
-    winners = votes.reshape(n, num_labels).argmax(dim=1)  # ties: the smallest label
-    regions.lookup = compact(winners, num_labels)
-    return regions.full(window)
+    votes, boundary, region_at = _joint_counts(first, regions, window, num_labels, n)
+    winners = compact(votes.reshape(n, num_labels).argmax(dim=1), num_labels)  # ties: smallest
+    # Every pixel whose region is not its cell's lies on the boundary just counted, whose
+    # regions are known: the map is the cells' winners with those pixels overwritten.
+    out = expand(_looked_up(winners, regions.first_max), rows, cols)
+    if boundary is None:  # a dense first prediction: the counts did not keep a boundary
+        regions.lookup = winners
+        return regions.full(window)
+    if region_at is not None:
+        boundary.put(out, _looked_up(winners, region_at.long()))
+    return out
 
 
 def compact(values: torch.Tensor, bound: int | None = None) -> torch.Tensor:
