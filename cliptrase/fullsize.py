@@ -173,8 +173,9 @@ def _joint_counts(
     value = first.cells.long()
     if second is not None:
         value = second.cells.long() * n_first + value
-    weight = cell_multiplicity(rows, cols, agree.shape)
-    counts = torch.bincount(value[agree], weights=weight[agree].double(),
+    # Integer weights summed in float64: exact in any order (far below 2^53 pixels).
+    weight = cell_multiplicity(rows, cols, agree.shape).to(torch.float64) * agree
+    counts = torch.bincount(value.reshape(-1), weights=weight.reshape(-1),
                             minlength=n_first * n_second).round().long()
     boundary = Boundary.of(~agree, rows, cols)
     second_values = None
