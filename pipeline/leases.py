@@ -55,6 +55,22 @@ def acquire_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) ->
     return False
 
 
+def renew_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) -> bool | None:
+    """Extend ``owner``'s lease by ``ttl_s`` from now: True; False if another run holds it;
+    None, creating nothing, if there is none -- the shard's committing actor dropped it (or it
+    was released). Re-creating it there would leave a lease on a committed shard behind: a
+    driver paused past its actor's commit renews before it hears of the commit."""
+    store, path = layout.store, layout.lease_path(shard_id)
+    current = store.read_json(path)
+    if current is None:
+        return None
+    if current.get("owner") != owner:
+        return False
+    body = json.dumps({"owner": owner, "expires_at": time.time() + ttl_s}).encode()
+    store.put_whole(path, body)
+    return True
+
+
 def release_lease(layout: RunLayout, shard_id: str, owner: str) -> None:
     """Drop our lease (someone else's is left alone)."""
     path = layout.lease_path(shard_id)

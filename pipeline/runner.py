@@ -22,7 +22,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from .config import RunConfig
 from .formats import InvalidShardError
 from .layout import RunLayout
-from .leases import acquire_lease, new_owner, release_lease, remove_committed_leases
+from .leases import new_owner, release_lease, remove_committed_leases, renew_lease
 from .ledger import (
     FolderBatchLog,
     committed_shard_ids,
@@ -238,8 +238,8 @@ class StoreBookkeeping:
     def release(self, shard: Shard) -> None:
         with_retries(release_lease, self.layout, shard.shard_id, self.owner)
 
-    def renew(self, shard: Shard) -> bool:
-        return acquire_lease(self.layout, shard.shard_id, self.owner, self.ttl_s)
+    def renew(self, shard: Shard) -> bool | None:
+        return renew_lease(self.layout, shard.shard_id, self.owner, self.ttl_s)
 
 
 def _label(

@@ -69,8 +69,9 @@ class Actors(Protocol):
 class Bookkeeping(Protocol):
     def release(self, shard: Any) -> None: ...
 
-    def renew(self, shard: Any) -> bool:
-        """Extend our lease; False if another run has taken it over."""
+    def renew(self, shard: Any) -> bool | None:
+        """Extend our lease; False if another run has taken it over, None if there is none
+        (not claimed yet, or dropped after its commit): nothing is created."""
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 import pipeline
 from pipeline import sink
 from pipeline.layout import RunLayout
-from pipeline.leases import acquire_lease, release_lease
+from pipeline.leases import acquire_lease, release_lease, renew_lease
 from pipeline.ledger import committed_shard_ids, pending_shards
 
 
@@ -102,6 +102,24 @@ def test_local_lease_is_exclusive_until_released_or_expired(tmp_path):
     assert acquire_lease(layout, "s1", "run-B", ttl_s=-1)  # already expired
     assert acquire_lease(layout, "s1", "run-C", ttl_s=60)  # takes over the expired lease
     assert json.loads((tmp_path / "h/_leases/s1.json").read_text())["owner"] == "run-C"
+
+
+def test_renewal_extends_only_an_existing_lease_of_ours(tmp_path):
+    """A driver paused past its actor's commit renews after the actor dropped the lease: the
+    renewal must not bring the lease of a committed shard back."""
+    layout = RunLayout.open(str(tmp_path), "h")
+    lease = tmp_path / "h/_leases/s1.json"
+    assert renew_lease(layout, "s1", "run-A", ttl_s=60) is None
+    assert not lease.exists()
+    assert acquire_lease(layout, "s1", "run-A", ttl_s=1)
+    first = json.loads(lease.read_text())["expires_at"]
+    assert renew_lease(layout, "s1", "run-A", ttl_s=60) is True
+    assert json.loads(lease.read_text())["expires_at"] > first + 30
+    assert renew_lease(layout, "s1", "run-B", ttl_s=60) is False  # not B's
+    assert json.loads(lease.read_text())["owner"] == "run-A"
+    release_lease(layout, "s1", "run-A")
+    assert renew_lease(layout, "s1", "run-A", ttl_s=60) is None
+    assert not lease.exists()
 
 
 def test_decode_masks_of_an_error_row_explains_why():
