@@ -247,15 +247,15 @@ def vote(
         winners = row_labels.to(logits.device)[sums.argmax(dim=1)]
         return winners[region_map.long()]
     votes, boundary, region_at = _joint_counts(first, regions, window, num_labels, n)
-    winners = compact(votes.reshape(n, num_labels).argmax(dim=1), num_labels)  # ties: smallest
+    winners = votes.reshape(n, num_labels).argmax(dim=1)  # ties: the smallest label
+    regions.lookup = compact(winners, num_labels)
+    if boundary is None:  # a dense first prediction: the counts did not keep a boundary
+        return regions.full(window)
     # Every pixel whose region is not its cell's lies on the boundary just counted, whose
     # regions are known: the map is the cells' winners with those pixels overwritten.
-    out = expand(_looked_up(winners, regions.first_max), rows, cols)
-    if boundary is None:  # a dense first prediction: the counts did not keep a boundary
-        regions.lookup = winners
-        return regions.full(window)
+    out = expand(regions.cells, rows, cols)
     if region_at is not None:
-        boundary.put(out, _looked_up(winners, region_at.long()))
+        boundary.put(out, _looked_up(regions.lookup, region_at.long()))
     return out
 
 

@@ -9,7 +9,7 @@ The interpolation is ``F.interpolate(..., mode="bilinear", align_corners=False)`
 two taps per axis (:class:`LinearAxis`) so that a strip, or a single pixel, computes exactly
 what the whole map would.
 
-:func:`stretched_argmax` avoids the ``C x H x W`` work altogether where it cannot matter: an
+:class:`Boundary` avoids the ``C x H x W`` work altogether where it cannot matter: an
 output pixel is a convex combination of 2 x 2 source pixels, and if those four share the same
 first-maximum row, the combination has it too (every other row is at most as large at each
 corner, so at most as large in any convex combination; a tie with a smaller row would need a
@@ -21,7 +21,7 @@ at every corner come out in either order; such pixels may differ from a dense co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -169,8 +169,7 @@ class Boundary:
 
     def select(self, pairs: torch.Tensor) -> Boundary:
         """The pairs at indices ``pairs`` ``(p,)`` int64."""
-        return Boundary(*(getattr(self, f).index_select(0, pairs)
-                          for f in ("top", "bottom", "xs", "w_top", "w_bottom", "flat", "valid")))
+        return Boundary(*(getattr(self, f.name).index_select(0, pairs) for f in fields(self)))
 
     def cells(self, cols: LinearAxis, width: int) -> torch.Tensor:
         """``(P,)`` flat index ``r * w + c`` of each pair's source cell in an ``(h, w)`` map."""
@@ -223,21 +222,3 @@ def _width_pass(pixels: torch.Tensor, width: int, row: torch.Tensor, taps) -> to
     base = row * width
     return pixels.index_select(0, base + c_lo) * w_lo + pixels.index_select(0, base + c_hi) * w_hi
 
-
-def stretched_argmax(
-    source: torch.Tensor,
-    rows: LinearAxis,
-    cols: LinearAxis,
-    first_max: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """First-maximum channel of ``stretched(source)`` ``(C, h, w) -> (H, W)`` int64.
-
-    Pixels whose four source corners agree take the corners' channel (a copy of the cell map);
-    only the others are computed from the ``C``-vectors (:class:`Boundary`).
-    """
-    if first_max is None:
-        first_max = source.max(dim=0).indices
-    out = expand(first_max, rows, cols)
-    boundary = Boundary.of(~corner_agreement(first_max), rows, cols)
-    boundary.put(out, boundary_argmax(source, cols, boundary))
-    return out

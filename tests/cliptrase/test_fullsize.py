@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import cliptrase
 from cliptrase import fullsize, resample
 from cliptrase.head import decide
-from cliptrase.resample import LinearAxis, stretched, stretched_argmax
+from cliptrase.resample import LinearAxis, stretched
 
 from .conftest import DEVICES, on_device
 from .test_methods import _ref_slide_logits
@@ -52,6 +52,13 @@ def test_stretched_equals_f_interpolate_to_rounding():
         expected = F.interpolate(x, size=(big_h, big_w), mode="bilinear", align_corners=False)
         got = stretched(x, LinearAxis.build(h, big_h), LinearAxis.build(w, big_w))
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def stretched_argmax(scores: torch.Tensor, rows: LinearAxis, cols: LinearAxis) -> torch.Tensor:
+    """The product's full-size first maximum (:class:`fullsize.Choice`, identity lookup)."""
+    window = fullsize.OutputWindow(rows, cols, slice(0, len(rows)), slice(0, len(cols)))
+    channels = torch.arange(scores.shape[0], device=scores.device)
+    return fullsize.Choice.of(scores, channels).full(window).long()
 
 
 def _smooth_scores(k: int, h: int, w: int, seed: int) -> torch.Tensor:
