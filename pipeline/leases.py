@@ -21,6 +21,10 @@ from .layout import RunLayout
 log = logging.getLogger("pipeline")
 
 
+def _lease_body(owner: str, ttl_s: float) -> bytes:
+    return json.dumps({"owner": owner, "expires_at": time.time() + ttl_s}).encode()
+
+
 def acquire_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) -> bool:
     """Claim (or renew) a shard for ``ttl_s`` seconds; False if someone else holds a live lease.
 
@@ -28,7 +32,7 @@ def acquire_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) ->
     the race (two writers may both read their own body before one overwrites the other).
     """
     store, path = layout.store, layout.lease_path(shard_id)
-    body = json.dumps({"owner": owner, "expires_at": time.time() + ttl_s}).encode()
+    body = _lease_body(owner, ttl_s)
     for _ in range(2):
         created = store.create_exclusive(path, body)
         if created is True:
@@ -66,8 +70,7 @@ def renew_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) -> b
         return None
     if current.get("owner") != owner:
         return False
-    body = json.dumps({"owner": owner, "expires_at": time.time() + ttl_s}).encode()
-    store.put_whole(path, body)
+    store.put_whole(path, _lease_body(owner, ttl_s))
     return True
 
 
