@@ -32,7 +32,13 @@ from .head import confidence_of, decide
 from .inference import SlidePlan, WholeImagePlan
 from .methods import NORMALISATIONS, Method, method_preset
 from .names import validate_names, validate_synonyms
-from .preprocess import ImageLike, Prepared, as_rgb_image, prepare_whole_image
+from .preprocess import (
+    ImageLike,
+    Prepared,
+    as_rgb_image,
+    prepare_whole_image,
+    prepare_whole_tensor,
+)
 from .refine import region_logit_sums, vote_winners
 from .taps import confidence_at
 from .text import (
@@ -616,7 +622,7 @@ class Segmentor:
                 yield chunk, pixels, stretch_to, guides
 
     def _staged(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or batch.device.type == "cuda":  # prepared on the device
             return batch
         return batch.float().pin_memory().to(self.device, non_blocking=True)
 
@@ -721,6 +727,40 @@ class Segmentor:
         config = self.config
         return prepare_whole_image(
             rgb,
+            config.short_side,
+            self.patch_size,
+            self.mean,
+            self.std,
+            config.bucket,
+            original=original_size,
+            long_side_cap=self.method.long_side_cap,
+        )
+
+    def prepare_pixels(
+        self, pixels: torch.Tensor, original_size: tuple[int, int] | None = None
+    ) -> Prepared:
+        """:meth:`prepare` for a decoded ``(3, H, W)`` uint8 RGB tensor (e.g. a JPEG decoded on
+        the GPU), resized and normalised on the tensor's own device.
+
+        Same sizes and normalisation as :meth:`prepare`, but torchvision's tensor bicubic
+        resize instead of Pillow's, so labels can differ slightly from the PIL path
+        (:func:`cliptrase.preprocess.prepare_whole_tensor`). ``original_size`` as in
+        :meth:`prepare`.
+        """
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 3 or pixels.shape[0] != 3:
+            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise InvalidImageError(f"pixels must be a (3, H, W) uint8 tensor, got {shape}")
+        if pixels.dtype != torch.uint8:
+            raise InvalidImageError(f"pixels must be uint8, got {pixels.dtype}")
+        if min(pixels.shape[-2:]) < self.patch_size:
+            h, w = pixels.shape[-2:]
+            raise InvalidImageError(
+                f"image is {w}x{h} pixels; the smallest supported side is {self.patch_size} "
+                "(one patch of the model)"
+            )
+        config = self.config
+        return prepare_whole_tensor(
+            pixels,
             config.short_side,
             self.patch_size,
             self.mean,

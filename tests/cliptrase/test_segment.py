@@ -12,6 +12,8 @@ from PIL import Image
 import cliptrase
 from cliptrase import InvalidImageError, SegmentorConfig, VocabularyError
 
+from .conftest import DEVICES
+
 CLASSES = ["person", "rocket", "cat", "coffee cup"]
 
 
@@ -196,3 +198,69 @@ def test_prepared_pixels_are_torchvisions_to_tensor_normalize_and_pad_bit_for_bi
     expected = TF.normalize(TF.to_tensor(image), mean, std)
     expected = F.pad(expected, (0, padded[1] - size[1], 0, padded[0] - size[0]))
     assert torch.equal(normalised_into(image, padded, mean, std), expected)
+
+
+def _chw(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("name", "size", "original"),
+    [
+        ("astronaut", (1080, 1920), None),
+        ("chelsea", (300, 451), None),
+        ("coffee", (400, 600), (1600, 2400)),  # decoded at 1/4 of the size it stands for
+        ("camera", (512, 300), None),  # portrait, grayscale photo
+    ],
+)
+def test_prepare_pixels_matches_prepare_up_to_the_resize_kernel(tiny, name, size, original, device):
+    """The tensor path (a JPEG decoded on the device) gives the same sizes and padding as the
+    PIL path, and its resize differs from Pillow's bicubic by at most 2 levels of 255 on few
+    values: the difference ``SourceSpec.gpu_decode`` is hashed for."""
+    import skimage.data
+
+    image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize(size[::-1])
+    want = tiny.prepare(image, original_size=original)
+    got = tiny.prepare_pixels(_chw(image).to(device), original_size=original)
+    assert got.pixels.device.type == device and got.pixels.dtype == torch.float32
+    assert (got.resized, got.original) == (want.resized, want.original)
+    assert got.pixels.shape == want.pixels.shape
+    h, w = want.resized
+    assert not got.pixels[:, h:].any() and not got.pixels[:, :, w:].any()  # padding: zeros
+    std = torch.tensor(tiny.std).view(3, 1, 1)
+    levels = ((got.pixels.cpu() - want.pixels) * std * 255).abs()[:, :h, :w]
+    assert levels.max() <= 2.01
+    changed = (levels > 0.5).float().mean().item()
+    assert changed <= (0.01 if device == "cpu" else 0.2), changed
+
+
+def test_prepare_pixels_refuses_what_is_not_a_uint8_rgb_tensor(tiny):
+    good = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    assert tiny.prepare_pixels(good).resized == (336, 336)
+    cases = [
+        (good.float(), "must be uint8"),
+        (good[0], r"\(3, H, W\) uint8 tensor, got \(40, 40\)"),
+        (torch.zeros(4, 40, 40, dtype=torch.uint8), r"got \(4, 40, 40\)"),
+        (np.zeros((40, 40, 3), np.uint8), "got ndarray"),
+        (torch.zeros(3, 8, 40, dtype=torch.uint8), "smallest supported side is 16"),
+    ]
+    for pixels, message in cases:
+        with pytest.raises(InvalidImageError, match=message):
+            tiny.prepare_pixels(pixels)
+
+
+def test_tensor_prepared_images_batch_with_pil_prepared_ones(tiny, vocab):
+    """Prepared tensors from prepare_pixels batch with PIL-prepared ones; each image's labels
+    are those it gets alone."""
+    import skimage.data
+
+    astronaut = Image.fromarray(skimage.data.astronaut()).resize((640, 480))
+    coffee = Image.fromarray(skimage.data.coffee()).resize((640, 480))
+    tensor_prepared = tiny.prepare_pixels(_chw(astronaut))
+    pil_prepared = tiny.prepare(coffee)
+    both = tiny.segment_batch([tensor_prepared, pil_prepared], vocab)
+    alone = [tiny.segment_batch([p], vocab)[0] for p in (tensor_prepared, pil_prepared)]
+    for together, single in zip(both, alone):
+        assert together.labels.shape == (480, 640)
+        np.testing.assert_array_equal(together.labels, single.labels)
