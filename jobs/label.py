@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         "size that still covers --short-side; labels agree on >99%% of pixels, docs/benchmarks.md)",
     )
     source.add_argument(
+        "--gpu-decode",
+        action="store_true",
+        help="decode plain JPEGs in batches on the actor's GPU (torchvision/nvjpeg) and resize "
+        "them there; others by Pillow as usual. Labels differ slightly (docs/benchmarks.md)",
+    )
+    source.add_argument(
         "--max-image-pixels",
         type=int,
         default=89_478_485,
@@ -226,6 +232,7 @@ def config_from_args(args: argparse.Namespace, options: dict):
             images_per_shard=args.images_per_shard,
             max_image_pixels=args.max_image_pixels,
             jpeg_draft=not args.no_jpeg_draft,
+            gpu_decode=args.gpu_decode,
         )
         floss_given = any(
             getattr(args, name) != default

@@ -147,7 +147,8 @@ class SourceSpec:
     # short side, instead of at full size before the resize: several times cheaper for large
     # photos; changes the labels slightly (pipeline.decode.decode_image, draft_short_side).
     jpeg_draft: bool = hashed(True)
-    # Plain JPEGs decoded in batches on the actor's GPU (torchvision / nvjpeg), the rest by
+    # Plain JPEGs decoded in batches by torchvision on the segmentor's device (nvjpeg on a GPU;
+    # its CPU decoder on a CPU actor) and resized there (Segmentor.prepare_pixels), the rest by
     # Pillow (pipeline.decode.decode_jpegs_on_device). Changes the labels slightly.
     gpu_decode: bool = hashed(False, only_when_set=True)
 

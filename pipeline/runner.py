@@ -56,6 +56,7 @@ class RunSummary:
     shard_retries: int = 0  # attempts requeued after an actor died or a shard raised
     images_ok: int = 0
     images_error: int = 0
+    images_device_decoded: int = 0  # JPEGs decoded on the actors' devices (SourceSpec.gpu_decode)
     seconds: float = 0.0
     startup_s: float = 0.0  # Ray start + first actor loading its model
     images_per_s: float = 0.0
@@ -323,6 +324,7 @@ def _finish(summary: RunSummary, t0: float) -> None:
     summary.images_per_s = images / labelling if images and labelling > 0 else 0.0
     summary.torch_threads = sorted({r.torch_threads for r in summary.results})
     summary.cpu_s = sum(r.cpu_s for r in summary.results)
+    summary.images_device_decoded = sum(r.device_decoded for r in summary.results)
     shard_s = sum(r.seconds for r in summary.results)
     if shard_s > 0:
         summary.model_idle_fraction = 1.0 - sum(r.model_s for r in summary.results) / shard_s

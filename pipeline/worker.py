@@ -26,7 +26,14 @@ from . import sink
 from .allocator import reuse_freed_memory
 from .claim import Claim, claim_shard, drop_lease
 from .config import OUTPUT_FORMAT, RunConfig
-from .decode import DecodedImage, Prefetcher, decode_image
+from .decode import (
+    DecodedImage,
+    DeviceDecodedImage,
+    Prefetcher,
+    decode_image,
+    decode_jpegs_on_device,
+    device_decodable,
+)
 from .formats import ImageRecord
 from .layout import RunLayout
 from .leases import read_lease
@@ -58,6 +65,7 @@ class ShardResult:
     write_s: float  # waiting for PNG encodes + Parquet write + commit
     cpu_s: float  # CPU time of the actor process (all threads) during the shard
     sha256: str
+    device_decoded: int = 0  # JPEGs decoded on the segmentor's device (SourceSpec.gpu_decode)
     lost: bool = False  # another attempt committed the shard first: this one's rows are dropped
     lease_released: bool = False  # the actor dropped the shard's lease after committing it
     claim: str = Claim.OURS.value  # not "ours": the actor left the shard alone (rows are 0)
@@ -73,11 +81,20 @@ class ShardResult:
 
 @dataclass
 class _Ready:
-    """An image decoded and prepared (resized, normalised) in a worker thread."""
+    """An image decoded and prepared (resized, normalised): by Pillow in a worker thread, or
+    on the device with its batch."""
 
-    decoded: DecodedImage
+    decoded: DecodedImage | DeviceDecodedImage
     prepared: Any
     decode_ms: float
+
+
+@dataclass
+class _OnDevice:
+    """A plain JPEG left for the model thread to decode with its batch on the device
+    (``SourceSpec.gpu_decode``): the worker thread only read its header."""
+
+    probe_ms: float
 
 
 @dataclass
@@ -141,6 +158,9 @@ class ShardLabeler:
         self.draft_short_side = (
             self.segmentor.config.short_side if config.source.jpeg_draft else None
         )
+        # Plain JPEGs decoded in batches by torchvision on the segmentor's device (nvjpeg on
+        # CUDA), resized there too; everything else as above.
+        self.device_decode = config.source.gpu_decode
 
     # ------------------------------------------------------------------ provenance
     def metadata(self) -> dict[str, Any]:
@@ -227,6 +247,7 @@ class ShardLabeler:
             write_s=write_s + end - write_start,
             cpu_s=time.process_time() - cpu_start,
             sha256=marker.get("sha256", ""),
+            device_decoded=int(stats.get("device_decoded", 0)),
             lost=writer.lost,
             lease_released=lease_released,
             node_id=_node_id(),
@@ -254,9 +275,11 @@ class ShardLabeler:
 
         Decoding and preparing run ahead in threads; the calling thread only runs the model.
         When the records are exhausted (or the generator is closed), ``stats`` gets
-        ``model_s`` (inside ``segment_batch``) and ``wait_s`` (waiting for decoded images).
+        ``model_s`` (inside ``segment_batch``, and the device decode before it), ``wait_s``
+        (waiting for decoded images) and ``device_decoded`` (images decoded on the device).
         """
         stats = {} if stats is None else stats
+        stats["device_decoded"] = 0
         batch_size = self.config.segmentor.batch_size
         prefetch = Prefetcher(records, self._decode_prepare, self.pool, self.config.prefetch_images)
         pending: list[dict | Future | None] = []  # not yet yielded; None: waits in `batch`
@@ -264,11 +287,11 @@ class ShardLabeler:
         model_s = 0.0
         try:
             for record, ready in prefetch:
-                if isinstance(ready, _Ready):
+                if isinstance(ready, _Ready | _OnDevice):
                     batch.append((len(pending), record, ready))
                     pending.append(None)
                     if len(batch) >= batch_size:
-                        model_s += self._segment(batch, pending, shard_id)
+                        model_s += self._segment(batch, pending, shard_id, stats)
                         batch = []
                 else:
                     pending.append(self._error_row(record, shard_id, ready))
@@ -276,17 +299,21 @@ class ShardLabeler:
                     yield from pending
                     pending = []
             if batch:
-                model_s += self._segment(batch, pending, shard_id)
+                model_s += self._segment(batch, pending, shard_id, stats)
             yield from pending
         finally:
             prefetch.close()
             stats["model_s"] = model_s
             stats["wait_s"] = prefetch.wait_s
 
-    def _decode_prepare(self, record: ImageRecord) -> _Ready | _Failed:
+    def _decode_prepare(self, record: ImageRecord) -> _Ready | _OnDevice | _Failed:
         if record.error is not None:
             return _Failed(record.error)
         start = time.perf_counter()
+        if self.device_decode and device_decodable(
+            record.data, self.config.source.max_image_pixels
+        ):
+            return _OnDevice(_ms(start))
         try:
             decoded = decode_image(
                 record.data, self.config.source.max_image_pixels, self.draft_short_side
@@ -301,9 +328,57 @@ class ShardLabeler:
             )
         return _Ready(decoded, prepared, _ms(start))
 
-    def _segment(self, batch, rows: list, shard_id: str) -> float:
+    def _decode_on_device(self, batch, rows: list, shard_id: str, stats: dict) -> list:
+        """The batch with its :class:`_OnDevice` JPEGs decoded (one batched torchvision call on
+        the segmentor's device) and prepared there; any that torchvision refuses go through
+        Pillow as usual, and any that fail altogether become their error rows."""
+        waiting = [entry for entry in batch if isinstance(entry[2], _OnDevice)]
+        if not waiting:
+            return batch
+        start = time.perf_counter()
+        decoded = decode_jpegs_on_device(
+            [record.data for _, record, _ in waiting],
+            self.segmentor.device,
+            self.config.source.max_image_pixels,
+            self.draft_short_side,
+        )
+        each_ms = _ms(start) / len(waiting)
+        ready: dict[int, _Ready | None] = {}
+        for (index, record, probe), result in zip(waiting, decoded):
+            decode_ms = probe.probe_ms + each_ms
+            if isinstance(result, cliptrase.InvalidImageError):
+                rows[index] = self._error_row(record, shard_id, _Failed(str(result), decode_ms=decode_ms))
+                ready[index] = None
+                continue
+            try:
+                if isinstance(result, DeviceDecodedImage):
+                    prepared = self.segmentor.prepare_pixels(result.pixels, result.original_size)
+                    stats["device_decoded"] += 1
+                else:
+                    prepared = self.segmentor.prepare(result.image, result.original_size)
+            except cliptrase.InvalidImageError as exc:
+                failed = _Failed(
+                    str(exc), result.width, result.height, result.exif_transposed, decode_ms
+                )
+                rows[index] = self._error_row(record, shard_id, failed)
+                ready[index] = None
+                continue
+            ready[index] = _Ready(result, prepared, decode_ms)
+        resolved = []
+        for index, record, entry in batch:
+            if isinstance(entry, _OnDevice):
+                entry = ready[index]
+                if entry is None:
+                    continue
+            resolved.append((index, record, entry))
+        return resolved
+
+    def _segment(self, batch, rows: list, shard_id: str, stats: dict) -> float:
         """Segment a batch; if the batch fails, one image at a time so one bad image costs one row."""
         start = time.perf_counter()
+        batch = self._decode_on_device(batch, rows, shard_id, stats)
+        if not batch:
+            return time.perf_counter() - start
         try:
             results = self.segmentor.segment_batch([r.prepared for _, _, r in batch], self.vocab)
             each_ms = _ms(start) / len(batch)

@@ -1,4 +1,5 @@
-"""Batched JPEG decoding by torchvision (nvjpeg on a GPU) with Pillow as the fallback.
+"""Batched JPEG decoding by torchvision (nvjpeg on a GPU) with Pillow as the fallback, alone
+and in the worker (``SourceSpec.gpu_decode``).
 
 torchvision's ``decode_jpeg`` also runs on the CPU, so routing and equivalence are tested
 everywhere; the CUDA variants run only where a GPU is present.
@@ -9,12 +10,15 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
+import pipeline
 import pipeline.decode as decode
 from cliptrase import InvalidImageError
+from pipeline import sink
 from pipeline.decode import (
     DecodedImage,
     DeviceDecodedImage,
@@ -22,8 +26,9 @@ from pipeline.decode import (
     decode_jpegs_on_device,
     device_decodable,
 )
+from pipeline.worker import ShardLabeler
 
-from .conftest import CORRUPT, jpeg, png
+from .conftest import CORRUPT, jpeg, make_tar, png, tiny_config
 
 DEVICES = [
     "cpu",
@@ -175,3 +180,63 @@ def test_fallback_honours_draft_and_device_path_is_full_size():
 
 def test_an_empty_batch_decodes_to_nothing():
     assert decode_jpegs_on_device([], "cpu") == []
+
+
+# ----------------------------------------------------------------------------- in the worker
+
+
+@pytest.fixture(scope="module")
+def decoded_shard(inputs, tmp_path_factory):
+    """The mixed inputs as one tar shard, labelled by two actors: Pillow only, and with
+    ``SourceSpec(gpu_decode=True)`` (torchvision on the segmentor's device, here the CPU)."""
+    root = tmp_path_factory.mktemp("gpu_decode")
+    members = {f"{i:02d}_{name}.{'png' if name == 'png' else 'jpg'}": data for i, (name, data) in enumerate(inputs.items())}
+    make_tar(root / "mixed.tar", members)
+    (shard,) = pipeline.list_shards(str(root / "mixed.tar"))
+    tables, results, labelers = {}, {}, {}
+    for mode in (False, True):
+        source = pipeline.SourceSpec(gpu_decode=mode)
+        labeler = ShardLabeler(tiny_config([str(root)], root / "out", source=source))
+        results[mode] = labeler.process_shard(shard)
+        path = sink.committed_file(labeler.layout, shard.shard_id)
+        rows = pq.read_table(labeler.layout.fs.open(path, "rb")).to_pylist()
+        tables[mode] = {row["key"].split("_", 1)[1]: row for row in rows}
+        labelers[mode] = labeler
+    return tables, results, labelers
+
+
+def test_the_worker_decodes_plain_jpegs_on_the_device_and_the_rest_as_before(decoded_shard, inputs):
+    tables, results, labelers = decoded_shard
+    pillow, device = tables[False], tables[True]
+    assert labelers[False].config_hash != labelers[True].config_hash  # a hashed option
+    assert results[True].device_decoded == len(DEVICE_PATH) and results[False].device_decoded == 0
+    assert (results[True].rows, results[True].errors) == (len(inputs), len(ERRORS))
+    assert set(device) == set(pillow) == set(inputs)
+    for name in inputs:
+        got, want = device[name], pillow[name]
+        for column in ("status", "error", "width", "height", "exif_transposed", "shard_id"):
+            assert got[column] == want[column], (name, column)
+        if name in ERRORS:
+            assert got["mask_png"] is None and got["error"], name
+            continue
+        labels, _ = pipeline.decode_masks(got)
+        want_labels, _ = pipeline.decode_masks(want)
+        if name not in DEVICE_PATH:  # Pillow decoded it in both runs: the very same labels
+            np.testing.assert_array_equal(labels, want_labels, err_msg=name)
+
+
+def test_device_decoded_rows_are_the_tensor_paths_labels(decoded_shard, inputs):
+    """Each device-decoded image's mask is exactly what torchvision's decode followed by
+    ``Segmentor.prepare_pixels`` gives it, and near the Pillow path's."""
+    tables, _, labelers = decoded_shard
+    labeler = labelers[True]
+    segmentor = labeler.segmentor
+    for name in sorted(DEVICE_PATH):
+        (pixels,) = decode._torchvision_decode(
+            [torch.frombuffer(bytearray(inputs[name]), dtype=torch.uint8)], torch.device("cpu")
+        )
+        (expected,) = segmentor.segment_batch([segmentor.prepare_pixels(pixels)], labeler.vocab)
+        labels, _ = pipeline.decode_masks(tables[True][name])
+        np.testing.assert_array_equal(labels, expected.labels, err_msg=name)
+        pillow_labels, _ = pipeline.decode_masks(tables[False][name])
+        assert (labels == pillow_labels).mean() > 0.9, name
