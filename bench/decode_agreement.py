@@ -1,4 +1,5 @@
-"""JPEG DCT-domain scaling (``decode_image(draft_short_side=...)``) against full-size decoding.
+"""JPEG DCT-domain scaling (``decode_image(draft_short_side=...)``) and device decoding
+(``SourceSpec.gpu_decode``) against full-size decoding by Pillow.
 
     OMP_WAIT_POLICY=PASSIVE python bench/decode_agreement.py                 # tiny model
     python bench/decode_agreement.py --models ViT-Tiny-16-test ViT-B-16 --json out.json
@@ -9,7 +10,10 @@ its ORIGINAL size (``Prepared.original`` is the full size in both cases, the res
 is computed from the original size, as ``Segmentor.prepare(image, original_size=...)``
 will). Reported per image: the scale libjpeg decoded at, decode+prepare ms (median of
 ``--repeats``) both ways, the mean absolute difference of the resized pixels (0-255), and
-the fraction of label pixels that agree, per model.
+the fraction of label pixels that agree, per model. Device decoding: the same JPEG decoded
+by torchvision on ``--device`` (nvjpeg on CUDA, libjpeg-turbo on the CPU) and prepared there
+(``Segmentor.prepare_pixels``: torchvision's tensor bicubic resize), its labels against the
+full Pillow decode's ("device" columns).
 
 Images: scikit-image's sample photos (jobs/samples.py) as they are (under 2x the short side
 they never draft), upscaled to 1920x1080 and 4000x3000 (cover + centre crop, bicubic), and
@@ -25,10 +29,8 @@ expected to be at least as high.
 from __future__ import annotations
 
 import argparse
-import inspect
 import io
 import json
-import math
 import os
 import statistics
 import sys
@@ -40,15 +42,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
-from torchvision.transforms import InterpolationMode  # noqa: E402
-from torchvision.transforms import functional as TF  # noqa: E402
 
 import cliptrase  # noqa: E402
-from cliptrase.preprocess import Prepared, as_rgb_image, bucketed_size, resized_size  # noqa: E402
+from cliptrase.preprocess import Prepared  # noqa: E402
 from jobs.samples import SAMPLE_BACKGROUND, SAMPLE_CLASSES, SAMPLE_PHOTOS  # noqa: E402
-from pipeline.decode import DecodedImage, decode_image  # noqa: E402
+from pipeline.decode import (  # noqa: E402
+    DecodedImage,
+    DeviceDecodedImage,
+    decode_image,
+    decode_jpegs_on_device,
+)
 
 SIZES = ((1920, 1080), (4000, 3000))
 
@@ -85,33 +89,26 @@ def images() -> list[tuple[str, bytes]]:
     return out
 
 
-def prepare(seg: cliptrase.Segmentor, decoded: DecodedImage) -> tuple[Prepared, Image.Image]:
+def prepare(seg: cliptrase.Segmentor, decoded: DecodedImage) -> Prepared:
     """``seg.prepare`` told the original size: the resize target is computed from it and
-    ``Prepared.original`` is it. Uses ``prepare(image, original_size=...)`` once cliptrase has
-    it; until then the same steps spelled out here. Also returns the resized image."""
-    if "original_size" in inspect.signature(seg.prepare).parameters:
-        prepared = seg.prepare(decoded.image, original_size=decoded.original_size)
-        return prepared, None
-    rgb = as_rgb_image(decoded.image, min_side=seg.patch_size)
-    config = seg.config
-    size = resized_size(*decoded.original_size, config.short_side)
-    if config.bucket is not None:
-        size = bucketed_size(size, config.bucket)
-    resized = TF.resize(rgb, list(size), interpolation=InterpolationMode.BICUBIC)
-    pixels = TF.normalize(TF.to_tensor(resized), seg.mean, seg.std)
-    pad_h = math.ceil(size[0] / seg.patch_size) * seg.patch_size - size[0]
-    pad_w = math.ceil(size[1] / seg.patch_size) * seg.patch_size - size[1]
-    if pad_h or pad_w:
-        pixels = F.pad(pixels, (0, pad_w, 0, pad_h))
-    return Prepared(pixels, size, decoded.original_size), resized
+    ``Prepared.original`` is it."""
+    return seg.prepare(decoded.image, original_size=decoded.original_size)
+
+
+def resized_levels(seg: cliptrase.Segmentor, prepared: Prepared) -> np.ndarray:
+    """The resized image back in 0-255 levels (float), padding cut off."""
+    h, w = prepared.resized
+    std = torch.tensor(seg.std).view(3, 1, 1)
+    mean = torch.tensor(seg.mean).view(3, 1, 1)
+    return ((prepared.pixels.cpu()[:, :h, :w] * std + mean) * 255).numpy()
 
 
 def decode_prepare(seg, data: bytes, draft: bool):
-    """(decoded, prepared, resized image, ms) of one decode + prepare on this thread."""
+    """(decoded, prepared, ms) of one decode + prepare on this thread."""
     start = time.perf_counter()
     decoded = decode_image(data, draft_short_side=seg.config.short_side if draft else None)
-    prepared, resized = prepare(seg, decoded)
-    return decoded, prepared, resized, (time.perf_counter() - start) * 1000.0
+    prepared = prepare(seg, decoded)
+    return decoded, prepared, (time.perf_counter() - start) * 1000.0
 
 
 def timed_both_ways(seg, data: bytes, repeats: int):
@@ -121,12 +118,12 @@ def timed_both_ways(seg, data: bytes, repeats: int):
     for _ in range(repeats):
         for draft in (False, True):
             out = decode_prepare(seg, data, draft)
-            times[draft].append(out[3])
+            times[draft].append(out[2])
             if draft:
                 drafted = out
             else:
                 full = out
-    return full[:3], drafted[:3], statistics.median(times[False]), statistics.median(times[True])
+    return full[:2], drafted[:2], statistics.median(times[False]), statistics.median(times[True])
 
 
 def main() -> None:
@@ -134,11 +131,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["ViT-Tiny-16-test"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--device", default="cpu", help="where JPEGs are decoded for 'device'")
     args = parser.parse_args()
     torch.set_num_threads(1)  # decode + prepare timed on one thread, as one decode thread
 
     segs = {
-        m: cliptrase.load_segmentor(m, pretrained=None, device="cpu", method="cliptrase")
+        m: cliptrase.load_segmentor(m, pretrained=None, device=args.device, method="cliptrase")
         for m in args.models
     }
     vocabs = {  # one template: random text towers, the prompt set does not matter here
@@ -149,15 +147,19 @@ def main() -> None:
     short = timing.config.short_side
     print(f"short side {short}; one thread; median of {args.repeats}; models {args.models}")
     head = f"{'image':<28} {'scale':>5} {'full ms':>8} {'draft ms':>8} {'speedup':>7} {'px MAD':>6}"
-    print(head + "".join(f" {m[:18]:>18}" for m in args.models) + "  (agreement, labels used)")
+    print(
+        head
+        + "".join(f" {m[:18]:>18} {'device':>7}" for m in args.models)
+        + "  (agreement draft, labels used; agreement device decode)"
+    )
     rows = []
     for name, data in images():
-        (full, p_full, r_full), (draft, p_draft, r_draft), ms_full, ms_draft = timed_both_ways(
+        (full, p_full), (draft, p_draft), ms_full, ms_draft = timed_both_ways(
             timing, data, args.repeats
         )
         assert p_full.original == p_draft.original == (full.height, full.width)
         assert p_full.resized == p_draft.resized
-        mad = float(np.abs(np.asarray(r_full, np.float32) - np.asarray(r_draft, np.float32)).mean())
+        mad = float(np.abs(resized_levels(timing, p_full) - resized_levels(timing, p_draft)).mean())
         row = {
             "image": name,
             "scale": draft.draft_scale,
@@ -167,19 +169,31 @@ def main() -> None:
             "pixel_mad": round(mad, 3),
             "agreement": {},
             "labels_used": {},  # distinct labels in the full decode's map (1: trivially agrees)
+            "device_agreement": {},  # torchvision decode + prepare_pixels vs the full decode
         }
+        (on_device,) = decode_jpegs_on_device([data], args.device)
+        assert isinstance(on_device, DeviceDecodedImage), name
         for m, seg in segs.items():
-            (a,) = seg.segment_batch([prepare(seg, full)[0]], vocabs[m])
-            (b,) = seg.segment_batch([prepare(seg, draft)[0]], vocabs[m])
+            (a,) = seg.segment_batch([prepare(seg, full)], vocabs[m])
+            (b,) = seg.segment_batch([prepare(seg, draft)], vocabs[m])
             assert a.labels.shape == b.labels.shape == (full.height, full.width)
             row["agreement"][m] = float((a.labels == b.labels).mean())
             row["labels_used"][m] = int(len(np.unique(a.labels)))
+            (c,) = seg.segment_batch([seg.prepare_pixels(on_device.pixels)], vocabs[m])
+            if m == args.models[0]:
+                device_levels = resized_levels(seg, seg.prepare_pixels(on_device.pixels))
+                row["device_pixel_mad"] = round(
+                    float(np.abs(resized_levels(seg, p_full) - device_levels).mean()), 3
+                )
+            row["device_agreement"][m] = float((a.labels == c.labels).mean())
         rows.append(row)
         print(
             f"{name:<28} {row['scale']:>5} {ms_full:>8.1f} {ms_draft:>8.1f} "
             f"{ms_full / ms_draft:>6.2f}x {mad:>6.2f}"
             + "".join(
-                f" {row['agreement'][m]:>13.4f} ({row['labels_used'][m]:>2})" for m in args.models
+                f" {row['agreement'][m]:>13.4f} ({row['labels_used'][m]:>2})"
+                f" {row['device_agreement'][m]:>7.4f}"
+                for m in args.models
             ),
             flush=True,
         )
@@ -195,6 +209,14 @@ def main() -> None:
                 for m in args.models
             )
         )
+    print(
+        f"device decode ({args.device}), all {len(rows)} images: agreement min/mean "
+        + ", ".join(
+            f"{m}: {min(r['device_agreement'][m] for r in rows):.4f}/"
+            f"{statistics.mean(r['device_agreement'][m] for r in rows):.4f}"
+            for m in args.models
+        )
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"short_side": short, "rows": rows}, indent=1))
 

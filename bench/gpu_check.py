@@ -13,7 +13,8 @@ Steps (each timed, each allowed to fail without stopping the others; the report 
 5. images/s of ViT-B/16 at short side 336 through ``segment_batch`` at batch 16/32/64, bf16,
    from prepared 1920x1080 photos, with the GPU's busy fraction (nvidia-smi sampling);
 6. the whole pipeline (1 actor, one GPU) over a local tar of 2,000 1920x1080 JPEGs it writes
-   itself: images/s, host CPU seconds per image (the actor's ``cpu_s``), busy fraction.
+   itself: images/s, host CPU seconds per image (the actor's ``cpu_s``), busy fraction;
+7. the same with ``SourceSpec(gpu_decode=True)``: JPEGs decoded and resized on the GPU.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` under ``--out``. Random weights throughout (no
 download): every output says so; timings do not depend on the weights' values.
@@ -194,7 +195,7 @@ def step_segment_batch(args, model: str, device: torch.device) -> dict:
             "rows": rows}
 
 
-def step_pipeline(args, model: str, device: torch.device) -> dict:
+def step_pipeline(args, model: str, device: torch.device, gpu_decode: bool = False) -> dict:
     import ray
 
     import pipeline
@@ -220,6 +221,7 @@ def step_pipeline(args, model: str, device: torch.device) -> dict:
                 precision="bf16" if gpus else "fp32", batch_size=args.batches[-1] if gpus else 8,
             ),
             vocabulary=pipeline.VocabularySpec(tuple(CLASSES), tuple(BACKGROUND)),
+            source=pipeline.SourceSpec(gpu_decode=gpu_decode),
             num_actors=1,
             num_gpus_per_actor=float(gpus),
             num_cpus_per_actor=float(max(1, (os.cpu_count() or 2) - 1)),
@@ -235,7 +237,7 @@ def step_pipeline(args, model: str, device: torch.device) -> dict:
         report = summary.to_dict()
         images = report["images_ok"] + report["images_error"]
         cpu_s = report["cpu_s"]
-        return {"model": model, "images": images, "summary": {
+        return {"model": model, "gpu_decode": gpu_decode, "images": images, "summary": {
             k: v for k, v in report.items() if isinstance(v, int | float | str | bool)},
             "host_cpu_ms_per_image": None if not cpu_s or not images else 1000 * cpu_s / images,
             "gpu_busy": sampler.busy}
@@ -285,6 +287,7 @@ def main() -> None:
         "gpu_decode": lambda: step_gpu_decode(args, device),
         "segment_batch": lambda: step_segment_batch(args, model, device),
         "pipeline": lambda: step_pipeline(args, model, device),
+        "pipeline_gpu_decode": lambda: step_pipeline(args, model, device, gpu_decode=True),
     }
     report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (dry run)",
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
