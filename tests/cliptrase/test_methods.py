@@ -510,6 +510,9 @@ def test_batched_inference_equals_one_at_a_time(tiny, astronaut, chelsea, name):
         # Equal up to float ties: a batched matmul may round the last bit differently, which
         # can flip a pixel whose two best labels tie (seen: 1 pixel of 135,300 for clearclip).
         assert (result.labels != single.labels).mean() < 1e-4
-        # Confidence is stored in steps of 1/255: the same last-bit rounding can move one step.
-        np.testing.assert_allclose(result.confidence, single.confidence, atol=1 / 255 + 1e-6)
+        # Confidence is stored in steps of 1/255: the same last-bit rounding can move one step;
+        # where it flipped a label, the confidence is that of the other label (seen: 1 pixel
+        # of 135,300 for gem, on an AMD EPYC host), as rare as the flipped labels.
+        steps = np.abs(result.confidence - single.confidence) > 1 / 255 + 1e-6
+        assert steps.mean() < 1e-4
         assert result.labels.shape == image.shape[:2]
