@@ -158,9 +158,6 @@ class ShardLabeler:
         self.draft_short_side = (
             self.segmentor.config.short_side if config.source.jpeg_draft else None
         )
-        # Plain JPEGs decoded in batches by torchvision on the segmentor's device (nvjpeg on
-        # CUDA), resized there too; everything else as above.
-        self.device_decode = config.source.gpu_decode
 
     # ------------------------------------------------------------------ provenance
     def metadata(self) -> dict[str, Any]:
@@ -310,7 +307,9 @@ class ShardLabeler:
         if record.error is not None:
             return _Failed(record.error)
         start = time.perf_counter()
-        if self.device_decode and device_decodable(
+        # gpu_decode: plain JPEGs are left for the model thread to decode with their batch on
+        # the segmentor's device (nvjpeg on CUDA) and resize there; everything else as below.
+        if self.config.source.gpu_decode and device_decodable(
             record.data, self.config.source.max_image_pixels
         ):
             return _OnDevice(_ms(start))
