@@ -48,12 +48,17 @@ def as_rgb_image(image: ImageLike, min_side: int = 1) -> Image.Image:
         raise InvalidImageError(
             f"expected a PIL image or an H x W x 3 uint8 array, got {type(image).__name__}"
         )
-    if min(rgb.size) < min_side:
+    check_min_side(rgb.width, rgb.height, min_side)
+    return rgb
+
+
+def check_min_side(width: int, height: int, min_side: int) -> None:
+    """Refuse an image whose smaller side is under ``min_side`` (one patch of the model)."""
+    if min(width, height) < min_side:
         raise InvalidImageError(
-            f"image is {rgb.width}x{rgb.height} pixels; the smallest supported side is {min_side} "
+            f"image is {width}x{height} pixels; the smallest supported side is {min_side} "
             "(one patch of the model)"
         )
-    return rgb
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,21 @@ def processing_sizes(
     return size, padded
 
 
+def _target_sizes(
+    decoded: tuple[int, int],
+    original: tuple[int, int] | None,
+    short_side: int,
+    patch_size: int,
+    bucket: int | None,
+    long_side_cap: int | None,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """``(original, resized, padded)``: ``original`` defaults to the decoded size; the sizes
+    come from it, not from the decoded pixels (a draft decode stands for the full image)."""
+    original = decoded if original is None else original
+    original = (int(original[0]), int(original[1]))
+    return (original, *processing_sizes(original, short_side, patch_size, bucket, long_side_cap))
+
+
 def prepare_whole_image(
     image: Image.Image,
     short_side: int,
@@ -128,10 +148,9 @@ def prepare_whole_image(
     it, so the processing size (and batching, windows, padding) match a full decode.
     ``long_side_cap``: see :func:`resized_size`.
     """
-    if original is None:
-        original = (image.height, image.width)
-    original = (int(original[0]), int(original[1]))
-    size, padded = processing_sizes(original, short_side, patch_size, bucket, long_side_cap)
+    original, size, padded = _target_sizes(
+        (image.height, image.width), original, short_side, patch_size, bucket, long_side_cap
+    )
     resized = TF.resize(image, list(size), interpolation=InterpolationMode.BICUBIC)
     return Prepared(normalised_into(resized, padded, mean, std), size, original)
 
@@ -154,10 +173,9 @@ def prepare_whole_tensor(
     (measured on the CPU: ~0.3% of resized values differ, by 1; on CUDA it resizes in
     float and rounds: ~11% by up to 2), so its labels can differ slightly from the PIL path.
     """
-    if original is None:
-        original = (pixels.shape[-2], pixels.shape[-1])
-    original = (int(original[0]), int(original[1]))
-    size, padded = processing_sizes(original, short_side, patch_size, bucket, long_side_cap)
+    original, size, padded = _target_sizes(
+        (pixels.shape[-2], pixels.shape[-1]), original, short_side, patch_size, bucket, long_side_cap
+    )
     resized = TF2.resize(pixels, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
     return Prepared(_normalise_uint8_into(resized, padded, mean, std), size, original)
 

@@ -36,6 +36,7 @@ from .preprocess import (
     ImageLike,
     Prepared,
     as_rgb_image,
+    check_min_side,
     prepare_whole_image,
     prepare_whole_tensor,
 )
@@ -752,12 +753,7 @@ class Segmentor:
             raise InvalidImageError(f"pixels must be a (3, H, W) uint8 tensor, got {shape}")
         if pixels.dtype != torch.uint8:
             raise InvalidImageError(f"pixels must be uint8, got {pixels.dtype}")
-        if min(pixels.shape[-2:]) < self.patch_size:
-            h, w = pixels.shape[-2:]
-            raise InvalidImageError(
-                f"image is {w}x{h} pixels; the smallest supported side is {self.patch_size} "
-                "(one patch of the model)"
-            )
+        check_min_side(pixels.shape[-1], pixels.shape[-2], self.patch_size)
         config = self.config
         return prepare_whole_tensor(
             pixels,

@@ -319,57 +319,59 @@ class ShardLabeler:
             )
         except cliptrase.InvalidImageError as exc:
             return _Failed(str(exc), decode_ms=_ms(start))
+        return self._prepared(decoded, start)
+
+    def _prepared(
+        self, decoded: DecodedImage | DeviceDecodedImage, started: float, extra_ms: float = 0.0
+    ) -> _Ready | _Failed:
+        """``decoded`` (by Pillow, or on the device) prepared for the model, or why it cannot
+        be; the row's ``decode_ms`` is the time since ``started`` plus ``extra_ms``."""
         try:
-            prepared = self.segmentor.prepare(decoded.image, original_size=decoded.original_size)
+            if isinstance(decoded, DeviceDecodedImage):
+                prepared = self.segmentor.prepare_pixels(decoded.pixels, decoded.original_size)
+            else:
+                prepared = self.segmentor.prepare(decoded.image, original_size=decoded.original_size)
         except cliptrase.InvalidImageError as exc:
             return _Failed(
-                str(exc), decoded.width, decoded.height, decoded.exif_transposed, _ms(start)
+                str(exc),
+                decoded.width,
+                decoded.height,
+                decoded.exif_transposed,
+                _ms(started) + extra_ms,
             )
-        return _Ready(decoded, prepared, _ms(start))
+        return _Ready(decoded, prepared, _ms(started) + extra_ms)
 
     def _decode_on_device(self, batch, rows: list, shard_id: str, stats: dict) -> list:
         """The batch with its :class:`_OnDevice` JPEGs decoded (one batched torchvision call on
         the segmentor's device) and prepared there; any that torchvision refuses go through
         Pillow as usual, and any that fail altogether become their error rows."""
-        waiting = [entry for entry in batch if isinstance(entry[2], _OnDevice)]
+        waiting = [record.data for _, record, ready in batch if isinstance(ready, _OnDevice)]
         if not waiting:
             return batch
         start = time.perf_counter()
-        decoded = decode_jpegs_on_device(
-            [record.data for _, record, _ in waiting],
-            self.segmentor.device,
-            self.config.source.max_image_pixels,
-            self.draft_short_side,
+        results = iter(
+            decode_jpegs_on_device(
+                waiting,
+                self.segmentor.device,
+                self.config.source.max_image_pixels,
+                self.draft_short_side,
+            )
         )
-        each_ms = _ms(start) / len(waiting)
-        ready: dict[int, _Ready | None] = {}
-        for (index, record, probe), result in zip(waiting, decoded):
-            decode_ms = probe.probe_ms + each_ms
-            if isinstance(result, cliptrase.InvalidImageError):
-                rows[index] = self._error_row(record, shard_id, _Failed(str(result), decode_ms=decode_ms))
-                ready[index] = None
-                continue
-            try:
-                if isinstance(result, DeviceDecodedImage):
-                    prepared = self.segmentor.prepare_pixels(result.pixels, result.original_size)
-                    stats["device_decoded"] += 1
-                else:
-                    prepared = self.segmentor.prepare(result.image, result.original_size)
-            except cliptrase.InvalidImageError as exc:
-                failed = _Failed(
-                    str(exc), result.width, result.height, result.exif_transposed, decode_ms
-                )
-                rows[index] = self._error_row(record, shard_id, failed)
-                ready[index] = None
-                continue
-            ready[index] = _Ready(result, prepared, decode_ms)
+        each_ms = _ms(start) / len(waiting)  # the batched call's share of each image
         resolved = []
-        for index, record, entry in batch:
-            if isinstance(entry, _OnDevice):
-                entry = ready[index]
-                if entry is None:
+        for index, record, ready in batch:
+            if isinstance(ready, _OnDevice):
+                result = next(results)
+                extra_ms = ready.probe_ms + each_ms
+                if isinstance(result, cliptrase.InvalidImageError):
+                    ready = _Failed(str(result), decode_ms=extra_ms)
+                else:
+                    ready = self._prepared(result, time.perf_counter(), extra_ms)
+                if isinstance(ready, _Failed):
+                    rows[index] = self._error_row(record, shard_id, ready)
                     continue
-            resolved.append((index, record, entry))
+                stats["device_decoded"] += isinstance(result, DeviceDecodedImage)
+            resolved.append((index, record, ready))
         return resolved
 
     def _segment(self, batch, rows: list, shard_id: str, stats: dict) -> float:
