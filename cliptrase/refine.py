@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -79,12 +78,14 @@ def median_filter_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _window_median(windows: torch.Tensor) -> torch.Tensor:
-    """The middle value of each odd-length last-axis window."""
+    """The middle value of each odd-length last-axis window (on the CPU, ``windows`` is
+    reordered in place when it is contiguous: callers pass a temporary)."""
     if windows.device.type != "cpu":
         return windows.median(dim=-1).values
     middle = windows.shape[-1] // 2
-    selected = np.partition(windows.contiguous().numpy(), middle, axis=-1)[..., middle]
-    return torch.from_numpy(selected)
+    values = windows.contiguous().numpy()
+    values.partition(middle, axis=-1)  # in place: np.partition would copy all the windows again
+    return torch.from_numpy(values[..., middle])
 
 
 def cluster_maps(
