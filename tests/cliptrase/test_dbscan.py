@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.cluster import DBSCAN
 from sklearn.datasets import make_blobs
 from sklearn.neighbors import NearestNeighbors
 
-from cliptrase.dbscan import dbscan, k_distance_knee, pairwise_sq_distances
+from cliptrase.dbscan import banded_neighbours, dbscan, k_distance_knee, pairwise_sq_distances
 
 from . import refine_reference
 
@@ -252,6 +253,70 @@ def test_long_chain_is_one_cluster_whatever_the_index_order():
 
 
 # -------------------------------------------------------------------- batching, eps
+
+
+def whole_matrix_graph(x: torch.Tensor, radius2: float) -> torch.Tensor:
+    """The neighbour graph from every pair's squared distance (the CUDA path's)."""
+    near = pairwise_sq_distances(x[None])[0] <= radius2
+    return near | near.mT
+
+
+def assert_banded_equals_whole(x: torch.Tensor, eps: float) -> float:
+    """banded_neighbours == the whole matrix's graph; returns the share of pairs that are
+    neighbours (so callers can check that sparse and dense graphs were both tried)."""
+    radius2 = float(np.float32(eps) * np.float32(eps))
+    expected = whole_matrix_graph(x, radius2)
+    got = banded_neighbours(x, radius2)
+    assert got.dtype == torch.bool and got.shape == expected.shape
+    assert torch.equal(got, expected), f"{int((got != expected).sum())} pairs differ (eps={eps})"
+    return float(expected.double().mean())
+
+
+def test_banded_neighbour_graph_equals_the_whole_matrix_on_correlation_like_rows():
+    shares = []
+    for seed, n in enumerate((65, 130, 441, 800)):
+        rng = np.random.default_rng(40 + seed)
+        r = correlation_like(rng, n, int(rng.integers(2, 9)), noise=float(rng.uniform(0.6, 1.6)))
+        knee = reference_knee(r, 7)
+        for eps in (knee * 0.5, knee, knee * 1.5, knee * 4):
+            shares.append(assert_banded_equals_whole(torch.from_numpy(r), float(eps)))
+    assert min(shares) < 0.05 and max(shares) > 0.5  # sparse and dense graphs both tried
+
+
+def test_banded_neighbour_graph_equals_the_whole_matrix_on_a_photos_correlation(tiny, astronaut):
+    # The R that the product clusters: the tiny model on a real photo at a 16:9 1080p size.
+    image = Image.fromarray(astronaut).resize((1920, 1080), Image.BICUBIC)
+    vocab = tiny.vocabulary(["person", "rocket"], background=["sky"])
+    with torch.inference_mode():
+        feats = tiny.dense_features(tiny.prepare(image).pixels[None], vocab)
+    r = feats.correlation.float()[0]
+    assert r.shape == (798, 798)
+    eps, min_samples = tiny.method.refiner.eps_for(r[None])
+    shares = [assert_banded_equals_whole(r, float(eps) * f) for f in (0.7, 1.0, 1.3)]
+    assert max(shares) > 0.01
+    labels = dbscan(r, eps, min_samples).numpy()
+    assert np.array_equal(labels, sklearn_labels(r.numpy(), float(eps), min_samples))
+
+
+def test_banded_neighbour_graph_on_float64_integer_duplicate_and_constant_rows():
+    rng = np.random.default_rng(44)
+    ties = rng.integers(0, 4, size=(300, 24)).astype(np.float64)  # exact distances, many ties
+    for eps in (2.0, 3.0, np.sqrt(7.0)):
+        assert_banded_equals_whole(torch.from_numpy(ties), float(eps))
+    duplicated = np.repeat(rng.normal(size=(50, 30)), 3, axis=0).astype(np.float32)
+    assert_banded_equals_whole(torch.from_numpy(duplicated), 0.5)
+    constant = np.ones((100, 20), dtype=np.float32)  # no spread: no direction to project on
+    assert bool(banded_neighbours(torch.from_numpy(constant), 0.25).all())
+
+
+def test_banded_neighbour_graph_with_non_finite_rows_is_the_whole_matrix_graph():
+    rng = np.random.default_rng(45)
+    x = rng.normal(size=(200, 30)).astype(np.float32)
+    x[17, 3] = np.nan
+    x[90, 0] = np.inf
+    expected = whole_matrix_graph(torch.from_numpy(x), 40.0)
+    assert not bool(expected[17].any())  # a NaN row is nobody's neighbour, not even its own
+    assert torch.equal(banded_neighbours(torch.from_numpy(x), 40.0), expected)
 
 
 def test_batch_of_images_equals_each_image_alone():
