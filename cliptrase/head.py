@@ -127,17 +127,24 @@ def confidence_of(
     temperature: float,
 ) -> torch.Tensor:
     """Softmax mass of each pixel's label: ``(B, H, W)`` float32 in ``[0, 1]``."""
-    probs = torch.softmax(logits.float() / temperature, dim=1)
+    logits = logits.float()
+    if temperature != 1.0:  # x / 1 is x: skip a full pass at the default
+        logits = logits / temperature
+    probs = torch.softmax(logits, dim=1)
     k = probs.shape[1]
     plain = torch.equal(
         row_labels.cpu(),
         torch.cat([torch.arange(num_classes), torch.full((k - num_classes,), num_classes)])[:k],
     )
+    index = pred.to(probs.device).unsqueeze(1)
     if plain:  # classes then background words: the form spec section 6 has (kept bit for bit)
         c = num_classes
         if k > c:
-            probs = torch.cat([probs[:, :c], probs[:, c:].sum(dim=1, keepdim=True)], dim=1)
+            # The pooled background's mass where a pixel is background, its class's elsewhere:
+            # the values the pooled (B, c + 1, H, W) tensor would hold, without building it.
+            background = probs[:, c:].sum(dim=1, keepdim=True)
+            own = probs.gather(1, index.clamp(max=c - 1))
+            return torch.where(index == c, background, own)[:, 0].clamp_(0, 1)
     else:
         probs = pool_rows(probs, row_labels, num_labels, "sum")
-    index = pred.to(probs.device).unsqueeze(1)
     return probs.gather(1, index)[:, 0].clamp_(0, 1)

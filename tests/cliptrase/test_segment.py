@@ -11,6 +11,7 @@ from PIL import Image
 
 import cliptrase
 from cliptrase import InvalidImageError, SegmentorConfig, VocabularyError
+from cliptrase.head import confidence_of, pool_rows
 
 from .conftest import DEVICES
 
@@ -63,6 +64,36 @@ def test_confidence_is_the_probability_of_the_chosen_label(tiny, chelsea):
     # Stored as round(255 c) at the original size: the same map, stretched and quantised.
     result = seg.segment(chelsea, vocab)
     assert result.confidence_u8.dtype == np.uint8 and result.confidence_u8.min() >= 127
+
+
+def pooled_confidence(logits, pred, row_labels, num_labels, num_classes, temperature):
+    """Spec section 6 literally: softmax over the rows, background words summed into one
+    channel (synonyms pooled), the chosen label's channel."""
+    probs = torch.softmax(logits.float() / temperature, dim=1)
+    c = num_classes
+    if torch.equal(row_labels[:c], torch.arange(c)) and bool((row_labels[c:] == c).all()):
+        if probs.shape[1] > c:
+            probs = torch.cat([probs[:, :c], probs[:, c:].sum(dim=1, keepdim=True)], dim=1)
+    else:
+        probs = pool_rows(probs, row_labels, num_labels, "sum")
+    return probs.gather(1, pred.unsqueeze(1))[:, 0].clamp_(0, 1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+@pytest.mark.parametrize(
+    "row_labels,num_classes",
+    [([0, 1, 2], 3), ([0, 1, 2, 3, 3, 3], 3), ([0, 1, 1, 2, 3, 3], 3)],  # plain, background words, synonyms
+)
+def test_confidence_equals_the_pooled_probabilities_bit_for_bit(row_labels, num_classes, temperature):
+    generator = torch.Generator().manual_seed(len(row_labels))
+    row_labels = torch.tensor(row_labels)
+    num_labels = int(row_labels.max()) + 1
+    logits = 4 * torch.randn(2, len(row_labels), 37, 53, generator=generator)
+    pred = torch.randint(0, num_labels, (2, 37, 53), generator=generator)
+    got = confidence_of(logits, pred, row_labels, num_labels, num_classes, temperature)
+    expected = pooled_confidence(logits, pred, row_labels, num_labels, num_classes, temperature)
+    assert torch.equal(got, expected)
+    assert bool((pred == num_labels - 1).any())  # the pooled background channel was read
 
 
 def test_batch_equals_one_at_a_time(tiny, vocab, astronaut, chelsea):
