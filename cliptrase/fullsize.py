@@ -106,8 +106,12 @@ class Choice:
     dense: torch.Tensor | None = None  # (H, W)
 
     @classmethod
-    def of(cls, scores: torch.Tensor, lookup: torch.Tensor) -> Choice:
-        first_max = scores.max(dim=0).indices
+    def of(
+        cls, scores: torch.Tensor, lookup: torch.Tensor, first_max: torch.Tensor | None = None
+    ) -> Choice:
+        """``first_max``: ``scores.max(dim=0).indices``, when the caller already has it."""
+        if first_max is None:
+            first_max = scores.max(dim=0).indices
         return cls(scores, first_max, corner_agreement(first_max), compact(lookup))
 
     @cached_property
@@ -230,14 +234,16 @@ def vote(
     row_labels: torch.Tensor,
     num_labels: int,
     how: str,
+    cluster_argmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cluster vote at the full size: the ``(H, W)`` labels.
 
-    ``maps`` ``(n, th, tw)``: the tile's real cluster maps at the processing resolution.
+    ``maps`` ``(n, th, tw)``: the tile's real cluster maps at the processing resolution;
+    ``cluster_argmax``: their first maximum per pixel, when the caller already has it.
     """
     rows, cols = window.rows, window.cols
     n = maps.shape[0]
-    regions = Choice.of(maps, torch.arange(n, device=maps.device))
+    regions = Choice.of(maps, torch.arange(n, device=maps.device), cluster_argmax)
     if how == "mean_logits":
         region_map = regions.full(window)
         sums = torch.zeros(n, logits.shape[0], device=logits.device)

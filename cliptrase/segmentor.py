@@ -121,6 +121,14 @@ class _Processed:
     pred: torch.Tensor  # (B, H, W) int64: the head's labels before the refiner
     maps: torch.Tensor | None  # (B, n_max, H, W) cluster maps (-inf past an image's clusters)
     clusters: torch.Tensor | None  # (B,) cluster count per image
+    _regions: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def regions(self, b: int, n: int) -> torch.Tensor:
+        """``(H, W)`` cluster of each pixel of input ``b``: the first maximum over its ``n``
+        real maps, computed once for the processing-resolution vote and the full-size one."""
+        if b not in self._regions:
+            self._regions[b] = self.maps[b, :n].max(dim=0).indices
+        return self._regions[b]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -496,7 +504,7 @@ class Segmentor:
             n = int(processed.clusters[i])
             if n == 0:  # every patch is noise: the first prediction is final
                 continue
-            regions = processed.maps[i, :n].max(dim=0).indices  # = argmax, first maximum
+            regions = processed.regions(i, n)
             if refiner.vote == "mean_logits":
                 winners = region_logit_sums(processed.logits[i], regions, n).argmax(dim=1)
                 winners = vocab.row_labels.to(pred.device)[winners]
@@ -688,6 +696,7 @@ class Segmentor:
             vocab.row_labels,
             vocab.num_labels,
             refiner.vote,
+            cluster_argmax=processed.regions(b, n),
         )
 
     @torch.inference_mode()
