@@ -204,8 +204,10 @@ def first_prediction(
     num_labels: int,
     background_label: int | None,
     head: DecisionHead,
+    row_argmax: torch.Tensor | None = None,
 ) -> Choice:
-    """The head's labels on the stretched logits ``(K, th, tw)``."""
+    """The head's labels on the stretched logits ``(K, th, tw)``; ``row_argmax``: their
+    first-maximum row per pixel, when the caller already has it (a plain head)."""
     row_labels = row_labels.to(logits.device)
     rows, cols = window.rows, window.cols
     keep = None
@@ -223,7 +225,8 @@ def first_prediction(
         # Finite, not -inf: a zero-weight tap times -inf would be NaN.
         lowest = torch.finfo(logits.dtype).min
         logits = logits.masked_fill(~keep[0][row_labels][:, None, None], lowest)
-    return Choice.of(logits, row_labels)
+        return Choice.of(logits, row_labels)
+    return Choice.of(logits, row_labels, row_argmax)
 
 
 def vote(

@@ -42,6 +42,11 @@ class DecisionHead:
         if self.area_thd is not None and not 0 <= self.area_thd <= 1:
             raise ValueError("area_thd must be in [0, 1]")
 
+    def needs_probabilities(self, background_label: int | None) -> bool:
+        """Whether deciding takes softmax probabilities; if not, a pixel's label is its
+        logits' first-maximum row's."""
+        return self.area_thd is not None or (self.prob_thd > 0 and background_label is not None)
+
 
 def pool_rows(values: torch.Tensor, row_labels: torch.Tensor, num_labels: int, how: str):
     """``(B, K, ...)`` per row -> ``(B, L, ...)`` per label, by ``"max"`` or ``"sum"``."""
@@ -54,6 +59,13 @@ def pool_rows(values: torch.Tensor, row_labels: torch.Tensor, num_labels: int, h
     return out.scatter_reduce_(1, index, values, reduce="amax", include_self=True)
 
 
+def first_max_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)`` int64: each pixel's first-maximum row of ``(B, K, H, W)`` logits."""
+    # max(dim).indices, not argmax(dim): the same first-maximum index, but torch's CPU
+    # argmax over a non-last dimension is ~5x slower (100 ms on 8 x 7 x 336 x 336).
+    return logits.max(dim=1).indices
+
+
 def decide(
     logits: torch.Tensor,
     row_labels: torch.Tensor,
@@ -61,19 +73,18 @@ def decide(
     background_label: int | None,
     head: DecisionHead,
     keep: torch.Tensor | None = None,
+    row_argmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Labels ``(B, H, W)`` (int64) from scaled logits ``(B, K, H, W)``.
 
     ``keep`` ``(B, L)`` bool: the labels ``area_thd`` keeps, when counted elsewhere (over a
-    whole image decided in strips); None counts them on ``logits``.
+    whole image decided in strips); None counts them on ``logits``. ``row_argmax``:
+    :func:`first_max_rows` of ``logits``, when the caller already has it.
     """
     row_labels = row_labels.to(logits.device)
     identity = len(row_labels) == num_labels  # one row per label: no pooling needed
-    needs_probs = head.area_thd is not None or (head.prob_thd > 0 and background_label is not None)
-    if not needs_probs:
-        # max(dim).indices, not argmax(dim): the same first-maximum index, but torch's CPU
-        # argmax over a non-last dimension is ~5x slower (100 ms on 8 x 7 x 336 x 336).
-        return row_labels[logits.max(dim=1).indices]
+    if not head.needs_probabilities(background_label):
+        return row_labels[first_max_rows(logits) if row_argmax is None else row_argmax]
     probs = torch.softmax(logits.float(), dim=1)
     probs = probs if identity else pool_rows(probs, row_labels, num_labels, "max")
     if head.area_thd is not None:

@@ -28,7 +28,7 @@ from .classfile import ClassList
 from .config import SegmentorConfig
 from .errors import InvalidImageError
 from .fullsize import Canvas, OutputWindow
-from .head import confidence_of, decide
+from .head import confidence_of, decide, first_max_rows
 from .inference import SlidePlan, WholeImagePlan
 from .methods import NORMALISATIONS, Method, method_preset
 from .names import validate_names, validate_synonyms
@@ -121,6 +121,7 @@ class _Processed:
     pred: torch.Tensor  # (B, H, W) int64: the head's labels before the refiner
     maps: torch.Tensor | None  # (B, n_max, H, W) cluster maps (-inf past an image's clusters)
     clusters: torch.Tensor | None  # (B,) cluster count per image
+    row_argmax: torch.Tensor | None = None  # (B, H, W) first-maximum row, for a plain head
     _regions: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def regions(self, b: int, n: int) -> torch.Tensor:
@@ -491,7 +492,10 @@ class Segmentor:
         if self.method.refiner is not None:
             correlation = feats.correlation.float()  # DBSCAN in fp32 even under autocast
             maps, clusters = self.method.refiner.maps(correlation, feats.grid, size)
-        return _Processed(logits, self._decide(logits, vocab), maps, clusters)
+        row_argmax = None
+        if not self.method.head.needs_probabilities(vocab.background_label):
+            row_argmax = first_max_rows(logits)  # also the full-size first prediction's
+        return _Processed(logits, self._decide(logits, vocab, row_argmax), maps, clusters, row_argmax)
 
     def _processing_labels(self, processed: _Processed, vocab: Vocabulary) -> torch.Tensor:
         """``(B, H, W)`` final labels at the processing resolution: the vote per image."""
@@ -513,9 +517,16 @@ class Segmentor:
             out[i] = winners[regions]
         return out
 
-    def _decide(self, logits: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
+    def _decide(
+        self, logits: torch.Tensor, vocab: Vocabulary, row_argmax: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return decide(
-            logits, vocab.row_labels, vocab.num_labels, vocab.background_label, self.method.head
+            logits,
+            vocab.row_labels,
+            vocab.num_labels,
+            vocab.background_label,
+            self.method.head,
+            row_argmax=row_argmax,
         )
 
     def _confidence(
@@ -683,6 +694,7 @@ class Segmentor:
             vocab.num_labels,
             vocab.background_label,
             self.method.head,
+            None if processed.row_argmax is None else processed.row_argmax[b],
         )
         refiner = self.method.refiner
         n = 0 if refiner is None else int(processed.clusters[b])
