@@ -43,7 +43,7 @@ coordinates, integer ``eps``) compare exactly as scikit-learn does: distance exa
 is a neighbour. scikit-learn's own brute-force matrix need not be symmetric at that rounding
 level; here a pair are neighbours when either of its two computed distances passes (the graph
 must be undirected for components), which again only matters at a tie. On the CPU the graph
-comes from :func:`banded_neighbours`, which computes each pair that can be a neighbour once,
+comes from :func:`banded_graph`, which computes each pair that can be a neighbour once,
 in a GEMM block of another shape, and skips the others (provably too far apart): again a
 difference at ties only, measured as none on the tests' matrices and real ``R``.
 """
@@ -58,7 +58,7 @@ __all__ = ["dbscan", "k_distance_knee", "pairwise_sq_distances"]
 _TREE_MAX_FEATURES = 15
 # DBSCAN builds NearestNeighbors(radius=eps) with the default n_neighbors, which "auto" reads.
 _DBSCAN_N_NEIGHBORS = 5
-# Rows per tile of banded_neighbours' distance blocks (fastest measured on the CPU).
+# Rows per tile of banded_graph's distance blocks (fastest measured on the CPU).
 _BAND_TILE = 64
 
 
@@ -194,19 +194,36 @@ def _components(near: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
             return labels[:, :n]
 
 
-def _neighbour_graph(points: torch.Tensor, radius2: torch.Tensor, brute: bool) -> torch.Tensor:
-    """``(B, n, n)`` bool: which pairs are neighbours (squared distance ``<=`` the radius),
-    undirected. On the CPU brute force goes through :func:`banded_neighbours` (the same graph
-    for a fraction of the GEMM); elsewhere the whole distance matrix."""
+def _neighbour_graph(
+    points: torch.Tensor, radius2: torch.Tensor, brute: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(near (B, n, n) bool, order (B, n) int64)``: which pairs are neighbours (squared
+    distance ``<=`` the radius), undirected, over the points in the order ``order`` (row ``i``
+    of ``near[b]`` is point ``order[b, i]``). On the CPU brute force goes through
+    :func:`banded_graph` (the same graph for a fraction of the GEMM, in its own order);
+    elsewhere the whole distance matrix, in the points' order."""
     if brute and points.device.type == "cpu":
-        return torch.stack([banded_neighbours(x, r2) for x, r2 in zip(points, radius2)])
+        graphs = [banded_graph(x, r2) for x, r2 in zip(points, radius2)]
+        return torch.stack([g for g, _ in graphs]), torch.stack([o for _, o in graphs])
     near = _sq_distances(points, brute) <= radius2[:, None, None]
-    return near | near.mT  # undirected; differs from either row only at rounding ties
+    near = near | near.mT  # undirected; differs from either row only at rounding ties
+    b, n = points.shape[:2]
+    return near, torch.arange(n, device=points.device).expand(b, n)
 
 
 def banded_neighbours(points: torch.Tensor, radius2: torch.Tensor | float) -> torch.Tensor:
-    """``(n, d)`` rows -> ``(n, n)`` bool brute-force neighbour graph, skipping the pairs that
-    cannot be neighbours.
+    """:func:`banded_graph` in the points' own order: ``(n, n)`` bool."""
+    near, order = banded_graph(points, radius2)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return near.index_select(0, inverse).index_select(1, inverse)
+
+
+def banded_graph(
+    points: torch.Tensor, radius2: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, d)`` rows -> the brute-force neighbour graph ``(n, n)`` bool over the rows in the
+    order ``order`` ``(n,)`` it returns, skipping the pairs that cannot be neighbours.
 
     For a unit vector ``p``, ``|p.x - p.y| <= |x - y|``: sorted by their projection on ``p``,
     a row's neighbours lie in a window of the sorted order. Rows are taken in tiles; each
@@ -215,8 +232,9 @@ def banded_neighbours(points: torch.Tensor, radius2: torch.Tensor | float) -> to
     float64 rounding, and mirrored. A pair left out is at least ``radius + m`` apart in exact
     arithmetic, so its computed squared distance could not have passed either. Any unit ``p``
     is correct; :func:`_spread_direction`'s makes the window narrow: on CLIPtrase's ``R`` at
-    1080p (798 rows) 15-38% of the pairs are computed. Rows that are not all finite take the
-    whole matrix.
+    1080p (798 rows) 15-38% of the pairs are computed. The graph stays in the sorted order
+    (un-permuting ``n x n`` costs as much as a fifth of the rest); :func:`dbscan` works in
+    any order. Rows that are not all finite take the whole matrix, in their own order.
     """
     x = points.to(torch.float64)
     n = x.shape[0]
@@ -224,26 +242,38 @@ def banded_neighbours(points: torch.Tensor, radius2: torch.Tensor | float) -> to
     sq = (x * x).sum(dim=-1)  # not finite iff a row is not (or overflows: then all pairs)
     if n <= _BAND_TILE or not bool(torch.isfinite(sq).all()):
         near = pairwise_sq_distances(x[None])[0] <= r2
-        return near | near.mT
-    projection = x @ _spread_direction(x, sq)
-    order = torch.argsort(projection, stable=True)
-    x, sq, projection = (t.index_select(0, order) for t in (x, sq, projection))
-    radius = r2**0.5
-    largest = float(sq.max()) ** 0.5
-    margin = 1e-6 * largest * (1.0 + largest / max(radius, 1e-300))
-    reach = torch.searchsorted(projection, projection + (radius + margin), right=True)
+        return near | near.mT, torch.arange(n, device=x.device)
+    order, tiles = band_tiles(x, sq, r2)
+    x, sq = x.index_select(0, order), sq.index_select(0, order)
     near = torch.zeros(n, n, dtype=torch.bool, device=x.device)
-    for start in range(0, n, _BAND_TILE):
-        stop = min(start + _BAND_TILE, n)
-        end = max(stop, int(reach[start:stop].max()))
+    for start, stop, end in tiles:
         block = torch.matmul(x[start:stop], x[start:end].mT)
         block.mul_(-2.0).add_(sq[start:stop, None]).add_(sq[None, start:end])
         close = block <= r2
         near[start:stop, start:end] |= close
         near[start:end, start:stop] |= close.mT
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(n, device=x.device)
-    return near.index_select(0, inverse).index_select(1, inverse)
+    return near, order
+
+
+def band_tiles(
+    x: torch.Tensor, sq: torch.Tensor, radius2: float
+) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """:func:`banded_graph`'s plan for float64 rows ``x`` (squared norms ``sq``): the rows'
+    order along their spread direction and, per tile of that order, ``(start, stop, end)``:
+    sorted rows ``start:stop`` are compared with sorted rows ``start:end``."""
+    projection = x @ _spread_direction(x, sq)
+    order = torch.argsort(projection, stable=True)
+    projection, sq = projection.index_select(0, order), sq.index_select(0, order)
+    radius = radius2**0.5
+    largest = float(sq.max()) ** 0.5
+    margin = 1e-6 * largest * (1.0 + largest / max(radius, 1e-300))
+    reach = torch.searchsorted(projection, projection + (radius + margin), right=True)
+    n = x.shape[0]
+    tiles = []
+    for start in range(0, n, _BAND_TILE):
+        stop = min(start + _BAND_TILE, n)
+        tiles.append((start, stop, max(stop, int(reach[start:stop].max()))))
+    return order, tiles
 
 
 def _spread_direction(x: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
@@ -283,20 +313,26 @@ def dbscan(points: torch.Tensor, eps: float | torch.Tensor, min_samples: int) ->
         out = torch.empty(b, 0, dtype=torch.int64, device=device)
         return out[0] if single else out
 
-    near = _neighbour_graph(points, radius2, brute)
+    # Everything below is over the graph's rows ("positions"); point order[b, i] is at i.
+    near, order = _neighbour_graph(points, radius2, brute)
     core = near.sum(dim=-1, dtype=torch.int32) >= min_samples  # (B, n)
 
-    roots = _components(near, core)
-    # Cluster number of each component root: its rank among the roots, in index order.
-    is_root = core & (roots == torch.arange(n, device=device))
-    number = torch.cumsum(is_root, dim=1) - 1  # (B, n), meaningful at roots
+    roots = _components(near, core)  # a root position per core point's component, n elsewhere
+    # Each component's smallest point index (slot n collects the non-core points, as n).
+    sentinel = torch.full((b, n + 1), n, dtype=torch.int64, device=device)
+    smallest = sentinel.scatter_reduce(1, roots, torch.where(core, order, n), reduce="amin")
+    first = smallest.gather(1, roots)  # (B, n): the component's smallest point index, n if none
+    # Cluster number of a component: the rank of its smallest point index among the others'.
+    starts = torch.zeros(b, n + 1, dtype=torch.int64, device=device).scatter_(1, first, 1)
+    number = torch.cumsum(starts[:, :n], dim=1) - 1  # meaningful at components' first points
     number = torch.cat([number, torch.full((b, 1), n, device=device)], dim=1)
-    cluster = number.gather(1, roots)  # (B, n): core points' cluster, n elsewhere
+    cluster = number.gather(1, first)  # (B, n): core positions' cluster, n elsewhere
 
     # Border points: the smallest cluster number among their core neighbours (n if none);
     # non-core columns hold n, so they need no masking.
-    labels = torch.where(core, cluster, _masked_min(near, cluster, n))
-    labels = torch.where(labels == n, -1, labels)
+    at = torch.where(core, cluster, _masked_min(near, cluster, n))
+    at = torch.where(at == n, -1, at)
+    labels = torch.empty_like(at).scatter_(1, order, at)  # back to the points' order
     return labels[0] if single else labels
 
 
