@@ -205,10 +205,14 @@ def _neighbour_graph(
     if brute and points.device.type == "cpu":
         graphs = [banded_graph(x, r2) for x, r2 in zip(points, radius2)]
         return torch.stack([g for g, _ in graphs]), torch.stack([o for _, o in graphs])
-    near = _sq_distances(points, brute) <= radius2[:, None, None]
-    near = near | near.mT  # undirected; differs from either row only at rounding ties
     b, n = points.shape[:2]
-    return near, torch.arange(n, device=points.device).expand(b, n)
+    return _whole_graph(points, radius2, brute), torch.arange(n, device=points.device).expand(b, n)
+
+
+def _whole_graph(points: torch.Tensor, radius2: torch.Tensor, brute: bool = True) -> torch.Tensor:
+    """``(B, n, n)`` bool neighbour graph from every pair's squared distance, undirected."""
+    near = _sq_distances(points, brute) <= radius2[:, None, None]
+    return near | near.mT  # undirected; differs from either row only at rounding ties
 
 
 def banded_neighbours(points: torch.Tensor, radius2: torch.Tensor | float) -> torch.Tensor:
@@ -241,8 +245,8 @@ def banded_graph(
     r2 = float(radius2)
     sq = (x * x).sum(dim=-1)  # not finite iff a row is not (or overflows: then all pairs)
     if n <= _BAND_TILE or not bool(torch.isfinite(sq).all()):
-        near = pairwise_sq_distances(x[None])[0] <= r2
-        return near | near.mT, torch.arange(n, device=x.device)
+        whole = _whole_graph(x[None], torch.tensor([r2], dtype=torch.float64, device=x.device))
+        return whole[0], torch.arange(n, device=x.device)
     order, tiles = band_tiles(x, sq, r2)
     x, sq = x.index_select(0, order), sq.index_select(0, order)
     near = torch.zeros(n, n, dtype=torch.bool, device=x.device)
