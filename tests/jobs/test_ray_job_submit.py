@@ -63,14 +63,20 @@ def head():
             time.sleep(2)
         yield address, env
     finally:
-        # Our own process group only: `ray start --block` and the daemons it started.
+        # `ray start --block` stops the daemons it started on SIGTERM (~4 s); signalling its
+        # whole group instead kills them under it and it then waits 30 s. Whatever of our own
+        # process group is left after that is killed: never anyone else's Ray.
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.terminate()
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
         shutil.rmtree(temp, ignore_errors=True)
 
 
