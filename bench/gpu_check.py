@@ -16,8 +16,9 @@ Steps (each timed, each allowed to fail without stopping the others; the report 
    itself: images/s, host CPU seconds per image (the actor's ``cpu_s``), busy fraction;
 7. the same with ``SourceSpec(gpu_decode=True)``: JPEGs decoded and resized on the GPU.
 
-Writes ``gpu_check.json`` and ``gpu_check.md`` under ``--out``. Random weights throughout (no
-download): every output says so; timings do not depend on the weights' values.
+Writes ``gpu_check.json`` and ``gpu_check.md`` under ``--out`` and exits 1 if any step failed
+(.ci/run runs ``--dry-run``, so the steps cannot rot while no GPU is lent). Random weights
+throughout (no download): every output says so; timings do not depend on the weights' values.
 """
 
 from __future__ import annotations
@@ -306,6 +307,9 @@ def main() -> None:
         (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
         (out / "gpu_check.md").write_text(markdown(report))
     print((out / "gpu_check.md").read_text())
+    failed = [name for name, result in report["steps"].items() if "error" in result]
+    if failed:  # the figures above are still written; CI's dry run fails on a broken step
+        sys.exit(f"gpu_check: {len(failed)} step(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
