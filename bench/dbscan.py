@@ -33,8 +33,8 @@ SIZES = ((640, 480), (1920, 1080))
 
 
 def whole_graph(rows: torch.Tensor, radius2: float) -> torch.Tensor:
-    near = _dbscan.pairwise_sq_distances(rows[None])[0] <= radius2
-    return near | near.mT
+    """The whole-matrix graph DBSCAN builds on a GPU (and for rows the band cannot take)."""
+    return _dbscan._whole_graph(rows[None], torch.tensor([radius2], dtype=torch.float64))[0]
 
 
 def band_share(rows: torch.Tensor, radius2: float) -> float:

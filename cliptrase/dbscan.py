@@ -267,7 +267,7 @@ def band_tiles(
     sorted rows ``start:stop`` are compared with sorted rows ``start:end``."""
     projection = x @ _spread_direction(x, sq)
     order = torch.argsort(projection, stable=True)
-    projection, sq = projection.index_select(0, order), sq.index_select(0, order)
+    projection = projection.index_select(0, order)
     radius = radius2**0.5
     largest = float(sq.max()) ** 0.5
     margin = 1e-6 * largest * (1.0 + largest / max(radius, 1e-300))
