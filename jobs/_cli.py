@@ -186,6 +186,15 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
+def add_job_args(parser: argparse.ArgumentParser, progress: bool = True) -> None:
+    """What every job takes last: ``--no-progress`` (jobs with a progress bar), the storage
+    options and the logging flags."""
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_args(parser)
+    add_logging_args(parser)
+
+
 # -------------------------------------------------------------- interpretation
 def storage_options(args: argparse.Namespace) -> dict:
     """The fsspec storage options of a job (flag, else environment, else empty)."""

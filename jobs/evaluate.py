@@ -269,11 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --run: also write the predicted masks to OUT/predictions/<key>.png",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _cli.add_storage_args(parser)
     _cli.add_vocabulary_args(parser, required=False)
     _cli.add_model_args(parser, title="model (used with --run)")
-    _cli.add_logging_args(parser)
+    _cli.add_job_args(parser)
     return parser
 
 

@@ -602,9 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(mmsegmentation wants one image suffix per dataset)",
     )
     parser.add_argument("--split", default="train", help="split name in paths (default train)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _cli.add_storage_args(parser)
-    _cli.add_logging_args(parser)
+    _cli.add_job_args(parser)
     return parser
 
 

@@ -143,9 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="exit 1 when more than this fraction of images are error rows (default 1: never)",
     )
-    execution.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _cli.add_storage_args(parser)
-    _cli.add_logging_args(parser)
+    _cli.add_job_args(parser)
     return parser
 
 

@@ -582,9 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="what counts as uncertain in the captions (default 0.5)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _cli.add_storage_args(parser)
-    _cli.add_logging_args(parser)
+    _cli.add_job_args(parser)
     return parser
 
 

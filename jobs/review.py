@@ -892,9 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: the run's (fp32 on a CPU)",
     )
     group.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _cli.add_storage_args(parser)
-    _cli.add_logging_args(parser)
+    _cli.add_job_args(parser)
     return parser
 
 

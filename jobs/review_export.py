@@ -691,9 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--from-name", default="tag", help="labelstudio: BrushLabels name")
     parser.add_argument("--to-name", default="image", help="labelstudio: Image name")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _cli.add_storage_args(parser)
-    _cli.add_logging_args(parser)
+    _cli.add_job_args(parser)
     return parser
 
 

@@ -239,8 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--alpha", type=float, default=0.5, help="opacity of the class colours (default 0.5)"
     )
-    _cli.add_storage_args(parser)
-    _cli.add_logging_args(parser)
+    _cli.add_job_args(parser, progress=False)
     return parser
 
 
