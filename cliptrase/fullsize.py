@@ -192,6 +192,72 @@ def _joint_counts(
     return counts, boundary, second_values
 
 
+def majority_table(
+    first: Choice, regions: Choice, window: OutputWindow, n_labels: int, n_regions: int
+) -> tuple[torch.Tensor, torch.Tensor, Boundary | None, torch.Tensor | None]:
+    """The majority vote's ``(n_regions, n_labels)`` pixel counts, as far as the winners need
+    them: ``(table, exact (n_regions,) bool, boundary, regions there)``. ``table.argmax(dim=1)``
+    are the winners (ties: the smallest label) of the full table :func:`joint_counts` counts.
+
+    The first prediction's ``C``-vectors are read only where they can change a winner: once
+    every pixel whose label its cell gives is counted, a region whose leader is ahead of the
+    runner-up by more than the region's pixels still unknown keeps that leader whatever their
+    labels; only the unknown pixels of the other regions are computed. Rows marked ``exact``
+    are complete; the others lack their unknown pixels. ``boundary``, ``regions there``: the
+    pixels looked at, with their regions (None, None where a dense first prediction counted
+    full maps).
+    """
+    if first.dense is not None:
+        votes, boundary, region_at = _joint_counts(first, regions, window, n_labels, n_regions)
+        every = torch.ones(n_regions, dtype=torch.bool, device=votes.device)
+        return votes.view(n_regions, n_labels), every, boundary, region_at
+    rows, cols = window.rows, window.cols
+    size = n_regions * n_labels
+    agree = first.agree & regions.agree
+    value = regions.cells.long() * n_labels + first.cells.long()
+    # Integer weights summed in float64: exact in any order (far below 2^53 pixels).
+    weight = cell_multiplicity(rows, cols, agree.shape).to(torch.float64) * agree
+    counts = torch.bincount(
+        value.reshape(-1), weights=weight.reshape(-1), minlength=size
+    ).round().long()
+    every = torch.ones(n_regions, dtype=torch.bool, device=counts.device)
+    boundary = Boundary.of(~agree, rows, cols)
+    if len(boundary) == 0:
+        return counts.view(n_regions, n_labels), every, boundary, None
+    region_at = regions.at(window, boundary)
+    region = region_at.long()
+    cells = boundary.cells(cols, first.agree.shape[1])
+    known = first.agree.reshape(-1).index_select(0, cells)  # (P,) the pair's label is its cell's
+    label = first.cells.reshape(-1).index_select(0, cells).long()
+    value = region * n_labels + label[:, None]
+    counts += torch.bincount(value.masked_select(boundary.valid & known[:, None]), minlength=size)
+    unknown_pairs = torch.nonzero(~known)[:, 0]
+    if unknown_pairs.numel() == 0:
+        return counts.view(n_regions, n_labels), every, boundary, region_at
+    region = region.index_select(0, unknown_pairs)
+    valid = boundary.valid.index_select(0, unknown_pairs)
+    unknown = torch.bincount(region.masked_select(valid), minlength=n_regions)
+    open_regions = ~_leads_by_more_than(counts.view(n_regions, n_labels), unknown)
+    needed = open_regions.index_select(0, region.reshape(-1)).view(region.shape) & valid
+    pairs = torch.nonzero(needed.any(dim=1))[:, 0]
+    if pairs.numel():
+        part = boundary.select(unknown_pairs.index_select(0, pairs))
+        channel = boundary_argmax(first.scores, cols, part, first.pixels)
+        value = region.index_select(0, pairs) * n_labels + _looked_up(first.lookup, channel).long()
+        counts += torch.bincount(value.masked_select(needed.index_select(0, pairs)),
+                                 minlength=size)  # fmt: skip
+    return counts.view(n_regions, n_labels), open_regions | (unknown == 0), boundary, region_at
+
+
+def _leads_by_more_than(table: torch.Tensor, unknown: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` bool: whether row ``r`` of the ``(n, L)`` counts has a leader more than
+    ``unknown[r]`` ahead of every other column (so it stays the argmax whatever is added)."""
+    if table.shape[1] == 1:
+        return torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
+    top = table.topk(2, dim=1).values
+    return top[:, 0] - top[:, 1] > unknown
+
+
 def _looked_up(lookup: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``lookup[index]`` by ``index_select`` (several times faster on the CPU)."""
     return lookup.index_select(0, index.reshape(-1)).view(index.shape)
@@ -255,8 +321,8 @@ def vote(
             sums += region_logit_sums(part, region_map[y0:y1], n)
         winners = row_labels.to(logits.device)[sums.argmax(dim=1)]
         return winners[region_map.long()]
-    votes, boundary, region_at = _joint_counts(first, regions, window, num_labels, n)
-    winners = votes.reshape(n, num_labels).argmax(dim=1)  # ties: the smallest label
+    votes, _, boundary, region_at = majority_table(first, regions, window, num_labels, n)
+    winners = votes.argmax(dim=1)  # ties: the smallest label
     regions.lookup = compact(winners, num_labels)
     if boundary is None:  # a dense first prediction: the counts did not keep a boundary
         return regions.full(window)

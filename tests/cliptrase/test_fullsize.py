@@ -164,6 +164,83 @@ def test_slide_methods_decide_at_the_original_size_as_the_official_code(
     assert (legacy.segment(chelsea, vocab).labels != expected).any()  # the change is real
 
 
+def _vote_case(k, n, h, w, seed, bias, device):
+    """Scores (``k`` rows, two rows per label: synonyms) and ``n`` cluster maps at ``h x w``.
+    ``bias``: how strongly each region's own label leads inside it (0: every label contested)."""
+    maps = _smooth_scores(n, h, w, seed=seed)
+    region = maps.max(dim=0).indices
+    own = F.one_hot((2 * region) % k, k).permute(2, 0, 1).float()
+    scores = _smooth_scores(k, h, w, seed=seed + 1) + bias * own
+    row_labels = torch.arange(k) // 2
+    return scores.to(device), maps.to(device), row_labels.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "k,n,h,w,big_h,big_w,bias",
+    [
+        (12, 4, 84, 112, 300, 451, 3.0),  # regions led clearly: no first-prediction C-vectors
+        (12, 4, 84, 112, 300, 451, 0.0),  # contested: the unknown pixels decide some winners
+        (8, 3, 40, 60, 97, 131, 0.4),
+        (4, 2, 7, 9, 100, 13, 0.0),  # tall bands cut into pieces; columns downsampled
+        (2, 5, 37, 29, 40, 60, 0.0),  # one label (two synonym rows): always decided
+    ],
+)
+def test_majority_vote_reads_first_labels_only_where_a_winner_can_change(
+    monkeypatch, device, k, n, h, w, big_h, big_w, bias
+):
+    """The full-size vote's winners equal the whole table's (every pixel counted, as
+    ``joint_counts`` counts it, and as the dense maps give it), while the first prediction's
+    C-vectors are read for no more unknown pixels than undecided regions hold."""
+    num_labels = k // 2
+    reads, read = [], []  # first-prediction pairs read per seed; (channels, pairs) per call
+    original = fullsize.boundary_argmax
+
+    def counting(source, cols, boundary, pixels=None):
+        read.append((source.shape[0], len(boundary)))
+        return original(source, cols, boundary, pixels)
+
+    for seed in range(4):
+        scores, maps, row_labels = _vote_case(k, n, h, w, 10 * seed + big_h, bias, device)
+        rows, cols = LinearAxis.build(h, big_h, device), LinearAxis.build(w, big_w, device)
+        window = fullsize.OutputWindow(rows, cols, slice(0, big_h), slice(0, big_w))
+        first = fullsize.Choice.of(scores, row_labels)
+        regions = fullsize.Choice.of(maps, torch.arange(n, device=device))
+        table = fullsize.joint_counts(first, regions, window, num_labels, n).view(n, num_labels)
+        dense_first = row_labels[stretched(scores, rows, cols).max(dim=0).indices]
+        dense_regions = stretched(maps, rows, cols).max(dim=0).indices
+        dense = torch.bincount((dense_regions * num_labels + dense_first).reshape(-1),
+                               minlength=n * num_labels).view(n, num_labels)  # fmt: skip
+        assert torch.equal(table, dense)
+        read.clear()
+        monkeypatch.setattr(fullsize, "boundary_argmax", counting)
+        votes, exact, boundary, region_at = fullsize.majority_table(
+            first, regions, window, num_labels, n
+        )
+        monkeypatch.setattr(fullsize, "boundary_argmax", original)
+        assert torch.equal(votes.argmax(dim=1), table.argmax(dim=1))
+        assert torch.equal(votes[exact], table[exact]) and bool((votes <= table).all())
+        assert torch.equal(region_at.long().masked_select(boundary.valid),
+                           dense_regions.reshape(-1)[boundary.flat.masked_select(boundary.valid)])
+        first_pairs = sum(p for channels, p in read if channels == k)
+        unknown = int((~first.agree.reshape(-1)[boundary.cells(cols, w)]).sum())
+        assert unknown > 0 and first_pairs <= unknown
+        reads.append(first_pairs)
+        labels = fullsize.vote(first, maps, scores, window, row_labels, num_labels, "majority")
+        assert torch.equal(labels.long(), table.argmax(dim=1)[dense_regions])
+    if bias >= 3.0 or num_labels == 1:
+        assert reads == [0, 0, 0, 0]  # every winner settled by the pixels known from cells
+    else:
+        assert any(reads)  # some winner needed its unknown pixels: that branch ran
+
+
+def test_a_leader_is_settled_only_when_no_unknown_pixels_can_tie_it():
+    """Ties go to the smallest label, so a leader exactly ``unknown`` ahead is not settled."""
+    table = torch.tensor([[3, 5, 0], [5, 3, 0], [3, 6, 0], [0, 0, 0]])
+    unknown = torch.tensor([2, 2, 2, 0])
+    assert fullsize._leads_by_more_than(table, unknown).tolist() == [False, False, True, False]
+
+
 def _reference_cliptrase(seg, image, vocab):
     """Upsample the processing-size logits and cluster maps to the original size, argmax,
     majority vote (ties: smallest label): the paper's section 8 at the image's own size."""
