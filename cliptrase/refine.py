@@ -143,7 +143,8 @@ def region_logit_sums(logits: torch.Tensor, regions: torch.Tensor, num_regions: 
     """``(num_regions, K)`` float32 sums of the logits ``(K, ...)`` over each region's pixels."""
     k = logits.shape[0]
     sums = torch.zeros(num_regions, k, dtype=torch.float32, device=logits.device)
-    return sums.index_add_(0, regions.reshape(-1), logits.reshape(k, -1).T.float())
+    # Region maps come as narrow integers (uint8 below 256 regions); index_add_ takes int64.
+    return sums.index_add_(0, regions.reshape(-1).long(), logits.reshape(k, -1).T.float())
 
 
 def mean_logits_vote(logits: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ code does; the product does it in strips, touching the full ``K`` logits only at
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -272,6 +273,29 @@ def test_cliptrase_votes_at_the_original_size(tiny, astronaut, chelsea, device):
         )
         assert result.confidence_u8.shape == image.shape[:2]
         assert result.confidence_map.shape == tiny.prepare(image).resized
+
+
+def test_the_mean_logits_vote_at_the_original_size(tiny, astronaut):
+    """The authors' detectron2 variant: every full-size region takes the argmax of its summed
+    stretched logits (it crashed on the uint8 region map before)."""
+    refiner = dataclasses.replace(tiny.method.refiner, vote="mean_logits")
+    seg = tiny.variant(method=tiny.method.with_options(refiner=refiner))
+    vocab = tiny.vocabulary(*VOCAB)
+    image = astronaut[:301, :457]
+    result = seg.segment(image, vocab)
+    prepared = seg.prepare(image)
+    h, w = prepared.resized
+    processed = seg._process(prepared.pixels[None], vocab)
+    size = image.shape[:2]
+    logits = F.interpolate(processed.logits[:, :, :h, :w], size=size, mode="bilinear")[0]
+    n = int(processed.clusters[0])
+    maps = F.interpolate(processed.maps[:, :n, :h, :w], size=size, mode="bilinear")[0]
+    regions = maps.max(dim=0).indices
+    k = logits.shape[0]
+    sums = torch.zeros(n, k).index_add_(0, regions.reshape(-1), logits.reshape(k, -1).T)
+    expected = vocab.row_labels[sums.argmax(dim=1)][regions].numpy()
+    assert n > 1 and len(np.unique(expected)) > 1
+    assert (result.labels == expected).mean() > 0.9999
 
 
 def test_area_and_probability_thresholds_at_the_original_size(tiny, chelsea):
