@@ -620,7 +620,7 @@ class Segmentor:
         return results
 
     def _batches(self, plans, batch_size: int):
-        """Chunks of ``(plan, tile)`` indices whose tiles share one shape (and stretch size),
+        """Chunks of ``(plan, tile)`` indices whose tiles share one shape, device and stretch size,
         their pixels, and the stretch size and PAMR guides of stretch fits (else None, None).
 
         On CUDA the stacked batch is staged in pinned (page-locked) host memory and copied
@@ -630,8 +630,11 @@ class Segmentor:
         for p, plan in enumerate(plans):
             for u, tile in enumerate(plan.tiles):
                 stretch_to = getattr(tile, "stretch_to", None)
-                by_shape.setdefault((tuple(tile.pixels.shape), stretch_to), []).append((p, u))
-        for (_, stretch_to), members in by_shape.items():
+                # Tiles prepared on the device (GPU-decoded JPEGs) and on the host (Pillow's
+                # fallbacks) of one shape batch apart: one stack cannot hold both.
+                key = (tuple(tile.pixels.shape), tile.pixels.device, stretch_to)
+                by_shape.setdefault(key, []).append((p, u))
+        for (_, _, stretch_to), members in by_shape.items():
             for start in range(0, len(members), batch_size):
                 chunk = members[start : start + batch_size]
                 tiles = [plans[p].tiles[u] for p, u in chunk]

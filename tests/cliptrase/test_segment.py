@@ -13,7 +13,7 @@ import cliptrase
 from cliptrase import InvalidImageError, SegmentorConfig, VocabularyError
 from cliptrase.head import confidence_of, pool_rows
 
-from .conftest import DEVICES
+from .conftest import DEVICES, on_device
 
 CLASSES = ["person", "rocket", "cat", "coffee cup"]
 
@@ -281,17 +281,34 @@ def test_prepare_pixels_refuses_what_is_not_a_uint8_rgb_tensor(tiny):
             tiny.prepare_pixels(pixels)
 
 
-def test_tensor_prepared_images_batch_with_pil_prepared_ones(tiny, vocab):
-    """Prepared tensors from prepare_pixels batch with PIL-prepared ones; each image's labels
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensor_prepared_images_batch_with_pil_prepared_ones(tiny, vocab, device):
+    """Prepared tensors from prepare_pixels (on the device: a GPU-decoded JPEG) batch with
+    PIL-prepared ones (on the host: Pillow's fallbacks) of the same size; each image's labels
     are those it gets alone."""
     import skimage.data
 
+    seg = on_device(tiny, device)
     astronaut = Image.fromarray(skimage.data.astronaut()).resize((640, 480))
     coffee = Image.fromarray(skimage.data.coffee()).resize((640, 480))
-    tensor_prepared = tiny.prepare_pixels(_chw(astronaut))
-    pil_prepared = tiny.prepare(coffee)
-    both = tiny.segment_batch([tensor_prepared, pil_prepared], vocab)
-    alone = [tiny.segment_batch([p], vocab)[0] for p in (tensor_prepared, pil_prepared)]
+    tensor_prepared = seg.prepare_pixels(_chw(astronaut).to(device))
+    pil_prepared = seg.prepare(coffee)
+    both = seg.segment_batch([tensor_prepared, pil_prepared], vocab)
+    alone = [seg.segment_batch([p], vocab)[0] for p in (tensor_prepared, pil_prepared)]
     for together, single in zip(both, alone):
         assert together.labels.shape == (480, 640)
         np.testing.assert_array_equal(together.labels, single.labels)
+
+
+def test_tiles_on_different_devices_batch_apart(tiny):
+    """Same-shape tiles prepared on the host and on the device go into separate stacks (a
+    stack of both raises); meta tensors stand in for the device here."""
+    from types import SimpleNamespace
+
+    def plan(*devices):
+        return SimpleNamespace(tiles=[SimpleNamespace(pixels=torch.zeros(3, 32, 48, device=d))
+                                      for d in devices])  # fmt: skip
+
+    plans = [plan("cpu", "meta"), plan("meta"), plan("cpu", "cpu")]
+    chunks = [(chunk, pixels.device.type) for chunk, pixels, _, _ in tiny._batches(plans, 8)]
+    assert chunks == [([(0, 0), (2, 0), (2, 1)], "cpu"), ([(0, 1), (1, 0)], "meta")]
