@@ -114,7 +114,8 @@ def _sync(device: torch.device) -> None:
 def step_cuda_tests(args) -> dict:
     tests = [
         "tests/cliptrase/test_fullsize.py", "tests/cliptrase/test_dbscan.py",
-        "tests/cliptrase/test_invariants.py", "tests/pipeline/test_gpu_decode.py",
+        "tests/cliptrase/test_invariants.py", "tests/cliptrase/test_segment.py",
+        "tests/pipeline/test_gpu_decode.py",
     ]
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
@@ -122,6 +123,9 @@ def step_cuda_tests(args) -> dict:
         cwd=ROOT, capture_output=True, text=True, timeout=args.step_timeout,
     )
     last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-500:]
+    if out.returncode != 0:  # failures, or nothing collected (5): the step failed
+        failures = [line for line in out.stdout.splitlines() if line.startswith("FAILED")]
+        raise RuntimeError(f"pytest exit {out.returncode}: {last}\n" + "\n".join(failures))
     return {"exit_code": out.returncode, "summary": last}
 
 
