@@ -141,9 +141,17 @@ def self_correlation(p: HeadProjections) -> torch.Tensor:
     Computed in float32 whatever the forward's precision. Returns ``(B, N, N)``.
     """
     b, heads, n, _ = p.q.shape
-    units = [F.normalize(t.float(), dim=-1) for t in (p.q, p.k, p.v)]
-    z = torch.cat(units, dim=-1).transpose(1, 2).reshape(b, n, -1)  # (B, N, heads * 3d)
-    return torch.bmm(z, z.transpose(1, 2)) / (3.0 * heads)
+    with float32_products(p.q.device):
+        units = [F.normalize(t.float(), dim=-1) for t in (p.q, p.k, p.v)]
+        z = torch.cat(units, dim=-1).transpose(1, 2).reshape(b, n, -1)  # (B, N, heads * 3d)
+        return torch.bmm(z, z.transpose(1, 2)) / (3.0 * heads)
+
+
+def float32_products(device: torch.device):
+    """A context in which matrix products of float32 inputs stay float32: autocast (the
+    forward's bf16 / fp16) would round them to its dtype, and DBSCAN's radius and the
+    similarity thresholds act on small differences of these values."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def recalibrated_correlation(s: torch.Tensor) -> torch.Tensor:
@@ -436,8 +444,9 @@ def thresholded_cosine(tokens: torch.Tensor, threshold: float = 0.4):
     """``(S, S_beta)``: cosine similarities ``(B, n, n)`` of the tokens, and ``S`` with entries
     below ``threshold`` zeroed (the family's ``before_simi`` / ``after_simi`` / ``pre_sim``).
     Float32."""
-    u = F.normalize(tokens.float(), dim=-1)
-    s = u @ u.transpose(-1, -2)
+    with float32_products(tokens.device):
+        u = F.normalize(tokens.float(), dim=-1)
+        s = u @ u.transpose(-1, -2)
     return s, s.masked_fill(s < threshold, 0.0)
 
 

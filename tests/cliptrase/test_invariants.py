@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import median_filter
 
-from cliptrase.attention import recalibrated_correlation, self_correlation, self_self_attention
+from cliptrase.attention import (
+    recalibrated_correlation,
+    self_correlation,
+    self_self_attention,
+    thresholded_cosine,
+)
 from cliptrase.backbone import HeadProjections, resampled_positional_embedding
 from cliptrase.inference import ownership_bounds, window_starts
 from cliptrase.refine import (
@@ -50,6 +55,19 @@ def test_correlation_averages_over_heads():
         for h in range(4)
     ]
     torch.testing.assert_close(s, torch.stack(per_head).mean(0), atol=1e-6, rtol=0)
+
+
+def test_correlations_stay_float32_under_the_forwards_autocast():
+    """S (DBSCAN's input) and the similarity-steering cosines are float32 products even inside
+    a bf16 forward: autocast would round them, and thresholds act on their small differences."""
+    g = torch.Generator().manual_seed(0)
+    p = HeadProjections(*(torch.randn(2, 3, 17, 8, generator=g) for _ in range(3)))
+    tokens = torch.randn(2, 17, 24, generator=g)
+    want_s, want_cos = self_correlation(p), thresholded_cosine(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_s, got_cos = self_correlation(p), thresholded_cosine(tokens)
+    assert got_s.dtype == torch.float32 and torch.equal(got_s, want_s)
+    assert all(torch.equal(a, b) and a.dtype == torch.float32 for a, b in zip(got_cos, want_cos))
 
 
 def test_last_block_attention_is_a_sum_of_three_softmaxes():
