@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -315,7 +315,7 @@ class Segmentor:
     # --------------------------------------------------------------- image side
     def _autocast(self):
         if self.precision == "fp32":
-            return contextlib.nullcontext()
+            return full_fp32_convolutions() if self.device.type == "cuda" else contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
     def _check_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -795,6 +795,21 @@ class Segmentor:
             f"Segmentor(model={self.model_name!r}, weights={self.weights.identity!r}, "
             f"method={self.method.name!r}, device={str(self.device)!r}, precision={self.precision!r})"
         )
+
+
+@contextlib.contextmanager
+def full_fp32_convolutions() -> Iterator[None]:
+    """cuDNN convolutions (the patch embedding) in IEEE float32 while inside: torch lets them
+    run in TF32 by default (~1e-3 relative error), so "fp32" on a GPU would not be, and
+    DBSCAN and the argmaxes turn such differences into other labels. Uses torch's newer
+    per-operator flag only (mixing it with ``cudnn.allow_tf32`` makes torch raise)."""
+    conv = torch.backends.cudnn.conv
+    previous = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = previous
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -312,3 +312,18 @@ def test_tiles_on_different_devices_batch_apart(tiny):
     plans = [plan("cpu", "meta"), plan("meta"), plan("cpu", "cpu")]
     chunks = [(chunk, pixels.device.type) for chunk, pixels, _, _ in tiny._batches(plans, 8)]
     assert chunks == [([(0, 0), (2, 0), (2, 1)], "cpu"), ([(0, 1), (1, 0)], "meta")]
+
+
+def test_fp32_means_ieee_float32_convolutions_on_a_gpu():
+    """The CUDA forward at "fp32" runs inside this context: cuDNN's convolutions (the patch
+    embedding) leave TF32 for IEEE float32, and the user's setting comes back after."""
+    from cliptrase.segmentor import full_fp32_convolutions
+
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    with full_fp32_convolutions():
+        assert conv.fp32_precision == "ieee"
+    assert conv.fp32_precision == before
+    with pytest.raises(KeyError), full_fp32_convolutions():
+        raise KeyError("restored on errors too")
+    assert conv.fp32_precision == before
