@@ -604,7 +604,7 @@ def feedback_patch_labels(
     Patch-text cosines ``(B, rows, h, w)`` upsampled bilinearly to the pixels, PAMR (guided by
     the normalised pixels), ``softmax(logit_scale * .)`` over the rows (queries, *not* pooled
     to labels), argmax; pixels whose top probability is below ``threshold`` take
-    ``fallback_row``; each patch takes the mode (``torch.mode``) of its ``patch x patch`` pixels.
+    ``fallback_row``; each patch takes the mode of its ``patch x patch`` pixels (:func:`tile_modes`).
     ``fallback_row`` is the official's query 0: the first line of its class file, which holds
     the background words on background datasets; pass our first background row there
     (``vocab.num_classes``), else 0 (the first class, as the official).
@@ -616,9 +616,18 @@ def feedback_patch_labels(
     probs = torch.softmax(up * logit_scale, dim=1)
     top, pred = probs.max(dim=1)
     pred = torch.where(top < threshold, fallback_row, pred)
-    b, h, w = pred.shape
-    tiles = pred.unfold(1, patch, patch).unfold(2, patch, patch)  # (B, h/p, w/p, p, p)
-    return torch.mode(tiles.reshape(*tiles.shape[:3], -1), dim=-1).values
+    return tile_modes(pred, patch, patch_logits.shape[1])
+
+
+def tile_modes(values: torch.Tensor, patch: int, bound: int) -> torch.Tensor:
+    """``(B, h, w)`` integers in ``0..bound-1`` -> ``(B, h/p, w/p)``: each ``patch x patch``
+    tile's most frequent value, ties to the smallest (what ``torch.mode`` gives on the CPU;
+    CUDA's ``torch.mode`` breaks ties otherwise, so counts and a first argmax on every device)."""
+    tiles = values.unfold(1, patch, patch).unfold(2, patch, patch)  # (B, h/p, w/p, p, p)
+    tiles = tiles.reshape(*tiles.shape[:3], -1)
+    counts = torch.zeros(*tiles.shape[:3], bound, dtype=torch.int32, device=values.device)
+    counts.scatter_add_(-1, tiles, torch.ones_like(tiles, dtype=torch.int32))
+    return counts.argmax(dim=-1)
 
 
 def same_entity_paths(labels: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:

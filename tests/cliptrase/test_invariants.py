@@ -13,6 +13,7 @@ from cliptrase.attention import (
     self_correlation,
     self_self_attention,
     thresholded_cosine,
+    tile_modes,
 )
 from cliptrase.backbone import HeadProjections, resampled_positional_embedding
 from cliptrase.inference import ownership_bounds, window_starts
@@ -197,3 +198,15 @@ def test_windows_cover_every_pixel_exactly_once():
         assert s <= a and b <= s + 336  # a window owns only pixels it saw
         covered[a:b] += 1
     assert (covered == 1).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tile_modes_break_ties_towards_the_smallest_value_as_torch_mode_on_the_cpu(device):
+    """ResCLIP's per-patch mode: torch.mode's CPU answer (the official's operation), on every
+    device; few values in small tiles make ties common."""
+    g = torch.Generator().manual_seed(0)
+    for patch, bound in [(2, 3), (4, 5), (3, 2), (16, 12)]:
+        values = torch.randint(0, bound, (3, 4 * patch, 5 * patch), generator=g)
+        tiles = values.unfold(1, patch, patch).unfold(2, patch, patch)
+        want = torch.mode(tiles.reshape(*tiles.shape[:3], -1), dim=-1).values
+        assert torch.equal(tile_modes(values.to(device), patch, bound).cpu(), want)
