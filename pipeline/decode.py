@@ -180,8 +180,9 @@ def device_decodable(data: bytes, max_image_pixels: int | None = 89_478_485) -> 
     """Whether torchvision can take ``data`` with the same result as :func:`decode_image`.
 
     True only for a whole baseline or progressive JPEG (one frame, not MPO) in RGB/YCbCr or
-    grayscale, EXIF orientation absent or 1, within ``max_image_pixels``, ending with its EOI
-    marker. Everything else -- CMYK, oriented, other formats, anything Pillow cannot even open
+    grayscale, EXIF orientation absent or 1, no Adobe RGB (untransformed) marker, within
+    ``max_image_pixels``, ending with its EOI marker. Everything else -- CMYK, oriented, Adobe
+    RGB, other formats, anything Pillow cannot even open
     -- belongs to Pillow, which then raises the usual errors. Reads the header only.
     """
     return _device_probe(data, max_image_pixels) is not None
@@ -201,6 +202,10 @@ def _device_probe(data: bytes, max_image_pixels: int | None) -> tuple[int, int] 
                     return None
                 # A JPEG's EXIF is in APP1, before the pixel data: no load() needed.
                 if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                    return None
+                # Adobe's APP14 with transform 0: RGB stored without the YCbCr transform.
+                # libjpeg honours it; nvjpeg's handling is not documented, so Pillow decodes.
+                if image.info.get("adobe_transform") == 0 and image.mode == "RGB":
                     return None
                 return (image.height, image.width)
     except Exception:  # noqa: BLE001 - whatever it is, Pillow's path will say it properly

@@ -8,6 +8,7 @@ everywhere; the CUDA variants run only where a GPU is present.
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -57,6 +58,12 @@ def _mpo(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _adobe_rgb(data: bytes) -> bytes:
+    """``data`` with Adobe's APP14 marker saying transform 0 (components stored as RGB)."""
+    app14 = b"\xff\xee" + struct.pack(">H", 14) + b"Adobe" + struct.pack(">HHHB", 100, 0, 0, 0)
+    return data[:2] + app14 + data[2:]
+
+
 def _broken_tables(data: bytes) -> bytes:
     """``data`` with zeros from inside its Huffman tables on, then EOI: Pillow still opens it
     (so it passes the header probe), both decoders refuse it."""
@@ -78,6 +85,7 @@ def inputs(photos) -> dict[str, bytes]:
         # Pillow path
         "cmyk": _jpeg(chelsea.convert("CMYK")),
         "orientation_6": _oriented(chelsea, 6),
+        "adobe_rgb": _adobe_rgb(_jpeg(chelsea)),
         "mpo": _mpo(astronaut),
         "png": png(photos["coffee"]),
         "trailing_bytes": whole + b"\x00" * 16,  # not ending with EOI: Pillow decides
