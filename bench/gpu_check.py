@@ -73,36 +73,62 @@ def jpeg(array: np.ndarray, quality: int = 90) -> bytes:
 
 
 class BusySampler:
-    """The GPU's utilisation (nvidia-smi, every 100 ms) while a block runs: its mean in [0, 1]."""
+    """The GPU's utilisation while a block runs, from one ``nvidia-smi -lms 100`` process that
+    watches the segmentor's GPU by PCI bus id (nvidia-smi's indices are not CUDA's once
+    ``CUDA_VISIBLE_DEVICES`` is set). ``problem``: why there are no samples (no nvidia-smi on
+    a CPU dry run; "[N/A]" where it reports none, e.g. a MIG slice)."""
 
     def __init__(self, device_index: int = 0):
-        self.index, self.samples, self._stop = device_index, [], threading.Event()
+        self.samples: list[tuple[float, float]] = []  # (monotonic s, utilisation in [0, 1])
+        self.problem: str | None = None
+        self._id, self._proc = _bus_id(device_index), None
 
     def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                 f"--id={self._id}", "-lms", "100"]  # fmt: skip
+        try:
+            self._proc = subprocess.Popen(
+                query, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        except OSError as error:
+            self.problem = f"no nvidia-smi ({error})"
+            return self
+        self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         return self
 
-    def _run(self):
-        while not self._stop.is_set():
+    def _read(self):
+        for line in self._proc.stdout:
+            line = line.strip()
             try:
-                out = subprocess.run(
-                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                     f"--id={self.index}"],
-                    capture_output=True, text=True, timeout=2,
-                )
-                self.samples.append(float(out.stdout.strip().splitlines()[0]) / 100)
-            except Exception:  # noqa: BLE001 - no nvidia-smi (CPU dry run): no samples
-                return
-            self._stop.wait(0.1)
+                self.samples.append((time.monotonic(), float(line) / 100))
+            except ValueError:
+                if line and self.problem is None:
+                    self.problem = f"nvidia-smi said: {line[:200]}"
 
     def __exit__(self, *exc):
-        self._stop.set()
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
         self._thread.join(timeout=3)
 
-    @property
-    def busy(self) -> float | None:
-        return float(np.mean(self.samples)) if self.samples else None
+    def busy(self, since: float | None = None) -> float | None:
+        """Mean utilisation of the samples taken after ``since`` (monotonic s; None: all)."""
+        values = [u for t, u in self.samples if since is None or t >= since]
+        return float(np.mean(values)) if values else None
+
+
+def _bus_id(device_index: int) -> str:
+    """nvidia-smi's ``--id`` for CUDA device ``device_index``: its PCI bus id."""
+    if not torch.cuda.is_available():
+        return str(device_index)
+    props = torch.cuda.get_device_properties(device_index)
+    return f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
 
 
 def _sync(device: torch.device) -> None:
@@ -160,6 +186,8 @@ def step_gpu_decode(args, device: torch.device) -> dict:
     from pipeline.decode import DeviceDecodedImage, decode_image, decode_jpegs_on_device
 
     datas = [jpeg(p) for p in photos((1920, 1080))] * max(1, args.decode_repeats)
+    decode_jpegs_on_device(datas[:2], device)  # warm-up: the decoder's set-up is not its rate
+    _sync(device)
     start = time.perf_counter()
     decoded = decode_jpegs_on_device(datas, device)
     _sync(device)
@@ -195,7 +223,7 @@ def step_segment_batch(args, model: str, device: torch.device) -> dict:
             _sync(device)
             seconds = time.perf_counter() - start
         rows.append({"batch": batch, "images_per_s": batch * args.repeats / seconds,
-                     "gpu_busy": sampler.busy})
+                     "gpu_busy": sampler.busy(), "gpu_busy_problem": sampler.problem})
     return {"model": model, "precision": precision, "short_side": seg.config.short_side,
             "rows": rows}
 
@@ -236,6 +264,7 @@ def step_pipeline(args, model: str, device: torch.device, gpu_decode: bool = Fal
                  log_to_driver=False)
         try:
             with BusySampler() as sampler:
+                started = time.monotonic()
                 summary = pipeline.run(config, progress=False)
         finally:
             ray.shutdown()
@@ -245,7 +274,9 @@ def step_pipeline(args, model: str, device: torch.device, gpu_decode: bool = Fal
         return {"model": model, "gpu_decode": gpu_decode, "images": images, "summary": {
             k: v for k, v in report.items() if isinstance(v, int | float | str | bool)},
             "host_cpu_ms_per_image": None if not cpu_s or not images else 1000 * cpu_s / images,
-            "gpu_busy": sampler.busy}
+            # Busy while labelling: after the actor's start-up (model load, vocabulary).
+            "gpu_busy": sampler.busy(since=started + (report.get("startup_s") or 0.0)),
+            "gpu_busy_whole_run": sampler.busy(), "gpu_busy_problem": sampler.problem}
 
 
 # ------------------------------------------------------------------------------------ main
@@ -255,14 +286,15 @@ def markdown(report: dict) -> str:
     for name, result in report["steps"].items():
         lines.append(f"## {name} ({result.get('seconds', 0):.0f} s)")
         if "error" in result:
-            lines += ["", "FAILED: " + result["error"].splitlines()[-1], ""]
+            lines += ["", "FAILED: " + result["error"].strip().splitlines()[-1], ""]
             continue
         if name == "segment_batch":
             lines += ["", "| batch | images/s | GPU busy |", "|---|---|---|"]
             for row in result["rows"]:
                 busy = "-" if row["gpu_busy"] is None else f"{row['gpu_busy']:.0%}"
                 lines.append(f"| {row['batch']} | {row['images_per_s']:.1f} | {busy} |")
-            lines.append("")
+            problems = {row["gpu_busy_problem"] for row in result["rows"]} - {None}
+            lines += [f"\nGPU busy not sampled: {problem}" for problem in sorted(problems)] + [""]
         else:
             lines += [""] + [f"- {k}: {v}" for k, v in result.items() if k != "seconds"] + [""]
     return "\n".join(lines)
