@@ -638,16 +638,22 @@ class Segmentor:
             for start in range(0, len(members), batch_size):
                 chunk = members[start : start + batch_size]
                 tiles = [plans[p].tiles[u] for p, u in chunk]
-                pixels = self._staged(torch.stack([tile.pixels for tile in tiles]))
+                pixels = self._staged([tile.pixels for tile in tiles])
                 guides = None
                 if stretch_to is not None:
-                    guides = self._staged(torch.stack([tile.guide for tile in tiles]))
+                    guides = self._staged([tile.guide for tile in tiles])
                 yield chunk, pixels, stretch_to, guides
 
-    def _staged(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda" or batch.device.type == "cuda":  # prepared on the device
-            return batch
-        return batch.float().pin_memory().to(self.device, non_blocking=True)
+    def _staged(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The tensors stacked on the segmentor's device; host tensors bound for CUDA are
+        stacked straight into one pinned buffer (one host copy, not a stack and a pin)."""
+        if self.device.type != "cuda" or tensors[0].device.type == "cuda":  # or prepared there
+            return torch.stack(tensors)
+        staged = torch.empty(
+            (len(tensors), *tensors[0].shape), dtype=torch.float32, pin_memory=True
+        )
+        torch.stack([t.float() for t in tensors], out=staged)
+        return staged.to(self.device, non_blocking=True)
 
     def _canvas(self, prepared: Prepared, num_labels: int) -> Canvas:
         return Canvas(
