@@ -191,6 +191,7 @@ class Segmentor:
         if NORMALISATIONS[self.method.normalisation] is not None:
             self.mean, self.std = NORMALISATIONS[self.method.normalisation]
         self.logit_scale = float(self.clip.logit_scale.exp())
+        self._row_labels: tuple[Vocabulary, torch.Tensor] | None = None  # _device_row_labels
         self._vocab_cache: dict[tuple, Vocabulary] = {}
         if weights.random:
             log.warning(
@@ -463,7 +464,7 @@ class Segmentor:
             logits,
             expert_logits,
             torch.tensor(vocab.expert_labels, dtype=torch.int64),
-            vocab.row_labels,
+            self._device_row_labels(vocab),
             vocab.num_labels,
         )
 
@@ -511,18 +512,25 @@ class Segmentor:
             regions = processed.regions(i, n)
             if refiner.vote == "mean_logits":
                 winners = region_logit_sums(processed.logits[i], regions, n).argmax(dim=1)
-                winners = vocab.row_labels.to(pred.device)[winners]
+                winners = self._device_row_labels(vocab)[winners]
             else:
                 winners = vote_winners(pred[i], regions, n, vocab.num_labels)
             out[i] = winners[regions]
         return out
+
+    def _device_row_labels(self, vocab: Vocabulary) -> torch.Tensor:
+        """``vocab.row_labels`` on the segmentor's device, copied once per vocabulary: every
+        host-to-device copy of a pageable tensor synchronises the stream, several per tile."""
+        if self._row_labels is None or self._row_labels[0] is not vocab:
+            self._row_labels = (vocab, vocab.row_labels.to(self.device))
+        return self._row_labels[1]
 
     def _decide(
         self, logits: torch.Tensor, vocab: Vocabulary, row_argmax: torch.Tensor | None = None
     ) -> torch.Tensor:
         return decide(
             logits,
-            vocab.row_labels,
+            self._device_row_labels(vocab),
             vocab.num_labels,
             vocab.background_label,
             self.method.head,
@@ -699,7 +707,7 @@ class Segmentor:
         first = fullsize.first_prediction(
             logits,
             window,
-            vocab.row_labels,
+            self._device_row_labels(vocab),
             vocab.num_labels,
             vocab.background_label,
             self.method.head,
@@ -714,7 +722,7 @@ class Segmentor:
             processed.maps[b, :n],
             logits,
             window,
-            vocab.row_labels,
+            self._device_row_labels(vocab),
             vocab.num_labels,
             refiner.vote,
             cluster_argmax=processed.regions(b, n),
