@@ -21,6 +21,7 @@ at every corner come out in either order; such pixels may differ from a dense co
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -42,9 +43,10 @@ class LinearAxis:
 
     @classmethod
     def build(cls, source: int, target: int, device: torch.device | str = "cpu") -> LinearAxis:
-        """Taps as ATen computes them (:func:`cliptrase.taps.linear_taps`)."""
-        lo, hi, w_lo, w_hi = (torch.from_numpy(t).to(device) for t in linear_taps(source, target))
-        return cls(lo, hi, w_lo, w_hi)
+        """Taps as ATen computes them (:func:`cliptrase.taps.linear_taps`), made once per
+        (source, target, device): a corpus's images share a few sizes, and every copy of the
+        taps to a GPU would synchronise its stream. Never modified in place."""
+        return _linear_axis(source, target, torch.device(device))
 
     def shifted(self, offset: int) -> LinearAxis:
         """The same taps in the coordinates of a tile that starts at ``offset``."""
@@ -57,6 +59,12 @@ class LinearAxis:
 
     def __len__(self) -> int:
         return self.lo.shape[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _linear_axis(source: int, target: int, device: torch.device) -> LinearAxis:
+    lo, hi, w_lo, w_hi = (torch.from_numpy(t).to(device) for t in linear_taps(source, target))
+    return LinearAxis(lo, hi, w_lo, w_hi)
 
 
 def stretched(source: torch.Tensor, rows: LinearAxis, cols: LinearAxis) -> torch.Tensor:
