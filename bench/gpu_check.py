@@ -117,6 +117,13 @@ class BusySampler:
             self._proc.wait()
         self._thread.join(timeout=3)
 
+    @property
+    def why_none(self) -> str | None:
+        """Why there are no samples (None when there are some)."""
+        if self.samples:
+            return None
+        return self.problem or "nvidia-smi gave no samples"
+
     def busy(self, since: float | None = None) -> float | None:
         """Mean utilisation of the samples taken after ``since`` (monotonic s; None: all)."""
         values = [u for t, u in self.samples if since is None or t >= since]
@@ -223,7 +230,7 @@ def step_segment_batch(args, model: str, device: torch.device) -> dict:
             _sync(device)
             seconds = time.perf_counter() - start
         rows.append({"batch": batch, "images_per_s": batch * args.repeats / seconds,
-                     "gpu_busy": sampler.busy(), "gpu_busy_problem": sampler.problem})
+                     "gpu_busy": sampler.busy(), "gpu_busy_problem": sampler.why_none})
     return {"model": model, "precision": precision, "short_side": seg.config.short_side,
             "rows": rows}
 
@@ -276,7 +283,7 @@ def step_pipeline(args, model: str, device: torch.device, gpu_decode: bool = Fal
             "host_cpu_ms_per_image": None if not cpu_s or not images else 1000 * cpu_s / images,
             # Busy while labelling: after the actor's start-up (model load, vocabulary).
             "gpu_busy": sampler.busy(since=started + (report.get("startup_s") or 0.0)),
-            "gpu_busy_whole_run": sampler.busy(), "gpu_busy_problem": sampler.problem}
+            "gpu_busy_whole_run": sampler.busy(), "gpu_busy_problem": sampler.why_none}
 
 
 # ------------------------------------------------------------------------------------ main

@@ -63,8 +63,9 @@ class LinearAxis:
 
 @functools.lru_cache(maxsize=64)
 def _linear_axis(source: int, target: int, device: torch.device) -> LinearAxis:
-    lo, hi, w_lo, w_hi = (torch.from_numpy(t).to(device) for t in linear_taps(source, target))
-    return LinearAxis(lo, hi, w_lo, w_hi)
+    with torch.inference_mode(False):  # plain tensors, usable in and out of inference mode
+        taps = [torch.from_numpy(t).to(device) for t in linear_taps(source, target)]
+    return LinearAxis(*taps)
 
 
 def stretched(source: torch.Tensor, rows: LinearAxis, cols: LinearAxis) -> torch.Tensor:

@@ -521,9 +521,10 @@ class Segmentor:
     def _device_row_labels(self, vocab: Vocabulary) -> torch.Tensor:
         """``vocab.row_labels`` on the segmentor's device, copied once per vocabulary: every
         host-to-device copy of a pageable tensor synchronises the stream, several per tile."""
-        if self._row_labels is None or self._row_labels[0] is not vocab:
-            self._row_labels = (vocab, vocab.row_labels.to(self.device))
-        return self._row_labels[1]
+        cached = self._row_labels  # read once: a cache another call replaces stays whole
+        if cached is None or cached[0] is not vocab:
+            cached = self._row_labels = (vocab, vocab.row_labels.to(self.device))
+        return cached[1]
 
     def _decide(
         self, logits: torch.Tensor, vocab: Vocabulary, row_argmax: torch.Tensor | None = None
@@ -816,7 +817,8 @@ def full_fp32_convolutions() -> Iterator[None]:
     """cuDNN convolutions (the patch embedding) in IEEE float32 while inside: torch lets them
     run in TF32 by default (~1e-3 relative error), so "fp32" on a GPU would not be, and
     DBSCAN and the argmaxes turn such differences into other labels. Uses torch's newer
-    per-operator flag only (mixing it with ``cudnn.allow_tf32`` makes torch raise)."""
+    per-operator flag only (mixing it with ``cudnn.allow_tf32`` makes torch raise). The flag
+    is process-wide: one thread runs the model (as the pipeline's actors do)."""
     conv = torch.backends.cudnn.conv
     previous = conv.fp32_precision
     conv.fp32_precision = "ieee"

@@ -165,44 +165,51 @@ def test_slide_methods_decide_at_the_original_size_as_the_official_code(
     assert (legacy.segment(chelsea, vocab).labels != expected).any()  # the change is real
 
 
-def _vote_case(k, n, h, w, seed, bias, device):
+def _vote_case(k, n, h, w, seed, bias, device, rough=False):
     """Scores (``k`` rows, two rows per label: synonyms) and ``n`` cluster maps at ``h x w``.
-    ``bias``: how strongly each region's own label leads inside it (0: every label contested)."""
+    ``bias``: how strongly each region's own label leads inside it (0: every label contested);
+    ``rough``: scores that change from pixel to pixel, so most cells' corners disagree."""
     maps = _smooth_scores(n, h, w, seed=seed)
     region = maps.max(dim=0).indices
     own = F.one_hot((2 * region) % k, k).permute(2, 0, 1).float()
-    scores = _smooth_scores(k, h, w, seed=seed + 1) + bias * own
+    if rough:
+        noise = torch.randn(k, h, w, generator=torch.Generator().manual_seed(seed + 1))
+    else:
+        noise = _smooth_scores(k, h, w, seed=seed + 1)
+    scores = noise + bias * own
     row_labels = torch.arange(k) // 2
     return scores.to(device), maps.to(device), row_labels.to(device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "k,n,h,w,big_h,big_w,bias",
+    "k,n,h,w,big_h,big_w,bias,rough",
     [
-        (12, 4, 84, 112, 300, 451, 3.0),  # regions led clearly: no first-prediction C-vectors
-        (12, 4, 84, 112, 300, 451, 0.0),  # contested: the unknown pixels decide some winners
-        (8, 3, 40, 60, 97, 131, 0.4),
-        (4, 2, 7, 9, 100, 13, 0.0),  # tall bands cut into pieces; columns downsampled
-        (2, 5, 37, 29, 40, 60, 0.0),  # one label (two synonym rows): always decided
+        (12, 4, 84, 112, 300, 451, 3.0, False),  # regions led clearly: no first-prediction C-vectors
+        (12, 4, 84, 112, 300, 451, 0.0, False),  # contested: the unknown pixels decide some winners
+        (8, 3, 40, 60, 97, 131, 0.4, False),
+        (4, 2, 7, 9, 100, 13, 0.0, False),  # tall bands cut into pieces; columns downsampled
+        (2, 5, 37, 29, 40, 60, 0.0, False),  # one label (two synonym rows): always decided
+        (6, 3, 12, 16, 100, 130, 0.5, True),  # mostly unknown pixels: they decide the winners
     ],
 )
 def test_majority_vote_reads_first_labels_only_where_a_winner_can_change(
-    monkeypatch, device, k, n, h, w, big_h, big_w, bias
+    monkeypatch, device, k, n, h, w, big_h, big_w, bias, rough
 ):
     """The full-size vote's winners equal the whole table's (every pixel counted, as
     ``joint_counts`` counts it, and as the dense maps give it), while the first prediction's
     C-vectors are read for no more unknown pixels than undecided regions hold."""
     num_labels = k // 2
     reads, read = [], []  # first-prediction pairs read per seed; (channels, pairs) per call
-    original = fullsize.boundary_argmax
+    flipped = []  # rough cases: whether ignoring the unknown pixels changed some winner
+    original, leads = fullsize.boundary_argmax, fullsize._leads_by_more_than
 
     def counting(source, cols, boundary, pixels=None):
         read.append((source.shape[0], len(boundary)))
         return original(source, cols, boundary, pixels)
 
     for seed in range(4):
-        scores, maps, row_labels = _vote_case(k, n, h, w, 10 * seed + big_h, bias, device)
+        scores, maps, row_labels = _vote_case(k, n, h, w, 10 * seed + big_h, bias, device, rough)
         rows, cols = LinearAxis.build(h, big_h, device), LinearAxis.build(w, big_w, device)
         window = fullsize.OutputWindow(rows, cols, slice(0, big_h), slice(0, big_w))
         first = fullsize.Choice.of(scores, row_labels)
@@ -229,6 +236,13 @@ def test_majority_vote_reads_first_labels_only_where_a_winner_can_change(
         reads.append(first_pairs)
         labels = fullsize.vote(first, maps, scores, window, row_labels, num_labels, "majority")
         assert torch.equal(labels.long(), table.argmax(dim=1)[dense_regions])
+        if rough:  # the unknown pixels matter here: the known ones alone pick wrong winners
+            monkeypatch.setattr(fullsize, "_leads_by_more_than", lambda t, u: leads(t, u * 0))
+            loose, *_ = fullsize.majority_table(first, regions, window, num_labels, n)
+            monkeypatch.setattr(fullsize, "_leads_by_more_than", leads)
+            flipped.append(not torch.equal(loose.argmax(dim=1), table.argmax(dim=1)))
+    if rough:
+        assert any(flipped)
     if bias >= 3.0 or num_labels == 1:
         assert reads == [0, 0, 0, 0]  # every winner settled by the pixels known from cells
     else:

@@ -327,3 +327,12 @@ def test_fp32_means_ieee_float32_convolutions_on_a_gpu():
     with pytest.raises(KeyError), full_fp32_convolutions():
         raise KeyError("restored on errors too")
     assert conv.fp32_precision == before
+    # What the forward enters: the context for fp32 on CUDA (no GPU needed to build it).
+    from types import SimpleNamespace
+
+    on_gpu = SimpleNamespace(precision="fp32", device=torch.device("cuda"))
+    with cliptrase.Segmentor._autocast(on_gpu):
+        assert conv.fp32_precision == "ieee"
+    on_cpu = SimpleNamespace(precision="fp32", device=torch.device("cpu"))
+    with cliptrase.Segmentor._autocast(on_cpu):
+        assert conv.fp32_precision == before

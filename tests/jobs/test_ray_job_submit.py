@@ -31,6 +31,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_unreaped(pid: int, timeout: float) -> None:
+    """Wait for child ``pid`` to exit, leaving it unreaped (a zombie keeps its pid, so the
+    group id cannot pass to a stranger before we signal the group)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+            return
+        time.sleep(0.1)
+
+
 @pytest.fixture()
 def head():
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a limit
@@ -66,16 +76,13 @@ def head():
         # `ray start --block` stops the daemons it started on SIGTERM (~4 s); signalling its
         # whole group instead kills them under it and it then waits 30 s. Whatever of our own
         # process group is left after that is killed: never anyone else's Ray.
-        if proc.poll() is None:
+        if proc.returncode is None:  # not reaped: its pid, hence our group's id, is still ours
             proc.terminate()
+            _wait_unreaped(proc.pid, timeout=30)
             try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
                 pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=10)
         shutil.rmtree(temp, ignore_errors=True)
 
