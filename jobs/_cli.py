@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 
 from cliptrase.classfile import ClassList, load_class_file, preset_names
+from cliptrase.config import METHOD_NAMES
 from cliptrase.errors import CliptraseError, VocabularyError, WeightsUnavailableError
 
 STORAGE_OPTIONS_ENV = "CLIPTRASE_STORAGE_OPTIONS"
@@ -103,6 +104,17 @@ def add_storage_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, refused at parse time (before Ray starts) by flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_model_args(parser: argparse.ArgumentParser, title: str = "model") -> None:
     group = parser.add_argument_group(title)
     group.add_argument("--model", default="ViT-B-16", help="open_clip ViT name (default ViT-B-16)")
@@ -131,13 +143,13 @@ def add_model_args(parser: argparse.ArgumentParser, title: str = "model") -> Non
     group.add_argument(
         "--method",
         default="cliptrase",
-        help="training-free method: cliptrase (default), maskclip, sclip, clearclip, naclip, gem "
-        "(docs/methods.md); jobs.evaluate also takes a comma-separated list or 'all' and "
-        "writes a comparison table",
+        help=f"training-free method: {', '.join(METHOD_NAMES)} (docs/methods.md; default "
+        "cliptrase); jobs.evaluate also takes a comma-separated list or 'all' and writes a "
+        "comparison table",
     )
     group.add_argument(
         "--short-side",
-        type=int,
+        type=positive_int,
         default=None,
         help="resize the short side to this (default: the method's, 336 for cliptrase)",
     )
@@ -149,7 +161,9 @@ def add_model_args(parser: argparse.ArgumentParser, title: str = "model") -> Non
         "size, as the official SCLIP/NACLIP code does) or 'processing' (at the short-side "
         "resolution, labels nearest-resized: the behaviour before output format 2)",
     )
-    group.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    group.add_argument(
+        "--batch-size", type=positive_int, default=16, help="images per forward pass"
+    )
 
 
 def add_vocabulary_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     method = parser.add_argument_group("method")
     method.add_argument(
         "--max-patches",
-        type=int,
+        type=_cli.positive_int,
         default=1344,
         help="above this many patches an image is labelled in sliding windows (default 1344)",
     )
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--id-column", default="id", help="Parquet inputs: id column")
     source.add_argument(
         "--images-per-shard",
-        type=int,
+        type=_cli.positive_int,
         default=1000,
         help="folders of loose images: this many images per output shard (default 1000)",
     )
@@ -124,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     execution = parser.add_argument_group("execution")
     execution.add_argument(
-        "--actors", type=int, default=None, help="segmentor actors (default: as many as fit)"
+        "--actors",
+        type=_cli.positive_int,
+        default=None,
+        help="segmentor actors (default: as many as fit)",
     )
     execution.add_argument(
         "--gpus-per-actor",
@@ -134,9 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     execution.add_argument("--cpus-per-actor", type=float, default=1.0)
     execution.add_argument(
-        "--decode-threads", type=int, default=2, help="image decoding threads per actor"
+        "--decode-threads",
+        type=_cli.positive_int,
+        default=2,
+        help="image decoding threads per actor",
     )
-    execution.add_argument("--max-retries", type=int, default=3, help="attempts per shard")
+    execution.add_argument(
+        "--max-retries", type=int, default=3, help="retries of a failed shard (default 3)"
+    )
     execution.add_argument(
         "--max-error-rate",
         type=float,

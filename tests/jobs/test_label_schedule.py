@@ -179,8 +179,24 @@ def test_label_rejects_bad_input_with_a_message(tmp_path):
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_counts_below_one_are_refused_by_flag_before_ray_starts(tmp_path):
+    for flag in ("--batch-size", "--short-side", "--max-patches", "--actors", "--decode-threads",
+                 "--images-per-shard"):  # fmt: skip
+        proc = run_job(
+            "jobs.label", str(tmp_path), "--output", str(tmp_path / "o"), "--classes", "cat",
+            flag, "0", check=False,
+        )  # fmt: skip
+        assert proc.returncode == 2
+        assert f"argument {flag}: must be at least 1, got 0" in proc.stderr, proc.stderr[-500:]
+        assert "Ray" not in proc.stderr and not (tmp_path / "o").exists()
+
+
 def test_label_help_lists_every_option_group():
+    from cliptrase import METHOD_NAMES
+
     out = run_job("jobs.label", "--help").stdout
     for flag in ("--output", "--class-file", "--weights", "--random-weights", "--gpus-per-actor",
                  "--actors", "--storage-options", "--max-error-rate", "--sample"):  # fmt: skip
         assert flag in out
+    flat = " ".join(out.split())  # argparse wraps the help
+    assert all(f"{name}," in flat or f"{name} " in flat for name in METHOD_NAMES)
