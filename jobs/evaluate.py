@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", required=True, help="folder or URI for metrics.json, per_class.csv"
     )
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument(
+        "--limit", type=_cli.positive_int, default=None, help="only the first N images"
+    )
     parser.add_argument(
         "--ignore-index", type=int, default=IGNORE_INDEX, help="GT value to skip (default 255)"
     )
@@ -296,8 +298,6 @@ def resolve_classes(layout: DatasetLayout, given: ClassList | None) -> ClassList
 @_cli.exit_on_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args, options = _cli.parse_job_args(build_parser(), argv)
-    if args.limit is not None and args.limit < 1:
-        raise _cli.CliError("--limit must be positive")
     if args.save_predictions and not args.run:
         raise _cli.CliError("--save-predictions needs --run")
     try:

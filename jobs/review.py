@@ -891,7 +891,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fp32", "fp16", "bf16"),
         help="default: the run's (fp32 on a CPU)",
     )
-    group.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    group.add_argument(
+        "--batch-size", type=_cli.positive_int, default=8, help="images per forward pass"
+    )
     _cli.add_job_args(parser)
     return parser
 
@@ -913,8 +915,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .review_export import parse_formats
 
         formats = parse_formats(args.format)
-    if args.batch_size < 1:
-        raise _cli.CliError("--batch-size must be positive")
     model = ModelChoice(
         model=args.model,
         weights=args.weights,

@@ -677,7 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a selection.json written by jobs.review (or its folder): export those images, "
         "in review order; 'auto': the one in <run>/_review/. Default: every labelled image",
     )
-    parser.add_argument("--limit", type=int, default=None, help="export at most this many images")
+    parser.add_argument(
+        "--limit", type=_cli.positive_int, default=None, help="export at most this many images"
+    )
     parser.add_argument(
         "--min-confidence",
         type=float,
@@ -698,8 +700,6 @@ def build_parser() -> argparse.ArgumentParser:
 @_cli.exit_on_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args, storage = _cli.parse_job_args(build_parser(), argv)
-    if args.limit is not None and args.limit < 1:
-        raise _cli.CliError("--limit must be positive")
     run = open_run(args.labels, storage, args.config_hash)
     selection = None
     if args.selection == "auto":
