@@ -172,16 +172,11 @@ def _joint_counts(
         if second is not None:
             value = second.full(window).reshape(-1).long() * n_first + value
         return torch.bincount(value, minlength=n_first * n_second), None, None
-    rows, cols = window.rows, window.cols
     agree = both[0].agree if second is None else first.agree & second.agree
     value = first.cells.long()
     if second is not None:
         value = second.cells.long() * n_first + value
-    # Integer weights summed in float64: exact in any order (far below 2^53 pixels).
-    weight = cell_multiplicity(rows, cols, agree.shape).to(torch.float64) * agree
-    counts = torch.bincount(value.reshape(-1), weights=weight.reshape(-1),
-                            minlength=n_first * n_second).round().long()
-    boundary = Boundary.of(~agree, rows, cols)
+    counts, boundary = _agreeing_cells_counts(value, agree, window, n_first * n_second)
     second_values = None
     if len(boundary):
         value = first.at(window, boundary).long()
@@ -190,6 +185,18 @@ def _joint_counts(
             value = second_values.long() * n_first + value
         counts += torch.bincount(value.masked_select(boundary.valid), minlength=n_first * n_second)
     return counts, boundary, second_values
+
+
+def _agreeing_cells_counts(
+    value: torch.Tensor, agree: torch.Tensor, window: OutputWindow, size: int
+) -> tuple[torch.Tensor, Boundary]:
+    """``(size,)`` pixel counts of the cells' ``value`` ``(h, w)`` over the cells where
+    ``agree``, each weighted by how many output pixels read it, and the boundary of the rest."""
+    rows, cols = window.rows, window.cols
+    # Integer weights summed in float64: exact in any order (far below 2^53 pixels).
+    weight = cell_multiplicity(rows, cols, agree.shape).to(torch.float64) * agree
+    counts = torch.bincount(value.reshape(-1), weights=weight.reshape(-1), minlength=size)
+    return counts.round().long(), Boundary.of(~agree, rows, cols)
 
 
 def majority_table(
@@ -211,24 +218,18 @@ def majority_table(
         votes, boundary, region_at = _joint_counts(first, regions, window, n_labels, n_regions)
         every = torch.ones(n_regions, dtype=torch.bool, device=votes.device)
         return votes.view(n_regions, n_labels), every, boundary, region_at
-    rows, cols = window.rows, window.cols
     size = n_regions * n_labels
-    agree = first.agree & regions.agree
-    value = regions.cells.long() * n_labels + first.cells.long()
-    # Integer weights summed in float64: exact in any order (far below 2^53 pixels).
-    weight = cell_multiplicity(rows, cols, agree.shape).to(torch.float64) * agree
-    counts = torch.bincount(
-        value.reshape(-1), weights=weight.reshape(-1), minlength=size
-    ).round().long()
+    first_cells = first.cells.long()  # computed once: a lookup over every source cell
+    value = regions.cells.long() * n_labels + first_cells
+    counts, boundary = _agreeing_cells_counts(value, first.agree & regions.agree, window, size)
     every = torch.ones(n_regions, dtype=torch.bool, device=counts.device)
-    boundary = Boundary.of(~agree, rows, cols)
     if len(boundary) == 0:
         return counts.view(n_regions, n_labels), every, boundary, None
     region_at = regions.at(window, boundary)
     region = region_at.long()
-    cells = boundary.cells(cols, first.agree.shape[1])
+    cells = boundary.cells(window.cols, first.agree.shape[1])
     known = first.agree.reshape(-1).index_select(0, cells)  # (P,) the pair's label is its cell's
-    label = first.cells.reshape(-1).index_select(0, cells).long()
+    label = first_cells.reshape(-1).index_select(0, cells)
     value = region * n_labels + label[:, None]
     counts += torch.bincount(value.masked_select(boundary.valid & known[:, None]), minlength=size)
     unknown_pairs = torch.nonzero(~known)[:, 0]
@@ -242,7 +243,7 @@ def majority_table(
     pairs = torch.nonzero(needed.any(dim=1))[:, 0]
     if pairs.numel():
         part = boundary.select(unknown_pairs.index_select(0, pairs))
-        channel = boundary_argmax(first.scores, cols, part, first.pixels)
+        channel = boundary_argmax(first.scores, window.cols, part, first.pixels)
         value = region.index_select(0, pairs) * n_labels + _looked_up(first.lookup, channel).long()
         counts += torch.bincount(value.masked_select(needed.index_select(0, pairs)),
                                  minlength=size)  # fmt: skip
