@@ -256,18 +256,24 @@ def test_a_leader_is_settled_only_when_no_unknown_pixels_can_tie_it():
     assert fullsize._leads_by_more_than(table, unknown).tolist() == [False, False, True, False]
 
 
-def _reference_cliptrase(seg, image, vocab):
-    """Upsample the processing-size logits and cluster maps to the original size, argmax,
-    majority vote (ties: smallest label): the paper's section 8 at the image's own size."""
+def _stretched_reference(seg, image, vocab):
+    """The processing-size logits ``(K, H, W)`` and the cluster regions ``(H, W)`` (of ``n``)
+    upsampled in one piece to the original size, as the official code would."""
     prepared = seg.prepare(image)
     h, w = prepared.resized
     processed = seg._process(prepared.pixels[None], vocab)
     size = image.shape[:2]
-    logits = F.interpolate(processed.logits[:, :, :h, :w], size=size, mode="bilinear")
-    pred = vocab.row_labels[logits.max(dim=1).indices[0]]
+    logits = F.interpolate(processed.logits[:, :, :h, :w], size=size, mode="bilinear")[0]
     n = int(processed.clusters[0])
     maps = F.interpolate(processed.maps[:, :n, :h, :w], size=size, mode="bilinear")[0]
-    regions = maps.max(dim=0).indices
+    return logits, maps.max(dim=0).indices, n
+
+
+def _reference_cliptrase(seg, image, vocab):
+    """Upsample the processing-size logits and cluster maps to the original size, argmax,
+    majority vote (ties: smallest label): the paper's section 8 at the image's own size."""
+    logits, regions, n = _stretched_reference(seg, image, vocab)
+    pred = vocab.row_labels[logits.max(dim=0).indices]
     votes = torch.bincount(regions.reshape(-1) * vocab.num_labels + pred.reshape(-1),
                            minlength=n * vocab.num_labels)
     return votes.reshape(n, -1).argmax(dim=1)[regions].numpy()
@@ -297,14 +303,7 @@ def test_the_mean_logits_vote_at_the_original_size(tiny, astronaut):
     vocab = tiny.vocabulary(*VOCAB)
     image = astronaut[:301, :457]
     result = seg.segment(image, vocab)
-    prepared = seg.prepare(image)
-    h, w = prepared.resized
-    processed = seg._process(prepared.pixels[None], vocab)
-    size = image.shape[:2]
-    logits = F.interpolate(processed.logits[:, :, :h, :w], size=size, mode="bilinear")[0]
-    n = int(processed.clusters[0])
-    maps = F.interpolate(processed.maps[:, :n, :h, :w], size=size, mode="bilinear")[0]
-    regions = maps.max(dim=0).indices
+    logits, regions, n = _stretched_reference(seg, image, vocab)
     k = logits.shape[0]
     sums = torch.zeros(n, k).index_add_(0, regions.reshape(-1), logits.reshape(k, -1).T)
     expected = vocab.row_labels[sums.argmax(dim=1)][regions].numpy()
