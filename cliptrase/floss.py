@@ -17,6 +17,7 @@ we do differently from the released code, and why.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ from .text import Template, Vocabulary, class_embeddings
 
 if TYPE_CHECKING:
     from .segmentor import Segmentor
+
+log = logging.getLogger("cliptrase")
 
 DEFAULT_TOP_K = 4  # the official ``top_n`` (NACLIP, CLIP-DINOiser)
 ENTROPY_EPS = 1e-10  # the official entropy: -sum p log(p + 1e-10)
@@ -281,6 +284,13 @@ def rank_templates(
     classes, background = validate_names(classes, background or ())
     synonyms = validate_synonyms(classes, background, synonyms)
     chosen = list(segmentor.templates(templates))
+    if top_k >= len(chosen):
+        log.warning(
+            "FLOSS top_k %d is not below the %d templates: no template is ranked out; a class "
+            "keeps every template that predicted it at all",
+            top_k,
+            len(chosen),
+        )
     rows, shell = _row_texts(classes, background, synonyms)
     default = segmentor.vocabulary(classes, background, chosen, synonyms=synonyms or None)
     per_prompt = prompt_embeddings(segmentor, rows, chosen)  # (T, K, D)

@@ -156,6 +156,16 @@ def test_ranking_is_deterministic_and_follows_the_sample(tiny):
     assert len(rankings) > 1, "experts must depend on which images were sampled"
 
 
+def test_a_top_k_that_ranks_nothing_out_is_announced(tiny, caplog):
+    seg = tiny.variant(method="sclip")
+    image = np.asarray(Image.fromarray(skimage.data.chelsea()).resize((112, 96)))
+    for top_k, warned in ((len(TEMPLATES) - 1, False), (len(TEMPLATES), True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="cliptrase"):
+            floss.rank_templates(seg, [image], CLASSES, TEMPLATES, top_k=top_k)
+        assert ("no template is ranked out" in caplog.text) is warned, top_k
+
+
 def test_expert_vocabulary_is_the_literal_construction(tiny):
     seg = tiny.variant(method="sclip")
     experts = floss.TemplateExperts(
