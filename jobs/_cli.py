@@ -138,7 +138,10 @@ def add_model_args(parser: argparse.ArgumentParser, title: str = "model") -> Non
         "--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda, cuda:1 ..."
     )
     group.add_argument(
-        "--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="GPU only"
+        "--precision",
+        default="fp32",
+        choices=("fp32", "fp16", "bf16"),
+        help="on a GPU (default fp32; jobs.label's bf16); a CPU runs fp32",
     )
     group.add_argument(
         "--method",
@@ -233,8 +236,11 @@ def _split(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-def class_list(args: argparse.Namespace, options: dict | None = None) -> ClassList | None:
-    """The ClassList the vocabulary flags describe; None if none was given."""
+def class_list(
+    args: argparse.Namespace, options: dict | None = None, default: ClassList | None = None
+) -> ClassList | None:
+    """The ClassList the vocabulary flags describe; ``default`` (with any ``--background``
+    added) if they name no classes; None if neither."""
     background = _split(getattr(args, "background", None))
     try:
         if args.classes is not None:
@@ -247,6 +253,8 @@ def class_list(args: argparse.Namespace, options: dict | None = None) -> ClassLi
             result = load_class_file(args.class_file, storage_options=options)
         elif args.preset is not None:
             result = ClassList.from_preset(args.preset)
+        elif default is not None:
+            result = default
         else:
             if background:
                 raise CliError("--background needs classes (--classes, --class-file or --preset)")

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _cli.add_vocabulary_args(parser, required=False)
     _cli.add_model_args(parser)
-    parser.set_defaults(precision="bf16")  # GPU actors; the segmentor falls back to fp32 on CPU
+    # None: SegmentorSpec's (bf16 on GPU actors, fp32 on the others), without a warning.
+    parser.set_defaults(precision=None)
     method = parser.add_argument_group("method")
     method.add_argument(
         "--max-patches",
@@ -161,11 +162,10 @@ def _vocabulary(args: argparse.Namespace, options: dict):
 
     from .samples import SAMPLE_BACKGROUND, SAMPLE_CLASSES
 
-    classes = _cli.class_list(args, options)
+    sample = ClassList.from_names(SAMPLE_CLASSES, SAMPLE_BACKGROUND) if args.sample else None
+    classes = _cli.class_list(args, options, default=sample)
     if classes is None:
-        if not args.sample:
-            raise _cli.CliError("give a vocabulary: --classes, --class-file or --preset")
-        classes = ClassList.from_names(SAMPLE_CLASSES, SAMPLE_BACKGROUND)
+        raise _cli.CliError("give a vocabulary: --classes, --class-file or --preset")
     try:
         names, background, templates = classes.vocabulary_args()
         return VocabularySpec(
@@ -187,6 +187,19 @@ def _gpus_per_actor(args: argparse.Namespace) -> float:
     import ray
 
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def _warn_about_cpu_actors(args: argparse.Namespace, gpus_per_actor: float) -> None:
+    """Once, on the driver: GPU-only options asked for on actors that get no GPU."""
+    if gpus_per_actor > 0:
+        return
+    if args.precision not in (None, "fp32"):
+        log.warning("--precision %s needs GPU actors; these have none and run fp32", args.precision)
+    if args.gpu_decode:
+        log.warning(
+            "--gpu-decode with actors that have no GPU: plain JPEGs are decoded and resized by "
+            "torchvision on the CPU (its resize, not Pillow's: docs/benchmarks.md)"
+        )
 
 
 def config_from_args(args: argparse.Namespace, options: dict):
@@ -222,7 +235,7 @@ def config_from_args(args: argparse.Namespace, options: dict):
             model=args.model,
             pretrained=None if args.random_weights else args.weights,
             method=args.method,
-            precision=args.precision,
+            precision=args.precision or SegmentorSpec.precision,
             short_side=args.short_side,
             resolution=args.resolution,
             max_patches=args.max_patches,
@@ -252,6 +265,8 @@ def config_from_args(args: argparse.Namespace, options: dict):
             top_k=args.floss_top_k,
             seed=args.floss_seed,
         )
+        gpus_per_actor = _gpus_per_actor(args)
+        _warn_about_cpu_actors(args, gpus_per_actor)
         return RunConfig(
             inputs=tuple(inputs),
             floss=floss,
@@ -260,7 +275,7 @@ def config_from_args(args: argparse.Namespace, options: dict):
             vocabulary=_vocabulary(args, options),
             source=source,
             num_actors=args.actors,
-            num_gpus_per_actor=_gpus_per_actor(args),
+            num_gpus_per_actor=gpus_per_actor,
             num_cpus_per_actor=args.cpus_per_actor,
             decode_threads=args.decode_threads,
             max_retries=args.max_retries,

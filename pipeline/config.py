@@ -76,7 +76,7 @@ class SegmentorSpec:
     # open_clip tag, file path or fsspec URI; None = random (hashed without credentials)
     pretrained: str | None = hashed("openai")
     method: str = hashed("cliptrase")
-    precision: str = hashed("bf16")  # the segmentor itself falls back to fp32 on a CPU
+    precision: str = hashed("bf16")  # on GPU actors; actors without a GPU run fp32
     short_side: int | None = hashed(None)  # None: the method's (336 for cliptrase)
     resolution: str = hashed("original")  # where labels are decided (cliptrase RESOLUTIONS)
     max_patches: int = hashed(1344)

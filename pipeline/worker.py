@@ -130,7 +130,9 @@ class ShardLabeler:
             spec.model,
             pretrained=spec.pretrained,
             device="auto",  # a logical Ray GPU on a CPU box: torch sees none, run on the CPU
-            precision=spec.precision,
+            # The spec's precision is the GPU's; an actor without one runs fp32, quietly (the
+            # driver warns once if the user asked for less), and its metadata says fp32.
+            precision=spec.precision if torch.cuda.is_available() else "fp32",
             method=spec.method,
             config=spec.segmentor_config(),
             storage_options=config.storage_options,

@@ -4,17 +4,20 @@ raises costs its row, not the shard."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import pipeline
 from pipeline import sink
 from pipeline.worker import ShardLabeler
 
-from .conftest import CORRUPT, jpeg, make_tar, tiny_config
+from .conftest import CORRUPT, TINY, jpeg, make_tar, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +111,15 @@ def test_rows_stream_to_the_writer_in_order_with_few_in_flight(
     ]
     assert errors == ["005", "066", "067"]
     assert result.write_s >= 0 and result.model_s > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="an actor without a GPU")
+def test_an_actor_without_a_gpu_runs_the_specs_bf16_as_fp32_quietly(tmp_path, caplog):
+    """bf16 is the spec's default, for GPU actors; a CPU actor must not warn on every start."""
+    spec = dataclasses.replace(TINY, precision="bf16")
+    with caplog.at_level(logging.WARNING):
+        labeler = ShardLabeler(tiny_config([str(tmp_path / "in")], tmp_path, segmentor=spec))
+    assert labeler.segmentor.precision == "fp32"
+    assert labeler.metadata()["precision"] == "fp32"
+    assert labeler.metadata()["segmentor"]["precision"] == "bf16"  # what the hash is of
+    assert "needs a GPU" not in caplog.text

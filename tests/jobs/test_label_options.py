@@ -1,0 +1,58 @@
+"""jobs.label's options that only mean something on GPU actors, and the sample's vocabulary."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from jobs import _cli
+from jobs.label import _vocabulary, build_parser, config_from_args
+from jobs.samples import SAMPLE_BACKGROUND, SAMPLE_CLASSES
+
+BASE = ["in/", "--output", "out", "--classes", "person,cat"]
+
+
+def _config(*flags: str):
+    return config_from_args(build_parser().parse_args([*BASE, *flags]), {})
+
+
+def test_the_default_precision_is_bf16_in_the_hash_and_quiet_on_cpu_actors(caplog):
+    with caplog.at_level(logging.WARNING, logger="jobs.label"):
+        default = _config("--gpus-per-actor", "0")
+    assert caplog.text == ""
+    assert default.segmentor.precision == "bf16"
+    # The same run as asking for bf16: the output prefix does not depend on how it was asked.
+    assert default.config_hash() == _config("--gpus-per-actor", "0", "--precision", "bf16").config_hash()
+
+
+@pytest.mark.parametrize(
+    "flags, warning",
+    [
+        (["--precision", "bf16"], "--precision bf16 needs GPU actors"),
+        (["--precision", "fp16"], "--precision fp16 needs GPU actors"),
+        (["--gpu-decode"], "--gpu-decode with actors that have no GPU"),
+    ],
+)
+def test_gpu_only_options_on_cpu_actors_are_announced_once(caplog, flags, warning):
+    with caplog.at_level(logging.WARNING, logger="jobs.label"):
+        _config("--gpus-per-actor", "1", *flags)
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="jobs.label"):
+        _config("--gpus-per-actor", "0", *flags)
+    assert caplog.text.count(warning) == 1
+
+
+def test_background_words_add_to_the_samples_vocabulary():
+    args = build_parser().parse_args(["--sample", "--background", "road,car park"])
+    vocabulary = _vocabulary(args, {})
+    assert vocabulary.classes == SAMPLE_CLASSES
+    assert vocabulary.background == (*SAMPLE_BACKGROUND, "road", "car park")
+    plain = _vocabulary(build_parser().parse_args(["--sample"]), {})
+    assert plain.background == SAMPLE_BACKGROUND
+
+
+def test_background_words_alone_still_need_classes():
+    args = build_parser().parse_args(["in/", "--output", "out", "--background", "sky"])
+    with pytest.raises(_cli.CliError, match="--background needs classes"):
+        _vocabulary(args, {})
