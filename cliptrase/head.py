@@ -136,17 +136,26 @@ def confidence_of(
     num_labels: int,
     num_classes: int,
     temperature: float,
+    plain_rows: bool | None = None,
 ) -> torch.Tensor:
-    """Softmax mass of each pixel's label: ``(B, H, W)`` float32 in ``[0, 1]``."""
+    """Softmax mass of each pixel's label: ``(B, H, W)`` float32 in ``[0, 1]``.
+
+    ``plain_rows``: whether ``row_labels`` are the classes then background words, one row
+    each (no synonyms), when the caller knows; None reads ``row_labels`` (a device sync on a
+    GPU)."""
     logits = logits.float()
     if temperature != 1.0:  # x / 1 is x: skip a full pass at the default
         logits = logits / temperature
     probs = torch.softmax(logits, dim=1)
     k = probs.shape[1]
-    plain = torch.equal(
-        row_labels.cpu(),
-        torch.cat([torch.arange(num_classes), torch.full((k - num_classes,), num_classes)])[:k],
-    )
+    plain = plain_rows
+    if plain is None:
+        plain = torch.equal(
+            row_labels.cpu(),
+            torch.cat([torch.arange(num_classes), torch.full((k - num_classes,), num_classes)])[
+                :k
+            ],
+        )
     index = pred.to(probs.device).unsqueeze(1)
     if plain:  # classes then background words: the form spec section 6 has (kept bit for bit)
         c = num_classes

@@ -85,6 +85,14 @@ class SegmentationResult:
         return np.rint(self.confidence * np.float32(255)).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class _VocabularyOnDevice:
+    """A vocabulary's label tensors on the segmentor's device (see ``_device_vocab``)."""
+
+    row_labels: torch.Tensor  # (rows,) int64, Vocabulary.row_labels
+    expert_labels: torch.Tensor  # (E,) int64, Vocabulary.expert_labels
+
+
 @dataclass
 class DenseFeatures:
     """Tensor-level output of the modified forward (spec sections 1-7)."""
@@ -191,7 +199,7 @@ class Segmentor:
         if NORMALISATIONS[self.method.normalisation] is not None:
             self.mean, self.std = NORMALISATIONS[self.method.normalisation]
         self.logit_scale = float(self.clip.logit_scale.exp())
-        self._row_labels: tuple[Vocabulary, torch.Tensor] | None = None  # _device_row_labels
+        self._on_device: tuple[Vocabulary, _VocabularyOnDevice] | None = None  # _device_vocab
         self._vocab_cache: dict[tuple, Vocabulary] = {}
         if weights.random:
             log.warning(
@@ -463,7 +471,7 @@ class Segmentor:
         return fuse_expert_logits(
             logits,
             expert_logits,
-            torch.tensor(vocab.expert_labels, dtype=torch.int64),
+            self._device_vocab(vocab).expert_labels,
             self._device_row_labels(vocab),
             vocab.num_labels,
         )
@@ -518,13 +526,20 @@ class Segmentor:
             out[i] = winners[regions]
         return out
 
-    def _device_row_labels(self, vocab: Vocabulary) -> torch.Tensor:
-        """``vocab.row_labels`` on the segmentor's device, copied once per vocabulary: every
-        host-to-device copy of a pageable tensor synchronises the stream, several per tile."""
-        cached = self._row_labels  # read once: a cache another call replaces stays whole
+    def _device_vocab(self, vocab: Vocabulary) -> _VocabularyOnDevice:
+        """``vocab``'s label tensors on the segmentor's device, copied once per vocabulary:
+        every host-to-device copy of a pageable tensor synchronises the stream."""
+        cached = self._on_device  # read once: a cache another call replaces stays whole
         if cached is None or cached[0] is not vocab:
-            cached = self._row_labels = (vocab, vocab.row_labels.to(self.device))
+            on_device = _VocabularyOnDevice(
+                vocab.row_labels.to(self.device),
+                torch.tensor(vocab.expert_labels, dtype=torch.int64, device=self.device),
+            )
+            cached = self._on_device = (vocab, on_device)
         return cached[1]
+
+    def _device_row_labels(self, vocab: Vocabulary) -> torch.Tensor:
+        return self._device_vocab(vocab).row_labels
 
     def _decide(
         self, logits: torch.Tensor, vocab: Vocabulary, row_argmax: torch.Tensor | None = None
@@ -545,10 +560,11 @@ class Segmentor:
         return confidence_of(
             logits,
             pred,
-            vocab.row_labels,
+            self._device_row_labels(vocab),
             vocab.num_labels,
             vocab.num_classes,
             self.config.confidence_temperature,
+            plain_rows=not any(vocab.synonyms),
         )
 
     # ------------------------------------------------------------- whole images

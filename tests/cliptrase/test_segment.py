@@ -81,10 +81,13 @@ def pooled_confidence(logits, pred, row_labels, num_labels, num_classes, tempera
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 @pytest.mark.parametrize(
-    "row_labels,num_classes",
-    [([0, 1, 2], 3), ([0, 1, 2, 3, 3, 3], 3), ([0, 1, 1, 2, 3, 3], 3)],  # plain, background words, synonyms
+    "row_labels,num_classes,plain_rows",
+    # plain, background words, synonyms
+    [([0, 1, 2], 3, True), ([0, 1, 2, 3, 3, 3], 3, True), ([0, 1, 1, 2, 3, 3], 3, False)],
 )
-def test_confidence_equals_the_pooled_probabilities_bit_for_bit(row_labels, num_classes, temperature):
+def test_confidence_equals_the_pooled_probabilities_bit_for_bit(
+    row_labels, num_classes, plain_rows, temperature
+):
     generator = torch.Generator().manual_seed(len(row_labels))
     row_labels = torch.tensor(row_labels)
     num_labels = int(row_labels.max()) + 1
@@ -94,6 +97,29 @@ def test_confidence_equals_the_pooled_probabilities_bit_for_bit(row_labels, num_
     expected = pooled_confidence(logits, pred, row_labels, num_labels, num_classes, temperature)
     assert torch.equal(got, expected)
     assert bool((pred == num_labels - 1).any())  # the pooled background channel was read
+    # The caller's word for the rows' form (no device read of row_labels) changes nothing.
+    told = confidence_of(
+        logits, pred, row_labels, num_labels, num_classes, temperature, plain_rows=plain_rows
+    )
+    assert torch.equal(told, expected)
+
+
+@pytest.mark.parametrize("synonyms", [None, [["kitten", "tabby"], [], ["lawn"]]])
+def test_the_segmentors_confidence_pools_synonyms_with_labels_kept_on_its_device(tiny, synonyms):
+    vocab = tiny.vocabulary(["cat", "dog", "grass"], ["wall", "sky"], synonyms=synonyms)
+    generator = torch.Generator().manual_seed(3)
+    rows = len(vocab.row_labels)
+    logits = 4 * torch.randn(2, rows, 29, 31, generator=generator)
+    pred = torch.randint(0, vocab.num_labels, (2, 29, 31), generator=generator)
+    got = tiny._confidence(logits, pred, vocab)
+    expected = pooled_confidence(logits, pred, vocab.row_labels, vocab.num_labels, 3, 1.0)
+    assert torch.equal(got, expected)
+    # Copied to the device once per vocabulary, not per batch.
+    on_device = tiny._device_vocab(vocab)
+    assert tiny._device_vocab(vocab) is on_device
+    assert on_device.row_labels.device == tiny.device
+    assert torch.equal(on_device.row_labels.cpu(), vocab.row_labels)
+    assert on_device.expert_labels.device == tiny.device and on_device.expert_labels.numel() == 0
 
 
 def test_batch_equals_one_at_a_time(tiny, vocab, astronaut, chelsea):
