@@ -136,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="GPUs per actor, fractions share a GPU (default: 1 if the cluster has GPUs, else 0)",
     )
-    execution.add_argument("--cpus-per-actor", type=float, default=1.0)
+    execution.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=None,
+        help="CPUs each actor reserves, and its torch threads (default 1; --sample's one CPU "
+        "actor on a Ray this job starts: every CPU of the machine)",
+    )
     execution.add_argument(
         "--decode-threads",
         type=_cli.positive_int,
@@ -202,8 +208,23 @@ def _warn_about_cpu_actors(args: argparse.Namespace, gpus_per_actor: float) -> N
         )
 
 
-def config_from_args(args: argparse.Namespace, options: dict):
-    """The pipeline's RunConfig for these arguments (Ray must be up for the GPU default)."""
+def _cpus_per_actor(args: argparse.Namespace, gpus_per_actor: float, own_ray_cpus: float | None):
+    """``--cpus-per-actor``, else 1; the sample is one shard, so one actor: on a local Ray this
+    job started (``own_ray_cpus``, its CPUs) a CPU actor takes them all, which halves the
+    vocabulary's compile at start-up on 2 cores."""
+    if args.cpus_per_actor is not None:
+        return args.cpus_per_actor
+    if args.sample and gpus_per_actor == 0 and own_ray_cpus:
+        return max(1.0, float(own_ray_cpus))
+    return 1.0
+
+
+def config_from_args(
+    args: argparse.Namespace, options: dict, own_ray_cpus: float | None = None
+):
+    """The pipeline's RunConfig for these arguments (Ray must be up for the GPU default).
+
+    ``own_ray_cpus``: the CPUs of a local Ray this job started, None on any other Ray."""
     from pipeline import FlossSpec, RunConfig, SegmentorSpec, SourceSpec
 
     if args.method not in METHOD_NAMES:
@@ -276,7 +297,7 @@ def config_from_args(args: argparse.Namespace, options: dict):
             source=source,
             num_actors=args.actors,
             num_gpus_per_actor=gpus_per_actor,
-            num_cpus_per_actor=args.cpus_per_actor,
+            num_cpus_per_actor=_cpus_per_actor(args, gpus_per_actor, own_ray_cpus),
             decode_threads=args.decode_threads,
             max_retries=args.max_retries,
             storage_options=options,
@@ -297,10 +318,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Connects to RAY_ADDRESS when set (ray job submit sets it), else starts a local Ray.
     started = not ray.is_initialized()
+    local = started and os.environ.get("RAY_ADDRESS", "local") == "local"
     if started:
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
     try:
-        config = config_from_args(args, options)
+        own_ray_cpus = ray.cluster_resources().get("CPU") if local else None
+        config = config_from_args(args, options, own_ray_cpus)
         if config.segmentor.pretrained is None:
             log.warning("%s: %s", config.segmentor.model, _cli.RANDOM_WEIGHTS_BANNER)
         summary = run_pipeline(config, args)

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from jobs import _cli
-from jobs.label import _vocabulary, build_parser, config_from_args
+from jobs.label import _cpus_per_actor, _vocabulary, build_parser, config_from_args
 from jobs.samples import SAMPLE_BACKGROUND, SAMPLE_CLASSES
 
 BASE = ["in/", "--output", "out", "--classes", "person,cat"]
@@ -56,3 +56,24 @@ def test_background_words_alone_still_need_classes():
     args = build_parser().parse_args(["in/", "--output", "out", "--background", "sky"])
     with pytest.raises(_cli.CliError, match="--background needs classes"):
         _vocabulary(args, {})
+
+
+def test_the_samples_one_cpu_actor_takes_every_cpu_of_a_ray_the_job_started(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --sample writes its photos under ./outputs/sample
+    sample = build_parser().parse_args(["--sample", "--gpus-per-actor", "0"])
+    assert config_from_args(sample, {}, own_ray_cpus=2.0).num_cpus_per_actor == 2.0
+    assert config_from_args(sample, {}).num_cpus_per_actor == 1.0  # someone else's Ray
+    assert (tmp_path / "outputs" / "sample" / "images" / "chelsea.jpg").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, gpus, own_ray_cpus, expected",
+    [
+        (["in/", "-o", "out", "--classes", "cat"], 0, 16.0, 1.0),  # a corpus: many actors
+        (["--sample"], 1, 16.0, 1.0),  # a GPU actor: the CPUs do not decide its speed
+        (["--sample", "--cpus-per-actor", "0.5"], 0, 16.0, 0.5),  # asked for
+        (["--sample"], 0, 0.5, 1.0),  # at least one
+    ],
+)
+def test_cpus_per_actor_is_one_unless_the_sample_runs_alone(flags, gpus, own_ray_cpus, expected):
+    assert _cpus_per_actor(build_parser().parse_args(flags), gpus, own_ray_cpus) == expected
