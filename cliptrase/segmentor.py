@@ -131,6 +131,14 @@ class _Processed:
     clusters: torch.Tensor | None  # (B,) cluster count per image
     row_argmax: torch.Tensor | None = None  # (B, H, W) first-maximum row, for a plain head
     _regions: dict[int, torch.Tensor] = field(default_factory=dict)
+    _cluster_counts: list[int] | None = None
+
+    def cluster_count(self, b: int) -> int:
+        """Input ``b``'s cluster count; the counts cross to the host once per batch (one
+        device sync, not one per input)."""
+        if self._cluster_counts is None:
+            self._cluster_counts = self.clusters.tolist()
+        return self._cluster_counts[b]
 
     def regions(self, b: int, n: int) -> torch.Tensor:
         """``(H, W)`` cluster of each pixel of input ``b``: the first maximum over its ``n``
@@ -514,7 +522,7 @@ class Segmentor:
             return pred
         out = pred.clone()
         for i in range(pred.shape[0]):
-            n = int(processed.clusters[i])
+            n = processed.cluster_count(i)
             if n == 0:  # every patch is noise: the first prediction is final
                 continue
             regions = processed.regions(i, n)
@@ -731,7 +739,7 @@ class Segmentor:
             None if processed.row_argmax is None else processed.row_argmax[b],
         )
         refiner = self.method.refiner
-        n = 0 if refiner is None else int(processed.clusters[b])
+        n = 0 if refiner is None else processed.cluster_count(b)
         if n == 0:
             return first.full(window)
         return fullsize.vote(
