@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="CPUs each actor reserves, and its torch threads (default 1; --sample's one CPU "
-        "actor on a Ray this job starts: every CPU of the machine)",
+        "actor on a one-machine Ray: the CPUs free there)",
     )
     execution.add_argument(
         "--decode-threads",
@@ -208,23 +209,30 @@ def _warn_about_cpu_actors(args: argparse.Namespace, gpus_per_actor: float) -> N
         )
 
 
-def _cpus_per_actor(args: argparse.Namespace, gpus_per_actor: float, own_ray_cpus: float | None):
-    """``--cpus-per-actor``, else 1; the sample is one shard, so one actor: on a local Ray this
-    job started (``own_ray_cpus``, its CPUs) a CPU actor takes them all, which halves the
+def _free_cpus_of_one_machine() -> float | None:
+    """The CPUs free now on a one-node Ray (a laptop, a workstation); None on a cluster."""
+    import ray
+
+    if sum(1 for node in ray.nodes() if node["Alive"]) != 1:
+        return None
+    return ray.available_resources().get("CPU")
+
+
+def _cpus_per_actor(args: argparse.Namespace, gpus_per_actor: float, free_cpus: float | None):
+    """``--cpus-per-actor``, else 1. The sample is one shard, so one actor: on a one-machine
+    Ray (``free_cpus``, its CPUs free now) a CPU actor takes them, which halves the
     vocabulary's compile at start-up on 2 cores."""
     if args.cpus_per_actor is not None:
         return args.cpus_per_actor
-    if args.sample and gpus_per_actor == 0 and own_ray_cpus:
-        return max(1.0, float(own_ray_cpus))
+    if args.sample and gpus_per_actor == 0 and free_cpus:
+        return float(max(1, math.floor(free_cpus)))
     return 1.0
 
 
-def config_from_args(
-    args: argparse.Namespace, options: dict, own_ray_cpus: float | None = None
-):
+def config_from_args(args: argparse.Namespace, options: dict, free_cpus: float | None = None):
     """The pipeline's RunConfig for these arguments (Ray must be up for the GPU default).
 
-    ``own_ray_cpus``: the CPUs of a local Ray this job started, None on any other Ray."""
+    ``free_cpus``: the free CPUs of a one-machine Ray (:func:`_free_cpus_of_one_machine`)."""
     from pipeline import FlossSpec, RunConfig, SegmentorSpec, SourceSpec
 
     if args.method not in METHOD_NAMES:
@@ -297,7 +305,7 @@ def config_from_args(
             source=source,
             num_actors=args.actors,
             num_gpus_per_actor=gpus_per_actor,
-            num_cpus_per_actor=_cpus_per_actor(args, gpus_per_actor, own_ray_cpus),
+            num_cpus_per_actor=_cpus_per_actor(args, gpus_per_actor, free_cpus),
             decode_threads=args.decode_threads,
             max_retries=args.max_retries,
             storage_options=options,
@@ -318,12 +326,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Connects to RAY_ADDRESS when set (ray job submit sets it), else starts a local Ray.
     started = not ray.is_initialized()
-    local = started and os.environ.get("RAY_ADDRESS", "local") == "local"
     if started:
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
     try:
-        own_ray_cpus = ray.cluster_resources().get("CPU") if local else None
-        config = config_from_args(args, options, own_ray_cpus)
+        free_cpus = _free_cpus_of_one_machine() if args.sample else None
+        config = config_from_args(args, options, free_cpus)
         if config.segmentor.pretrained is None:
             log.warning("%s: %s", config.segmentor.model, _cli.RANDOM_WEIGHTS_BANNER)
         summary = run_pipeline(config, args)

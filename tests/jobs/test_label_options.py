@@ -7,7 +7,13 @@ import logging
 import pytest
 
 from jobs import _cli
-from jobs.label import _cpus_per_actor, _vocabulary, build_parser, config_from_args
+from jobs.label import (
+    _cpus_per_actor,
+    _free_cpus_of_one_machine,
+    _vocabulary,
+    build_parser,
+    config_from_args,
+)
 from jobs.samples import SAMPLE_BACKGROUND, SAMPLE_CLASSES
 
 BASE = ["in/", "--output", "out", "--classes", "person,cat"]
@@ -58,16 +64,17 @@ def test_background_words_alone_still_need_classes():
         _vocabulary(args, {})
 
 
-def test_the_samples_one_cpu_actor_takes_every_cpu_of_a_ray_the_job_started(tmp_path, monkeypatch):
+def test_the_samples_one_cpu_actor_takes_the_free_cpus_of_a_one_machine_ray(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # --sample writes its photos under ./outputs/sample
     sample = build_parser().parse_args(["--sample", "--gpus-per-actor", "0"])
-    assert config_from_args(sample, {}, own_ray_cpus=2.0).num_cpus_per_actor == 2.0
-    assert config_from_args(sample, {}).num_cpus_per_actor == 1.0  # someone else's Ray
+    assert config_from_args(sample, {}, free_cpus=2.0).num_cpus_per_actor == 2.0
+    assert config_from_args(sample, {}, free_cpus=3.5).num_cpus_per_actor == 3.0  # whole CPUs
+    assert config_from_args(sample, {}).num_cpus_per_actor == 1.0  # a cluster
     assert (tmp_path / "outputs" / "sample" / "images" / "chelsea.jpg").is_file()
 
 
 @pytest.mark.parametrize(
-    "flags, gpus, own_ray_cpus, expected",
+    "flags, gpus, free_cpus, expected",
     [
         (["in/", "-o", "out", "--classes", "cat"], 0, 16.0, 1.0),  # a corpus: many actors
         (["--sample"], 1, 16.0, 1.0),  # a GPU actor: the CPUs do not decide its speed
@@ -75,5 +82,21 @@ def test_the_samples_one_cpu_actor_takes_every_cpu_of_a_ray_the_job_started(tmp_
         (["--sample"], 0, 0.5, 1.0),  # at least one
     ],
 )
-def test_cpus_per_actor_is_one_unless_the_sample_runs_alone(flags, gpus, own_ray_cpus, expected):
-    assert _cpus_per_actor(build_parser().parse_args(flags), gpus, own_ray_cpus) == expected
+def test_cpus_per_actor_is_one_unless_the_sample_runs_alone(flags, gpus, free_cpus, expected):
+    assert _cpus_per_actor(build_parser().parse_args(flags), gpus, free_cpus) == expected
+
+
+def test_free_cpus_are_read_on_a_one_node_ray_and_not_on_a_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert _free_cpus_of_one_machine() == 2.0
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        assert _free_cpus_of_one_machine() is None
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
