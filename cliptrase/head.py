@@ -150,12 +150,8 @@ def confidence_of(
     k = probs.shape[1]
     plain = plain_rows
     if plain is None:
-        plain = torch.equal(
-            row_labels.cpu(),
-            torch.cat([torch.arange(num_classes), torch.full((k - num_classes,), num_classes)])[
-                :k
-            ],
-        )
+        layout = torch.cat([torch.arange(num_classes), torch.full((k - num_classes,), num_classes)])
+        plain = torch.equal(row_labels.cpu(), layout[:k])
     index = pred.to(probs.device).unsqueeze(1)
     if plain:  # classes then background words: the form spec section 6 has (kept bit for bit)
         c = num_classes
