@@ -1,5 +1,6 @@
-"""JPEG DCT-domain scaling (``decode_image(draft_short_side=...)``) and device decoding
-(``SourceSpec.gpu_decode``) against full-size decoding by Pillow.
+"""JPEG DCT-domain scaling (``decode_image(draft_short_side=...)``), torch's resize kernel
+(``SegmentorConfig.resize``) and device decoding (``SourceSpec.gpu_decode``) against full-size
+decoding and resizing by Pillow.
 
     OMP_WAIT_POLICY=PASSIVE python bench/decode_agreement.py                 # tiny model
     python bench/decode_agreement.py --models ViT-Tiny-16-test ViT-B-16 --json out.json
@@ -13,7 +14,10 @@ will). Reported per image: the scale libjpeg decoded at, decode+prepare ms (medi
 the fraction of label pixels that agree, per model. Device decoding: the same JPEG decoded
 by torchvision on ``--device`` (nvjpeg on CUDA, libjpeg-turbo on the CPU) and prepared there
 (``Segmentor.prepare_pixels``: torchvision's tensor bicubic resize), its labels against the
-full Pillow decode's ("device" columns).
+full Pillow decode's ("device" columns). Resize: the drafted decode prepared with torch's
+uint8 bicubic kernel (``resize="torch"``, the pipeline's default) against the same decode
+prepared with Pillow's ("resize" columns), and the pipeline's default (draft + torch resize)
+against the exact path (full decode + Pillow's resize; "default" columns).
 
 Images: scikit-image's sample photos (jobs/samples.py) as they are (under 2x the short side
 they never draft), upscaled to 1920x1080 and 4000x3000 (cover + centre crop, bicubic), and
@@ -29,6 +33,7 @@ expected to be at least as high.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -132,11 +137,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--device", default="cpu", help="where JPEGs are decoded for 'device'")
+    parser.add_argument(
+        "--method",
+        default="cliptrase",
+        help="e.g. naclip: a per-pixel argmax without clusters uses more labels per image "
+        "with random weights, so it shows more of what the inputs change",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # decode + prepare timed on one thread, as one decode thread
 
     segs = {
-        m: cliptrase.load_segmentor(m, pretrained=None, device=args.device, method="cliptrase")
+        m: cliptrase.load_segmentor(m, pretrained=None, device=args.device, method=args.method)
         for m in args.models
     }
     vocabs = {  # one template: random text towers, the prompt set does not matter here
@@ -145,13 +156,19 @@ def main() -> None:
     }
     timing = segs[args.models[0]]  # decode + prepare do not depend on the model's weights
     short = timing.config.short_side
-    print(f"short side {short}; one thread; median of {args.repeats}; models {args.models}")
+    print(
+        f"method {args.method}; short side {short}; one thread; median of {args.repeats}; "
+        f"models {args.models}"
+    )
     head = f"{'image':<28} {'scale':>5} {'full ms':>8} {'draft ms':>8} {'speedup':>7} {'px MAD':>6}"
     print(
         head
-        + "".join(f" {m[:18]:>18} {'device':>7}" for m in args.models)
-        + "  (agreement draft, labels used; agreement device decode)"
+        + "".join(f" {m[:18]:>18} {'device':>7} {'resize':>7} {'default':>7}" for m in args.models)
+        + "  (agreement: draft, labels used; device decode; torch resize; draft + torch resize)"
     )
+    torch_resize = {
+        m: s.variant(config=dataclasses.replace(s.config, resize="torch")) for m, s in segs.items()
+    }
     rows = []
     for name, data in images():
         (full, p_full), (draft, p_draft), ms_full, ms_draft = timed_both_ways(
@@ -170,6 +187,8 @@ def main() -> None:
             "agreement": {},
             "labels_used": {},  # distinct labels in the full decode's map (1: trivially agrees)
             "device_agreement": {},  # torchvision decode + prepare_pixels vs the full decode
+            "resize_agreement": {},  # the draft, torch's resize vs Pillow's
+            "default_agreement": {},  # the draft + torch's resize vs the full decode + Pillow's
         }
         (on_device,) = decode_jpegs_on_device([data], args.device)
         assert isinstance(on_device, DeviceDecodedImage), name
@@ -186,13 +205,23 @@ def main() -> None:
                     float(np.abs(resized_levels(seg, p_full) - device_levels).mean()), 3
                 )
             row["device_agreement"][m] = float((a.labels == c.labels).mean())
+            p_torch = prepare(torch_resize[m], draft)
+            (d,) = seg.segment_batch([p_torch], vocabs[m])
+            row["resize_agreement"][m] = float((b.labels == d.labels).mean())
+            row["default_agreement"][m] = float((a.labels == d.labels).mean())
+            if m == args.models[0]:
+                torch_levels = resized_levels(seg, p_torch)
+                row["resize_pixel_mad"] = round(
+                    float(np.abs(resized_levels(seg, p_draft) - torch_levels).mean()), 3
+                )
         rows.append(row)
         print(
             f"{name:<28} {row['scale']:>5} {ms_full:>8.1f} {ms_draft:>8.1f} "
             f"{ms_full / ms_draft:>6.2f}x {mad:>6.2f}"
             + "".join(
                 f" {row['agreement'][m]:>13.4f} ({row['labels_used'][m]:>2})"
-                f" {row['device_agreement'][m]:>7.4f}"
+                f" {row['device_agreement'][m]:>7.4f} {row['resize_agreement'][m]:>7.4f}"
+                f" {row['default_agreement'][m]:>7.4f}"
                 for m in args.models
             ),
             flush=True,
@@ -217,8 +246,18 @@ def main() -> None:
             for m in args.models
         )
     )
+    for key, what in (("resize_agreement", "torch resize"), ("default_agreement", "draft + torch resize")):
+        print(
+            f"{what}, all {len(rows)} images: agreement min/mean "
+            + ", ".join(
+                f"{m}: {min(r[key][m] for r in rows):.4f}/"
+                f"{statistics.mean(r[key][m] for r in rows):.4f}"
+                for m in args.models
+            )
+            + f"; resized pixel MAD max {max(r['resize_pixel_mad'] for r in rows):.3f}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"short_side": short, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"method": args.method, "short_side": short, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ original size, fp32; device "auto" as in the actor: the CPU, or CUDA where torch
   - decode: ``decode.decode_image`` with the JPEG draft the pipeline uses (``jpeg_draft``:
     DCT scaling down to no less than the short side) and without it;
   - prepare: ``Segmentor.prepare`` (resize + normalise) of the drafted decode (the pipeline's
-    path) and, for reference, of the full decode;
+    path: ``SegmentorSpec.resize`` "torch", torch's uint8 kernel) and, for reference, of the
+    full decode and with Pillow's resize (``--resize pillow``, every run before session 11);
   - copy to device: ``torch.stack`` of a batch's prepared tensors, as ``Segmentor._batches``
     does; on CUDA also its pinned staging and the copy (synchronised), per image;
   - segment_batch: the model and its post-processing -- the device's work (here the CPU's);
@@ -50,6 +51,7 @@ that problem.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -94,6 +96,7 @@ STAGES = (
     ("decode_full", "decode, JPEG draft off"),
     ("prepare", "prepare (resize + normalise), from the draft"),
     ("prepare_full", "prepare, from the full decode"),
+    ("prepare_pillow", "prepare with Pillow's resize (--resize pillow), from the draft"),
     ("copy", "copy to device (stack [+ pinned copy])"),
     ("fetch", "fetch results (_to_host)"),
     ("encode", "encode (ok_row: 2 PNGs)"),
@@ -179,6 +182,8 @@ class SizeRun:
     def __init__(self, labeler: ShardLabeler, shard, size, out: str, masks: list[np.ndarray]):
         self.labeler = labeler
         self.seg = labeler.segmentor
+        # The resize every run used before the pipeline's default became torch's kernel.
+        self.pillow = self.seg.variant(config=dataclasses.replace(self.seg.config, resize="pillow"))
         self.shard = shard
         self.size = size
         self.masks = masks
@@ -219,6 +224,9 @@ class SizeRun:
             start = cpu()
             prepared.append(seg.prepare(drafted.image, original_size=drafted.original_size))
             clock.add("prepare", cpu() - start)
+            start = cpu()
+            self.pillow.prepare(drafted.image, original_size=drafted.original_size)
+            clock.add("prepare_pillow", cpu() - start)
         if not prepared:
             return
         n = len(prepared)

@@ -29,6 +29,11 @@ MODES = ("whole", "slide")
 # decided there, as the official SCLIP/NACLIP/ClearCLIP code does) or "processing" (decided
 # at the processing resolution, labels nearest-resized: this product's behaviour before).
 RESOLUTIONS = ("original", "processing")
+# How whole images reach the processing size (both bicubic with antialiasing, aspect kept):
+# "pillow" (Pillow's resize, as the official code's torchvision Resize on PIL images) or
+# "torch" (torch's uint8 antialiased bicubic kernel, ~8x cheaper on the host; ~0.1-1.2% of
+# the resized values differ from Pillow's, by 1-2 levels of 255: docs/benchmarks.md).
+RESIZES = ("pillow", "torch")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class SegmentorConfig:
     # shape instead is not offered: padded patches join the attention and the correlation R,
     # so DBSCAN's clusters, and the labels, change.
     bucket: int | None = None
+    resize: str = "pillow"  # one of RESIZES; changes the labels slightly (hashed)
 
     def __post_init__(self):
         if (self.short_side is not None and self.short_side < 1) or self.max_patches < 1:
@@ -76,6 +82,8 @@ class SegmentorConfig:
             raise ValueError(
                 f"resolution must be one of {RESOLUTIONS}, got {self.resolution!r}"
             )
+        if self.resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}, got {self.resize!r}")
         if self.bucket is not None and self.bucket < 1:
             raise ValueError(
                 f"bucket must be a positive number of pixels or None, got {self.bucket}"

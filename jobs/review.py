@@ -301,6 +301,7 @@ def load_run_segmentor(
     config = cliptrase.SegmentorConfig(
         short_side=spec.get("short_side"),
         resolution=spec.get("resolution", "original"),
+        resize=spec.get("resize", "pillow"),  # runs before the option resized with Pillow
         max_patches=spec.get("max_patches", 1344),
         batch_size=choice.batch_size,
         confidence_temperature=spec.get("confidence_temperature", 1.0),

@@ -51,10 +51,20 @@ def reject_uri_credentials(uri: str) -> str:
     return uri
 
 
-def hashed(default: Any, *, only_when_set: bool = False) -> Any:
-    """A field that changes the labels: part of the config hash. ``only_when_set``: hashed only
-    when it differs from ``default`` (options added later keep older runs' hashes)."""
-    return field(default=default, metadata={"hashed": "when_set" if only_when_set else True})
+_NO_LEGACY = object()
+
+
+def hashed(default: Any, *, only_when_set: bool = False, legacy: Any = _NO_LEGACY) -> Any:
+    """A field that changes the labels: part of the config hash.
+
+    ``legacy``: what runs did before the field existed; the field is hashed only when its
+    value differs from that, so ``legacy`` runs keep their hashes (options added later).
+    ``only_when_set``: ``legacy`` is the default (an opt-in option)."""
+    if only_when_set:
+        legacy = default
+    if legacy is _NO_LEGACY:
+        return field(default=default, metadata={"hashed": True})
+    return field(default=default, metadata={"hashed": "unless_legacy", "legacy": legacy})
 
 
 def hashed_values(spec: Any) -> dict[str, Any]:
@@ -63,7 +73,7 @@ def hashed_values(spec: Any) -> dict[str, Any]:
     for f in fields(spec):
         mark = f.metadata.get("hashed")
         value = getattr(spec, f.name)
-        if mark is True or (mark == "when_set" and value != f.default):
+        if mark is True or (mark == "unless_legacy" and value != f.metadata["legacy"]):
             out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 
@@ -79,6 +89,9 @@ class SegmentorSpec:
     precision: str = hashed("bf16")  # on GPU actors; actors without a GPU run fp32
     short_side: int | None = hashed(None)  # None: the method's (336 for cliptrase)
     resolution: str = hashed("original")  # where labels are decided (cliptrase RESOLUTIONS)
+    # The whole-image resize (cliptrase RESIZES): torch's uint8 kernel, several times cheaper
+    # on the host than Pillow's (the runs before it existed: hashed only when not "pillow").
+    resize: str = hashed("torch", legacy="pillow")
     max_patches: int = hashed(1344)
     batch_size: int = 16
     confidence_temperature: float = hashed(1.0)
@@ -89,6 +102,7 @@ class SegmentorSpec:
         return SegmentorConfig(
             short_side=self.short_side,
             resolution=self.resolution,
+            resize=self.resize,
             max_patches=self.max_patches,
             batch_size=self.batch_size,
             confidence_temperature=self.confidence_temperature,

@@ -292,6 +292,35 @@ def test_prepare_pixels_matches_prepare_up_to_the_resize_kernel(tiny, name, size
     assert changed <= (0.01 if device == "cpu" else 0.2), changed
 
 
+@pytest.mark.parametrize(
+    ("name", "size", "original"),
+    [
+        ("astronaut", (480, 640), None),
+        ("coffee", (270, 480), (1080, 1920)),  # a 1/4 JPEG draft
+        ("camera", (512, 300), None),  # grayscale (mode L): converted to RGB first
+    ],
+)
+def test_torch_resize_prepares_as_prepare_pixels_does(tiny, name, size, original):
+    """``SegmentorConfig(resize="torch")``: ``prepare`` of a PIL image is, bit for bit,
+    ``prepare_pixels`` of its pixels on the CPU (the resize bounded against Pillow's above);
+    the default stays Pillow's."""
+    import skimage.data
+
+    image = Image.fromarray(getattr(skimage.data, name)()).resize(size[::-1])
+    fast = tiny.variant(config=SegmentorConfig(resize="torch"))
+    assert tiny.config.resize == "pillow"
+    got = fast.prepare(image, original_size=original)
+    want = tiny.prepare_pixels(_chw(image), original_size=original)
+    assert (got.resized, got.original) == (want.resized, want.original)
+    assert torch.equal(got.pixels, want.pixels)
+    assert not torch.equal(got.pixels, tiny.prepare(image, original_size=original).pixels)
+
+
+def test_an_unknown_resize_is_refused():
+    with pytest.raises(ValueError, match=r"resize must be one of \('pillow', 'torch'\)"):
+        SegmentorConfig(resize="cv2")
+
+
 def test_prepare_pixels_refuses_what_is_not_a_uint8_rgb_tensor(tiny):
     good = torch.zeros(3, 40, 40, dtype=torch.uint8)
     assert tiny.prepare_pixels(good).resized == (336, 336)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 
@@ -33,6 +34,7 @@ def test_config_hash_ignores_throughput_knobs_and_credentials():
         {"segmentor": dataclasses.replace(TINY, short_side=96)},
         {"segmentor": dataclasses.replace(TINY, model="ViT-B-16")},
         {"segmentor": dataclasses.replace(TINY, method="maskclip")},
+        {"segmentor": dataclasses.replace(TINY, resize="pillow")},
         {"source": pipeline.SourceSpec(images_per_shard=4)},
         {"source": pipeline.SourceSpec(images_per_shard=3, image_column="jpg")},
         {"source": pipeline.SourceSpec(jpeg_draft=False)},
@@ -109,17 +111,27 @@ def _reference_config(**segmentor) -> pipeline.RunConfig:
 
 def test_config_hash_of_a_reference_config_is_pinned():
     """Output prefixes must not move between releases: a changed hash relabels a corpus. If a
-    change to the labels is intended, bump OUTPUT_FORMAT and update this value."""
-    assert _reference_config().config_hash() == "2cb51156b1f4"
+    change to the labels is intended, bump OUTPUT_FORMAT (or add a hashed field) and update
+    this value."""
+    assert _reference_config().config_hash() == "078cd089e444"
+
+
+def test_pillow_resize_keeps_the_prefixes_of_the_runs_before_the_resize_option():
+    """The default resize moved to torch's kernel (the default prefix moved with it, above);
+    ``resize="pillow"`` is what every run did before, and it finds their prefixes."""
+    assert _reference_config(resize="pillow").config_hash() == "2cb51156b1f4"
+    assert _reference_config(method="sclip", resize="pillow").config_hash() == "c83c1e283758"
+    assert "resize" not in _reference_config(resize="pillow").hashed_fields()["segmentor"]
 
 
 def test_a_changed_preset_moves_its_runs_hash_and_no_other():
     """MaskCLIP's and NACLIP's presets now run their official protocols (issue 14): their
     runs' prefixes move (the values before it are written out); every other method's stays."""
-    assert _reference_config(method="maskclip").config_hash() != "b89ea7f173fc"
-    assert _reference_config(method="naclip").config_hash() != "bd75911cbec0"
-    assert _reference_config(method="sclip").config_hash() == "c83c1e283758"
-    assert _reference_config(method="cliptrase").config_hash() == "2cb51156b1f4"
+    old = functools.partial(_reference_config, resize="pillow")  # the resize of those runs
+    assert old(method="maskclip").config_hash() != "b89ea7f173fc"
+    assert old(method="naclip").config_hash() != "bd75911cbec0"
+    assert old(method="sclip").config_hash() == "c83c1e283758"
+    assert old(method="cliptrase").config_hash() == "2cb51156b1f4"
 
 
 def test_a_new_throughput_field_leaves_the_hash_alone():

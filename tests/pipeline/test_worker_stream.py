@@ -15,6 +15,7 @@ import torch
 
 import pipeline
 from pipeline import sink
+from pipeline.decode import decode_image
 from pipeline.worker import ShardLabeler
 
 from .conftest import CORRUPT, TINY, jpeg, make_tar, tiny_config
@@ -123,3 +124,29 @@ def test_an_actor_without_a_gpu_runs_the_specs_bf16_as_fp32_quietly(tmp_path, ca
     assert labeler.metadata()["precision"] == "fp32"
     assert labeler.metadata()["segmentor"]["precision"] == "bf16"  # what the hash is of
     assert "needs a GPU" not in caplog.text
+
+
+def test_the_specs_resize_reaches_the_actor_and_its_rows(labeler, photos, tmp_path):
+    """The default spec resizes with torch's kernel, a ``resize="pillow"`` spec with Pillow's
+    (the runs before the option): each row's mask is the one its segmentor gives."""
+    names = ["astronaut", "chelsea", "coffee"]
+    make_tar(tmp_path / "resize.tar", {f"{n}.jpg": jpeg(photos[n]) for n in names})
+    shard = _shard(tmp_path / "resize.tar")
+    spec = dataclasses.replace(TINY, resize="pillow")
+    pillow = ShardLabeler(tiny_config([str(tmp_path / "in")], tmp_path / "p", segmentor=spec))
+    assert (labeler.segmentor.config.resize, pillow.segmentor.config.resize) == ("torch", "pillow")
+    differ = 0
+    for run in (labeler, pillow):
+        run.process_shard(shard)
+        rows = {r["key"]: r for r in _table(run, shard).to_pylist()}
+        for name in names:
+            decoded = decode_image(jpeg(photos[name]), draft_short_side=run.draft_short_side)
+            prepared = run.segmentor.prepare(decoded.image, decoded.original_size)
+            (want,) = run.segmentor.segment_batch([prepared], run.vocab)
+            labels, _ = pipeline.decode_masks(rows[name])
+            np.testing.assert_array_equal(labels, want.labels, err_msg=name)
+    for name in names:
+        image = decode_image(jpeg(photos[name])).image
+        a, b = (run.segmentor.prepare(image).pixels for run in (labeler, pillow))
+        differ += not torch.equal(a, b)
+    assert differ == len(names)  # the two resizes really differ on these photos
