@@ -31,7 +31,7 @@ MODES = ("whole", "slide")
 RESOLUTIONS = ("original", "processing")
 # How whole images reach the processing size (both bicubic with antialiasing, aspect kept):
 # "pillow" (Pillow's resize, as the official code's torchvision Resize on PIL images) or
-# "torch" (torch's uint8 antialiased bicubic kernel, ~8x cheaper on the host; ~0.1-1.2% of
+# "torch" (torch's uint8 antialiased bicubic kernel: ~8x cheaper than Pillow's, ~0.1-1.2% of
 # the resized values differ from Pillow's, by 1-2 levels of 255: docs/benchmarks.md).
 RESIZES = ("pillow", "torch")
 
