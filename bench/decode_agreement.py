@@ -246,7 +246,8 @@ def main() -> None:
             for m in args.models
         )
     )
-    for key, what in (("resize_agreement", "torch resize"), ("default_agreement", "draft + torch resize")):
+    summaries = (("resize_agreement", "torch resize"), ("default_agreement", "draft + torch resize"))
+    for key, what in summaries:
         print(
             f"{what}, all {len(rows)} images: agreement min/mean "
             + ", ".join(
@@ -257,7 +258,8 @@ def main() -> None:
             + f"; resized pixel MAD max {max(r['resize_pixel_mad'] for r in rows):.3f}"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps({"method": args.method, "short_side": short, "rows": rows}, indent=1))
+        result = {"method": args.method, "short_side": short, "rows": rows}
+        Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -74,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["torch", "pillow"],
         default="torch",
         help="the bicubic resize to the short side: 'torch' (default; torch's uint8 kernel, "
-        "`prepare` ~4x cheaper on the host) or 'pillow' (Pillow's, as the official code and every run before "
-        "this option: it finds their output prefixes). ~0.1-1.2%% of resized pixel values differ "
-        "by 1-2 levels; labels agree on >99.9%% of pixels (docs/benchmarks.md)",
+        "`prepare` ~4x cheaper on the host) or 'pillow' (Pillow's, as the official code and "
+        "every run before this option: it finds their output prefixes). ~0.1-1.2%% of resized "
+        "pixel values differ by 1-2 levels; labels agree on >99.9%% of pixels "
+        "(docs/benchmarks.md)",
     )
     method.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     floss = parser.add_argument_group(

@@ -33,7 +33,8 @@ def test_the_default_precision_is_bf16_in_the_hash_and_quiet_on_cpu_actors(caplo
 
 
 def test_resize_defaults_to_torchs_kernel_and_pillow_finds_the_older_runs():
-    default, pillow = _config("--gpus-per-actor", "0"), _config("--gpus-per-actor", "0", "--resize", "pillow")
+    default = _config("--gpus-per-actor", "0")
+    pillow = _config("--gpus-per-actor", "0", "--resize", "pillow")
     assert (default.segmentor.resize, pillow.segmentor.resize) == ("torch", "pillow")
     assert "resize" not in pillow.hashed_fields()["segmentor"]  # hashed as before the option
     assert default.config_hash() != pillow.config_hash()
