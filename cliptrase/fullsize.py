@@ -21,6 +21,12 @@ canvas), over the output pixels the tile owns:
   size would cost ``K x H x W``.
 
 Only integer maps ever exist at the full size; float temporaries are strips.
+
+The tiles of a batch that share their taps and owned pixels (same-size images, in whole mode)
+are decided as one tall map, one below another (:meth:`OutputWindow.stacked`): every step
+above is then one set of kernels and host synchronisations per stack, not per image, which
+is what keeps a GPU fed (``bench/launches.py``). Per pixel the arithmetic is the same, so
+are the labels.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ from .resample import (
     stretched,
     strips,
 )
+
+# Output pixels per stacked map (OutputWindow.stacked): bounds the full-size integer maps and
+# boundary indices a stack holds at once, while small images still stack dozens to a map.
+STACK_PIXELS = 1 << 24
 
 
 @dataclass
@@ -81,6 +91,33 @@ class OutputWindow:
     def shape(self) -> tuple[int, int]:
         return len(self.rows), len(self.cols)
 
+    @property
+    def pixels(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    @property
+    def single(self) -> OutputWindow:
+        """The window of one tile (itself, unless :meth:`stacked`)."""
+        return self.__dict__.get("_single", self)
+
+    @property
+    def copies(self) -> int:
+        """How many same-size tiles this window covers, stacked (1 unless :meth:`stacked`)."""
+        return self.__dict__.get("_copies", 1)
+
+    def stacked(self, copies: int, source_rows: int) -> OutputWindow:
+        """This window over ``copies`` tiles of ``source_rows`` rows each, stacked into one
+        tall map: output rows ``g * H ... (g + 1) * H - 1`` are tile ``g``'s and read its source
+        rows. Every per-pixel computation is then one set of kernels for all the tiles."""
+        if copies == 1:
+            return self
+        tall = OutputWindow(
+            self.rows.stacked(copies, source_rows), self.cols, slice(0, copies * len(self.rows)),
+            self.x,
+        )  # fmt: skip
+        tall.__dict__.update(_single=self, _copies=copies)
+        return tall
+
 
 def _owned(lo: torch.Tensor, start: int, stop: int) -> slice:
     inside = torch.nonzero((lo >= start) & (lo < stop))
@@ -97,31 +134,59 @@ class Choice:
     every pixel of a cell whose corners agree (``agree``); the others are computed on demand
     (:meth:`at`). ``dense``: the whole ``(H, W)`` map instead, when the decision needs every
     pixel's probabilities (``prob_thd``).
+
+    ``scores`` may hold ``G`` same-size tiles ``(G, C, h, w)``, decided as one tall map (cells
+    ``(G * h, w)``, :meth:`OutputWindow.stacked`). ``per_image``: ``lookup`` has ``G * C``
+    entries, tile ``g``'s channel ``c`` reading entry ``g * C + c`` (regions numbered per
+    tile); otherwise one ``(C,)`` lookup serves every tile.
     """
 
-    scores: torch.Tensor | None  # (C, th, tw)
-    first_max: torch.Tensor | None  # (th, tw) channel
-    agree: torch.Tensor | None  # (th, tw) bool
-    lookup: torch.Tensor | None  # (C,) channel -> value
-    dense: torch.Tensor | None = None  # (H, W)
+    scores: torch.Tensor | None  # (G, C, th, tw)
+    first_max: torch.Tensor | None  # (G * th, tw) channel
+    agree: torch.Tensor | None  # (G * th, tw) bool
+    lookup: torch.Tensor | None  # (C,) or (G * C,) channel -> value
+    dense: torch.Tensor | None = None  # (G * H, W)
+    per_image: bool = False
+    floor: bool = False  # scores may hold -inf (channels past a tile's own): read as finite
 
     @classmethod
     def of(
-        cls, scores: torch.Tensor, lookup: torch.Tensor, first_max: torch.Tensor | None = None
+        cls,
+        scores: torch.Tensor,
+        lookup: torch.Tensor,
+        first_max: torch.Tensor | None = None,
+        per_image: bool = False,
     ) -> Choice:
-        """``first_max``: ``scores.max(dim=0).indices``, when the caller already has it."""
+        """``scores`` ``(C, h, w)`` or ``(G, C, h, w)``; ``first_max``: their first-maximum
+        channel ``(..., h, w)``, when the caller already has it."""
+        scores = scores if scores.dim() == 4 else scores[None]
         if first_max is None:
-            first_max = scores.max(dim=0).indices
-        return cls(scores, first_max, corner_agreement(first_max), compact(lookup))
+            first_max = scores.max(dim=1).indices
+        first_max = first_max.reshape(-1, scores.shape[-1])
+        agree = corner_agreement(first_max.view(scores.shape[0], *scores.shape[-2:]))
+        agree = agree.view(first_max.shape)
+        return cls(scores, first_max, agree, compact(lookup), per_image=per_image)
 
     @cached_property
     def pixels(self) -> torch.Tensor:
         """The scores channels-last, made once for every boundary this choice is asked about."""
-        return channels_last(self.scores)
+        pixels = channels_last(self.scores)
+        if self.floor:  # -inf times a zero tap weight would be NaN, and NaN wins a max
+            pixels.clamp_(min=torch.finfo(pixels.dtype).min)
+        return pixels
 
     @property
     def cells(self) -> torch.Tensor:
-        return _looked_up(self.lookup, self.first_max)
+        channel = self.first_max
+        if self.per_image:
+            channel = channel + self._row_offsets()[:, None]
+        return _looked_up(self.lookup, channel)
+
+    def _row_offsets(self) -> torch.Tensor:
+        """``(G * th,)``: each source row's offset into a per-image lookup (``g * C``)."""
+        g, c, th, _ = self.scores.shape
+        rows = torch.arange(g * th, device=self.first_max.device)
+        return rows.div_(th, rounding_mode="floor") * c
 
     def at(self, window: OutputWindow, boundary: Boundary) -> torch.Tensor:
         """``(P, J)`` values at the boundary's pixels: the cell's value where this choice's
@@ -133,6 +198,12 @@ class Choice:
         if own.numel():
             mine = boundary_argmax(self.scores, window.cols, boundary.select(own), self.pixels)
             channel.index_copy_(0, own, mine)
+        return self.pair_values(channel, boundary)
+
+    def pair_values(self, channel: torch.Tensor, boundary: Boundary) -> torch.Tensor:
+        """``lookup`` at the channels ``(P, J)`` of the boundary's pairs."""
+        if self.per_image:
+            channel = channel + self._row_offsets().index_select(0, boundary.top)[:, None]
         return _looked_up(self.lookup, channel)
 
     def full(self, window: OutputWindow) -> torch.Tensor:
@@ -142,7 +213,7 @@ class Choice:
         out = expand(self.cells, window.rows, window.cols)
         boundary = Boundary.of(~self.agree, window.rows, window.cols)
         channel = boundary_argmax(self.scores, window.cols, boundary, self.pixels)
-        boundary.put(out, _looked_up(self.lookup, channel))
+        boundary.put(out, self.pair_values(channel, boundary))
         return out
 
     def counts(self, window: OutputWindow, num_values: int) -> torch.Tensor:
@@ -244,7 +315,7 @@ def majority_table(
     if pairs.numel():
         part = boundary.select(unknown_pairs.index_select(0, pairs))
         channel = boundary_argmax(first.scores, window.cols, part, first.pixels)
-        value = region.index_select(0, pairs) * n_labels + _looked_up(first.lookup, channel).long()
+        value = region.index_select(0, pairs) * n_labels + first.pair_values(channel, part).long()
         counts += torch.bincount(value.masked_select(needed.index_select(0, pairs)),
                                  minlength=size)  # fmt: skip
     return counts.view(n_regions, n_labels), open_regions | (unknown == 0), boundary, region_at
@@ -273,19 +344,26 @@ def first_prediction(
     head: DecisionHead,
     row_argmax: torch.Tensor | None = None,
 ) -> Choice:
-    """The head's labels on the stretched logits ``(K, th, tw)``; ``row_argmax``: their
-    first-maximum row per pixel, when the caller already has it (a plain head)."""
+    """The head's labels on the stretched logits ``(K, th, tw)``, or ``(G, K, th, tw)`` for
+    the tiles of a :meth:`OutputWindow.stacked` window; ``row_argmax``: their first-maximum
+    row per pixel, when the caller already has it (a plain head)."""
     row_labels = row_labels.to(logits.device)
-    rows, cols = window.rows, window.cols
+    logits = logits if logits.dim() == 4 else logits[None]
     keep = None
     if head.area_thd is not None:
+        if logits.shape[0] != 1:
+            raise ValueError("area_thd counts labels per image: one tile at a time")
         plain = Choice.of(logits, row_labels).counts(window, num_labels)
         keep = kept_labels_from_counts(plain[None], background_label, head.area_thd)
     if head.prob_thd > 0 and background_label is not None:
+        single = window.single
+        rows, cols, height = single.rows, single.cols, len(single.rows)
         out = torch.empty(window.shape, dtype=torch.int64, device=logits.device)
-        for y0, y1 in strips(len(rows), len(cols), logits.shape[0]):
-            part = stretched(logits, rows.part(y0, y1), cols)[None]
-            out[y0:y1] = decide(part, row_labels, num_labels, background_label, head, keep)[0]
+        for g, tile in enumerate(logits):  # strips never cross tiles: each tile's own bands
+            for y0, y1 in strips(height, len(cols), logits.shape[1]):
+                part = stretched(tile, rows.part(y0, y1), cols)[None]
+                labels = decide(part, row_labels, num_labels, background_label, head, keep)
+                out[g * height + y0 : g * height + y1] = labels[0]
         return Choice(None, None, None, None, dense=out)
     if keep is not None and not bool(keep.all()):
         # The kept labels' best row: what the head's argmax over kept probabilities picks.
@@ -309,27 +387,36 @@ def vote(
     """Cluster vote at the full size: the ``(H, W)`` labels.
 
     ``maps`` ``(n, th, tw)``: the tile's real cluster maps at the processing resolution;
+    ``(G, n, th, tw)`` and ``logits`` ``(G, K, th, tw)`` for the tiles of a stacked window,
+    ``-inf`` past a tile's own clusters (regions are numbered per tile, ``g * n + r``).
     ``cluster_argmax``: their first maximum per pixel, when the caller already has it.
     """
-    rows, cols = window.rows, window.cols
-    n = maps.shape[0]
-    regions = Choice.of(maps, torch.arange(n, device=maps.device), cluster_argmax)
+    maps = maps if maps.dim() == 4 else maps[None]
+    logits = logits if logits.dim() == 4 else logits[None]
+    tiles, n = maps.shape[:2]
+    regions = Choice.of(maps, torch.arange(tiles * n, device=maps.device), cluster_argmax,
+                        per_image=True)  # fmt: skip
+    regions.floor = tiles > 1
     if how == "mean_logits":
         region_map = regions.full(window)
-        sums = torch.zeros(n, logits.shape[0], device=logits.device)
-        for y0, y1 in strips(len(rows), len(cols), logits.shape[0]):
-            part = stretched(logits, rows.part(y0, y1), cols)
-            sums += region_logit_sums(part, region_map[y0:y1], n)
+        sums = torch.zeros(tiles * n, logits.shape[1], device=logits.device)
+        single = window.single
+        rows, cols, height = single.rows, single.cols, len(single.rows)
+        for g, tile in enumerate(logits):
+            for y0, y1 in strips(height, len(cols), logits.shape[1]):
+                part = stretched(tile, rows.part(y0, y1), cols)
+                own = region_map[g * height + y0 : g * height + y1]
+                sums += region_logit_sums(part, own, tiles * n)
         winners = row_labels.to(logits.device)[sums.argmax(dim=1)]
         return winners[region_map.long()]
-    votes, _, boundary, region_at = majority_table(first, regions, window, num_labels, n)
+    votes, _, boundary, region_at = majority_table(first, regions, window, num_labels, tiles * n)
     winners = votes.argmax(dim=1)  # ties: the smallest label
     regions.lookup = compact(winners, num_labels)
     if boundary is None:  # a dense first prediction: the counts did not keep a boundary
         return regions.full(window)
     # Every pixel whose region is not its cell's lies on the boundary just counted, whose
     # regions are known: the map is the cells' winners with those pixels overwritten.
-    out = expand(regions.cells, rows, cols)
+    out = expand(regions.cells, window.rows, window.cols)
     if region_at is not None:
         boundary.put(out, _looked_up(regions.lookup, region_at.long()))
     return out

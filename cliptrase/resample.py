@@ -57,6 +57,19 @@ class LinearAxis:
         s = slice(start, stop)
         return LinearAxis(self.lo[s], self.hi[s], self.w_lo[s], self.w_hi[s])
 
+    def stacked(self, copies: int, period: int) -> LinearAxis:
+        """These taps ``copies`` times over, the ``g``-th reading source indices shifted by
+        ``g * period``: the rows of ``copies`` same-size tiles stacked into one tall map."""
+        if copies == 1:
+            return self
+        shift = torch.arange(copies, device=self.lo.device)[:, None] * period
+        return LinearAxis(
+            (self.lo + shift).reshape(-1),
+            (self.hi + shift).reshape(-1),
+            self.w_lo.repeat(copies),
+            self.w_hi.repeat(copies),
+        )
+
     def __len__(self) -> int:
         return self.lo.shape[0]
 
@@ -84,13 +97,14 @@ def strips(height: int, width: int, channels: int) -> list[tuple[int, int]]:
 
 
 def corner_agreement(first_max: torch.Tensor) -> torch.Tensor:
-    """``(h, w)`` bool: whether each source cell's four corners (``r, r + 1`` x ``c, c + 1``,
-    clamped at the last index as the taps are) share the same first-maximum channel."""
-    down = torch.cat([first_max[1:], first_max[-1:]], dim=0)
+    """``(..., h, w)`` bool: whether each source cell's four corners (``r, r + 1`` x
+    ``c, c + 1``, clamped at the last index as the taps are) share the same first-maximum
+    channel; each leading index is a map of its own."""
+    down = torch.cat([first_max[..., 1:, :], first_max[..., -1:, :]], dim=-2)
     same = first_max == down
-    right = torch.cat([first_max[:, 1:], first_max[:, -1:]], dim=1)
+    right = torch.cat([first_max[..., 1:], first_max[..., -1:]], dim=-1)
     same &= first_max == right
-    same &= first_max == torch.cat([down[:, 1:], down[:, -1:]], dim=1)
+    same &= first_max == torch.cat([down[..., 1:], down[..., -1:]], dim=-1)
     return same
 
 
@@ -191,8 +205,9 @@ class Boundary:
 
 
 def channels_last(source: torch.Tensor) -> torch.Tensor:
-    """``(C, h, w)`` -> ``(h * w, C)`` contiguous: each tap then reads one C-vector."""
-    return source.permute(1, 2, 0).contiguous().view(-1, source.shape[0])
+    """``(..., C, h, w)`` -> ``(... * h * w, C)`` contiguous: each tap then reads one
+    C-vector; ``(G, C, h, w)`` gives the rows of the ``G`` maps stacked (``LinearAxis.stacked``)."""
+    return source.movedim(-3, -1).contiguous().view(-1, source.shape[-3])
 
 
 def boundary_argmax(
@@ -203,8 +218,9 @@ def boundary_argmax(
 ) -> torch.Tensor:
     """``(P, J)`` int64 first-maximum channel of ``stretched(source)`` ``(C, h, w)`` at the
     boundary's pixels, in chunks of pairs that keep ``P x J x C`` within the strip budget.
-    ``pixels``: ``channels_last(source)``, when the caller keeps it."""
-    channels, width = source.shape[0], source.shape[-1]
+    ``source`` ``(G, C, h, w)``: ``G`` maps whose rows are stacked (the boundary's source rows
+    count through them). ``pixels``: ``channels_last(source)``, when the caller keeps it."""
+    channels, width = source.shape[-3], source.shape[-1]
     out = torch.zeros(boundary.flat.shape, dtype=torch.int64, device=source.device)
     if len(boundary) == 0:
         return out

@@ -130,7 +130,7 @@ class _Processed:
     maps: torch.Tensor | None  # (B, n_max, H, W) cluster maps (-inf past an image's clusters)
     clusters: torch.Tensor | None  # (B,) cluster count per image
     row_argmax: torch.Tensor | None = None  # (B, H, W) first-maximum row, for a plain head
-    _regions: dict[int, torch.Tensor] = field(default_factory=dict)
+    _region_maps: torch.Tensor | None = None
     _cluster_counts: list[int] | None = None
 
     def cluster_count(self, b: int) -> int:
@@ -140,12 +140,18 @@ class _Processed:
             self._cluster_counts = self.clusters.tolist()
         return self._cluster_counts[b]
 
+    def region_maps(self) -> torch.Tensor:
+        """``(B, H, W)`` cluster of each pixel: the first maximum over its image's real maps
+        (the ``-inf`` maps past them never win), for the whole batch at once, and once for
+        the processing-resolution vote and the full-size one. Meaningless for an image
+        without clusters."""
+        if self._region_maps is None:
+            self._region_maps = self.maps.max(dim=1).indices
+        return self._region_maps
+
     def regions(self, b: int, n: int) -> torch.Tensor:
-        """``(H, W)`` cluster of each pixel of input ``b``: the first maximum over its ``n``
-        real maps, computed once for the processing-resolution vote and the full-size one."""
-        if b not in self._regions:
-            self._regions[b] = self.maps[b, :n].max(dim=0).indices
-        return self._regions[b]
+        """``(H, W)``: :meth:`region_maps` of input ``b`` (``n``: its cluster count)."""
+        return self.region_maps()[b]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -518,20 +524,24 @@ class Segmentor:
         """``(B, H, W)`` final labels at the processing resolution: the vote per image."""
         pred = processed.pred
         refiner = self.method.refiner
-        if refiner is None:
+        if refiner is None or processed.maps.shape[1] == 0:
             return pred
+        if refiner.vote == "majority":
+            # Regions numbered per image (b * n_max + r): one count for the whole batch.
+            b, n_max = processed.maps.shape[:2]
+            offsets = torch.arange(b, device=pred.device)[:, None, None] * n_max
+            regions = processed.region_maps() + offsets
+            voted = vote_winners(pred, regions, b * n_max, vocab.num_labels)[regions]
+            # An image whose every patch is noise keeps its first prediction.
+            return torch.where(processed.clusters[:, None, None] > 0, voted, pred)
         out = pred.clone()
         for i in range(pred.shape[0]):
             n = processed.cluster_count(i)
             if n == 0:  # every patch is noise: the first prediction is final
                 continue
             regions = processed.regions(i, n)
-            if refiner.vote == "mean_logits":
-                winners = region_logit_sums(processed.logits[i], regions, n).argmax(dim=1)
-                winners = self._device_row_labels(vocab)[winners]
-            else:
-                winners = vote_winners(pred[i], regions, n, vocab.num_labels)
-            out[i] = winners[regions]
+            winners = region_logit_sums(processed.logits[i], regions, n).argmax(dim=1)
+            out[i] = self._device_row_labels(vocab)[winners][regions]
         return out
 
     def _device_vocab(self, vocab: Vocabulary) -> _VocabularyOnDevice:
@@ -713,22 +723,43 @@ class Segmentor:
             processed = self._process(pixels, vocab, stretch_to, guides)
             final = self._processing_labels(processed, vocab)
             confidence = self._confidence(processed.logits, final, vocab)
+            stacks: dict[tuple, list[int]] = {}
             for b, (p, u) in enumerate(chunk):
                 tile, canvas = plans[p].tiles[u], canvases[p]
                 canvas.place_confidence(tile.owns, tile.top, tile.left, confidence[b])
                 if canvas.resolution != "original":
                     canvas.place_processing_labels(tile.owns, tile.top, tile.left, final[b])
                     continue
-                window = canvas.window(tile.owns, tile.top, tile.left)
-                labels = self._original_labels(processed, b, window, vocab)
-                canvas.place_labels(window, labels)
+                stacks.setdefault(self._stack_key(processed, b, canvas, tile), []).append(b)
+            for alike in stacks.values():
+                p, u = chunk[alike[0]]
+                tile = plans[p].tiles[u]
+                window = canvases[p].window(tile.owns, tile.top, tile.left)
+                per_stack = max(1, fullsize.STACK_PIXELS // max(1, window.pixels))
+                for start in range(0, len(alike), per_stack):
+                    members = alike[start : start + per_stack]
+                    labels = self._original_labels(processed, members, window, vocab)
+                    for b, own in zip(members, labels.view(len(members), *window.shape)):
+                        canvases[chunk[b][0]].place_labels(window, own)
         return [(*c.finish(), len(plan.tiles)) for c, plan in zip(canvases, plans)]
 
+    def _stack_key(self, processed: _Processed, b: int, canvas: Canvas, tile) -> tuple:
+        """Tiles of a batch with equal keys get their full-size labels as one stacked map
+        (:meth:`fullsize.OutputWindow.stacked`): the same taps and owned pixels, and alike
+        in whether the cluster vote runs. ``area_thd`` counts per image: no stacking."""
+        if self.method.head.area_thd is not None:
+            return (b,)
+        voted = self.method.refiner is not None and processed.cluster_count(b) > 0
+        return (canvas.resized, canvas.original, tile.owns, tile.top, tile.left, voted)
+
     def _original_labels(
-        self, processed: _Processed, b: int, window: OutputWindow, vocab: Vocabulary
+        self, processed: _Processed, members: list[int], window: OutputWindow, vocab: Vocabulary
     ) -> torch.Tensor:
-        """Tile ``b``'s labels over the output pixels it owns, decided at the original size."""
-        logits = processed.logits[b]
+        """The labels of tiles ``members`` over the output pixels each owns (the same window),
+        decided at the original size: ``(len(members) * H, W)``, the tiles one below another."""
+        pick = _picker(members)
+        logits = processed.logits[pick]
+        window = window.stacked(len(members), logits.shape[-2])
         first = fullsize.first_prediction(
             logits,
             window,
@@ -736,21 +767,21 @@ class Segmentor:
             vocab.num_labels,
             vocab.background_label,
             self.method.head,
-            None if processed.row_argmax is None else processed.row_argmax[b],
+            None if processed.row_argmax is None else processed.row_argmax[pick],
         )
         refiner = self.method.refiner
-        n = 0 if refiner is None else processed.cluster_count(b)
+        n = 0 if refiner is None else max(processed.cluster_count(b) for b in members)
         if n == 0:
             return first.full(window)
         return fullsize.vote(
             first,
-            processed.maps[b, :n],
+            processed.maps[pick, :n],
             logits,
             window,
             self._device_row_labels(vocab),
             vocab.num_labels,
             refiner.vote,
-            cluster_argmax=processed.regions(b, n),
+            cluster_argmax=processed.region_maps()[pick],
         )
 
     @torch.inference_mode()
@@ -775,7 +806,7 @@ class Segmentor:
             if canvas.resolution == "original":
                 window = canvas.window(whole, 0, 0)
                 processed = _Processed(logits, pred, None, None)
-                canvas.place_labels(window, self._original_labels(processed, 0, window, vocab))
+                canvas.place_labels(window, self._original_labels(processed, [0], window, vocab))
             else:
                 canvas.place_processing_labels(whole, 0, 0, pred[0])
             outputs.append((*canvas.finish(), len(plan.tiles)))
@@ -856,6 +887,14 @@ def full_fp32_convolutions() -> Iterator[None]:
         yield
     finally:
         conv.fp32_precision = previous
+
+
+def _picker(members: list[int]) -> slice | list[int]:
+    """An index for ``members`` of a batch: a slice (a view) when they are consecutive."""
+    first = members[0]
+    if members == list(range(first, first + len(members))):
+        return slice(first, first + len(members))
+    return members
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
