@@ -10,9 +10,7 @@ thread can feed a GPU, whatever the GPU. They are properties of the code path an
 counted here with :func:`cliptrase.launches.count_dispatch`.
 
 ``--path device`` (the default) counts the kernels a GPU runs: the two CPU-only
-specialisations are swapped for the device branches they stand in for (DBSCAN's whole-matrix
-neighbour graph instead of the per-image banded one; torch's median instead of numpy's),
-as a GPU takes them. ``--path cpu`` counts what the CPU runs. Images are sample photos
+specialisations give way to the branches a GPU takes (:func:`cliptrase.launches.device_branches`). ``--path cpu`` counts what the CPU runs. Images are sample photos
 resized to one size, so a batch's tiles share their taps; random weights (the counts depend on
 how many boundary pixels and clusters there are, not on what they mean).
 """
@@ -30,30 +28,10 @@ import torch
 from PIL import Image
 
 import cliptrase
-from cliptrase import dbscan as _dbscan
-from cliptrase import refine as _refine
-from cliptrase.launches import count_dispatch
+from cliptrase.launches import count_dispatch, device_branches
 
 PHOTOS = (skimage.data.astronaut, skimage.data.chelsea, skimage.data.coffee, skimage.data.rocket)
 WORDS = ["person", "cat", "coffee cup", "rocket", "grass", "tree", "road", "car", "dog", "flag"]
-
-
-@contextlib.contextmanager
-def device_branches():
-    """The branches a GPU takes where the CPU has its own specialisation."""
-    graph, median = _dbscan._neighbour_graph, _refine._window_median
-
-    def whole_graph(points, radius2, brute):
-        b, n = points.shape[:2]
-        order = torch.arange(n, device=points.device).expand(b, n)
-        return _dbscan._whole_graph(points, radius2, brute), order
-
-    _dbscan._neighbour_graph = whole_graph
-    _refine._window_median = lambda windows: windows.median(dim=-1).values
-    try:
-        yield
-    finally:
-        _dbscan._neighbour_graph, _refine._window_median = graph, median
 
 
 def count(seg, vocab, size: tuple[int, int], batch: int, path: str) -> dict:

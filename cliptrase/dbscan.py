@@ -58,6 +58,8 @@ __all__ = ["dbscan", "k_distance_knee", "pairwise_sq_distances"]
 _TREE_MAX_FEATURES = 15
 # DBSCAN builds NearestNeighbors(radius=eps) with the default n_neighbors, which "auto" reads.
 _DBSCAN_N_NEIGHBORS = 5
+# Whether the CPU builds the graph with banded_graph (per image); False: as on a GPU.
+BANDED_ON_CPU = True
 # Rows per tile of banded_graph's distance blocks (fastest measured on the CPU).
 _BAND_TILE = 64
 
@@ -202,7 +204,7 @@ def _neighbour_graph(
     of ``near[b]`` is point ``order[b, i]``). On the CPU brute force goes through
     :func:`banded_graph` (the same graph for a fraction of the GEMM, in its own order);
     elsewhere the whole distance matrix, in the points' order."""
-    if brute and points.device.type == "cpu":
+    if brute and points.device.type == "cpu" and BANDED_ON_CPU:
         graphs = [banded_graph(x, r2) for x, r2 in zip(points, radius2)]
         return torch.stack([g for g, _ in graphs]), torch.stack([o for _, o in graphs])
     b, n = points.shape[:2]

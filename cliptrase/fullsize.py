@@ -78,8 +78,8 @@ class OutputWindow:
         owns its upper-left source tap; its other tap lies inside the tile too (windows
         overlap beyond what they own)."""
         y0, y1, x0, x1 = owns
-        ys = _owned(rows.lo, y0, y1)
-        xs = _owned(cols.lo, x0, x1)
+        ys = _owned(rows, y0, y1)
+        xs = _owned(cols, x0, x1)
         return cls(
             rows.part(ys.start, ys.stop).shifted(top),
             cols.part(xs.start, xs.stop).shifted(left),
@@ -119,9 +119,13 @@ class OutputWindow:
         return tall
 
 
-def _owned(lo: torch.Tensor, start: int, stop: int) -> slice:
-    inside = torch.nonzero((lo >= start) & (lo < stop))
-    if inside.numel() == 0:
+def _owned(axis: LinearAxis, start: int, stop: int) -> slice:
+    """The output indices whose upper-left tap lies in ``[start, stop)`` (read on the host
+    when the axis has its span there)."""
+    lo = axis.lo if axis.span is None else axis.span[0]
+    inside = ((lo >= start) & (lo < stop)).nonzero()
+    inside = inside[0] if isinstance(inside, tuple) else inside[:, 0]
+    if len(inside) == 0:
         return slice(0, 0)
     return slice(int(inside[0]), int(inside[-1]) + 1)
 

@@ -16,16 +16,21 @@ those is one synchronisation more.
 from __future__ import annotations
 
 import collections
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import dbscan, refine
 
 _aten = torch.ops.aten
 
 # Operators whose result the host must wait for: its size depends on the data, or it is read.
 _SYNCING = {
     _aten._local_scalar_dense.default,  # int(t), float(t), bool(t), t.item()
+    _aten.item.default,  # the same under inference mode, where it is not decomposed
     _aten.nonzero.default,
     _aten.masked_select.default,
     _aten.unique_consecutive.default,
@@ -68,3 +73,17 @@ class count_dispatch(TorchDispatchMode):  # noqa: N801 - used as a context manag
 
 def _has_mask(indices) -> bool:
     return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in indices)
+
+
+@contextlib.contextmanager
+def device_branches() -> Iterator[None]:
+    """Within the block, the CPU takes the branches a GPU takes where it has its own (DBSCAN's
+    whole-matrix neighbour graph instead of the per-image banded one; torch's median instead
+    of numpy's): the same labels, and the operators a GPU would run. For measuring: it sets
+    module flags, so it is not for concurrent use."""
+    saved = dbscan.BANDED_ON_CPU, refine.NUMPY_MEDIAN_ON_CPU
+    dbscan.BANDED_ON_CPU = refine.NUMPY_MEDIAN_ON_CPU = False
+    try:
+        yield
+    finally:
+        dbscan.BANDED_ON_CPU, refine.NUMPY_MEDIAN_ON_CPU = saved

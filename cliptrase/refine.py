@@ -54,6 +54,10 @@ def symmetric_pad(maps: torch.Tensor, r: int) -> torch.Tensor:
     return maps[..., index(h), :][..., index(w)]
 
 
+# Whether the CPU selects medians with numpy's introselect; False: torch's, as on a GPU.
+NUMPY_MEDIAN_ON_CPU = True
+
+
 def median_filter_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
     """``size x size`` median filter of each ``(..., H, W)`` map, borders mirrored: equal to
     ``scipy.ndimage.median_filter(maps, size=(1, size, size))`` (mode "reflect").
@@ -80,7 +84,7 @@ def median_filter_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
 def _window_median(windows: torch.Tensor) -> torch.Tensor:
     """The middle value of each odd-length last-axis window (on the CPU, ``windows`` is
     reordered in place when it is contiguous: callers pass a temporary)."""
-    if windows.device.type != "cpu":
+    if windows.device.type != "cpu" or not NUMPY_MEDIAN_ON_CPU:
         return windows.median(dim=-1).values
     middle = windows.shape[-1] // 2
     values = windows.contiguous().numpy()

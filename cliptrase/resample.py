@@ -22,8 +22,9 @@ at every corner come out in either order; such pixels may differ from a dense co
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from .taps import linear_taps
@@ -34,12 +35,17 @@ STRIP_ELEMENTS = 1 << 24  # 16 M floats = 64 MB per temporary
 
 @dataclass(frozen=True)
 class LinearAxis:
-    """One axis of torch's bilinear resize (``align_corners=False``): two taps per output index."""
+    """One axis of torch's bilinear resize (``align_corners=False``): two taps per output index.
+
+    ``span`` keeps the source indices on the host as well, so that which source rows a strip
+    reads, or which output indices a tile owns, is known without reading the device (each
+    such read would wait for the GPU's queue to drain)."""
 
     lo: torch.Tensor  # (out,) int64 source index
     hi: torch.Tensor  # (out,) int64 source index (lo + 1, or lo at the last source index)
     w_lo: torch.Tensor  # (out,) float32
     w_hi: torch.Tensor  # (out,) float32
+    span: tuple[np.ndarray, np.ndarray] | None = field(default=None, compare=False)  # host lo, hi
 
     @classmethod
     def build(cls, source: int, target: int, device: torch.device | str = "cpu") -> LinearAxis:
@@ -50,12 +56,14 @@ class LinearAxis:
 
     def shifted(self, offset: int) -> LinearAxis:
         """The same taps in the coordinates of a tile that starts at ``offset``."""
-        return LinearAxis(self.lo - offset, self.hi - offset, self.w_lo, self.w_hi)
+        span = None if self.span is None else (self.span[0] - offset, self.span[1] - offset)
+        return LinearAxis(self.lo - offset, self.hi - offset, self.w_lo, self.w_hi, span)
 
     def part(self, start: int, stop: int) -> LinearAxis:
         """The taps of output indices ``[start, stop)``."""
         s = slice(start, stop)
-        return LinearAxis(self.lo[s], self.hi[s], self.w_lo[s], self.w_hi[s])
+        span = None if self.span is None else (self.span[0][s], self.span[1][s])
+        return LinearAxis(self.lo[s], self.hi[s], self.w_lo[s], self.w_hi[s], span)
 
     def stacked(self, copies: int, period: int) -> LinearAxis:
         """These taps ``copies`` times over, the ``g``-th reading source indices shifted by
@@ -63,12 +71,23 @@ class LinearAxis:
         if copies == 1:
             return self
         shift = torch.arange(copies, device=self.lo.device)[:, None] * period
+        span = None
+        if self.span is not None:
+            host_shift = np.arange(copies)[:, None] * period
+            span = tuple((side + host_shift).reshape(-1) for side in self.span)
         return LinearAxis(
             (self.lo + shift).reshape(-1),
             (self.hi + shift).reshape(-1),
             self.w_lo.repeat(copies),
             self.w_hi.repeat(copies),
+            span,
         )
+
+    def source_range(self) -> tuple[int, int]:
+        """``(first, stop)``: the source indices these taps read lie in ``[first, stop)``."""
+        if self.span is not None:
+            return int(self.span[0].min()), int(self.span[1].max()) + 1
+        return int(self.lo.min()), int(self.hi.max()) + 1
 
     def __len__(self) -> int:
         return self.lo.shape[0]
@@ -76,14 +95,17 @@ class LinearAxis:
 
 @functools.lru_cache(maxsize=64)
 def _linear_axis(source: int, target: int, device: torch.device) -> LinearAxis:
+    taps = linear_taps(source, target)
     with torch.inference_mode(False):  # plain tensors, usable in and out of inference mode
-        taps = [torch.from_numpy(t).to(device) for t in linear_taps(source, target)]
-    return LinearAxis(*taps)
+        on_device = [torch.from_numpy(t).to(device) for t in taps]
+    for side in taps[:2]:
+        side.flags.writeable = False  # shared by every caller of the cache
+    return LinearAxis(*on_device, span=(taps[0], taps[1]))
 
 
 def stretched(source: torch.Tensor, rows: LinearAxis, cols: LinearAxis) -> torch.Tensor:
     """``(..., h, w)`` -> ``(..., len(rows), len(cols))``: width first, then height, as ATen."""
-    lo, hi = int(rows.lo.min()), int(rows.hi.max()) + 1
+    lo, hi = rows.source_range()
     band = source[..., lo:hi, :]  # only the source rows these output rows read
     wide = band[..., cols.lo] * cols.w_lo + band[..., cols.hi] * cols.w_hi
     r_lo, r_hi = rows.lo - lo, rows.hi - lo

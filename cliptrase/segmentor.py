@@ -29,7 +29,7 @@ from .config import SegmentorConfig
 from .errors import InvalidImageError
 from .fullsize import Canvas, OutputWindow
 from .head import confidence_of, decide, first_max_rows
-from .inference import SlidePlan, WholeImagePlan
+from .inference import SlidePlan, WholeImagePlan, whole_tile
 from .methods import NORMALISATIONS, Method, method_preset
 from .names import validate_names, validate_synonyms
 from .preprocess import (
@@ -723,25 +723,30 @@ class Segmentor:
             processed = self._process(pixels, vocab, stretch_to, guides)
             final = self._processing_labels(processed, vocab)
             confidence = self._confidence(processed.logits, final, vocab)
-            stacks: dict[tuple, list[int]] = {}
-            for b, (p, u) in enumerate(chunk):
-                tile, canvas = plans[p].tiles[u], canvases[p]
-                canvas.place_confidence(tile.owns, tile.top, tile.left, confidence[b])
-                if canvas.resolution != "original":
-                    canvas.place_processing_labels(tile.owns, tile.top, tile.left, final[b])
-                    continue
-                stacks.setdefault(self._stack_key(processed, b, canvas, tile), []).append(b)
-            for alike in stacks.values():
-                p, u = chunk[alike[0]]
-                tile = plans[p].tiles[u]
-                window = canvases[p].window(tile.owns, tile.top, tile.left)
-                per_stack = max(1, fullsize.STACK_PIXELS // max(1, window.pixels))
-                for start in range(0, len(alike), per_stack):
-                    members = alike[start : start + per_stack]
-                    labels = self._original_labels(processed, members, window, vocab)
-                    for b, own in zip(members, labels.view(len(members), *window.shape)):
-                        canvases[chunk[b][0]].place_labels(window, own)
+            placed = [(canvases[p], plans[p].tiles[u]) for p, u in chunk]
+            self._place(processed, final, confidence, placed, vocab)
         return [(*c.finish(), len(plan.tiles)) for c, plan in zip(canvases, plans)]
+
+    def _place(self, processed: _Processed, final, confidence, placed, vocab: Vocabulary) -> None:
+        """Put batch entry ``b``'s outputs on its canvas over the region its tile owns
+        (``placed[b]``: canvas, tile): the confidence, and the labels at the canvas's
+        resolution, the original size's decided in stacks of alike tiles."""
+        stacks: dict[tuple, list[int]] = {}
+        for b, (canvas, tile) in enumerate(placed):
+            canvas.place_confidence(tile.owns, tile.top, tile.left, confidence[b])
+            if canvas.resolution != "original":
+                canvas.place_processing_labels(tile.owns, tile.top, tile.left, final[b])
+                continue
+            stacks.setdefault(self._stack_key(processed, b, canvas, tile), []).append(b)
+        for alike in stacks.values():
+            canvas, tile = placed[alike[0]]
+            window = canvas.window(tile.owns, tile.top, tile.left)
+            per_stack = max(1, fullsize.STACK_PIXELS // max(1, window.pixels))
+            for start in range(0, len(alike), per_stack):
+                members = alike[start : start + per_stack]
+                labels = self._original_labels(processed, members, window, vocab)
+                for b, own in zip(members, labels.view(len(members), *window.shape)):
+                    placed[b][0].place_labels(window, own)
 
     def _stack_key(self, processed: _Processed, b: int, canvas: Canvas, tile) -> tuple:
         """Tiles of a batch with equal keys get their full-size labels as one stacked map
@@ -793,24 +798,32 @@ class Segmentor:
             up = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
             for (p, u), crop_logits in zip(chunk, up):
                 plans[p].add(u, crop_logits)
-        outputs = []
-        for plan in plans:
-            logits = plan.averaged()[None]
+        canvases = [self._canvas(plan.prepared, vocab.num_labels) for plan in plans]
+        for group in self._alike_plans(plans, batch_size):
+            logits = torch.stack([plans[p].averaged() for p in group])
+            for p in group:
+                plans[p].logits = plans[p].count = None  # summed: the stack is all that is left
             if self.method.pamr is not None:
-                logits = self.method.pamr(plan.image()[None].to(logits.device), logits)
+                image = torch.stack([plans[p].image() for p in group])
+                logits = self.method.pamr(image.to(logits.device), logits)
             pred = self._decide(logits, vocab)
-            canvas = self._canvas(plan.prepared, vocab.num_labels)
-            h, w = plan.prepared.resized
-            whole = (0, h, 0, w)
-            canvas.place_confidence(whole, 0, 0, self._confidence(logits, pred, vocab)[0])
-            if canvas.resolution == "original":
-                window = canvas.window(whole, 0, 0)
-                processed = _Processed(logits, pred, None, None)
-                canvas.place_labels(window, self._original_labels(processed, [0], window, vocab))
-            else:
-                canvas.place_processing_labels(whole, 0, 0, pred[0])
-            outputs.append((*canvas.finish(), len(plan.tiles)))
-        return outputs
+            confidence = self._confidence(logits, pred, vocab)
+            placed = [(canvases[p], whole_tile(plans[p].prepared, self.patch_size)) for p in group]
+            self._place(_Processed(logits, pred, None, None), pred, confidence, placed, vocab)
+        return [(*c.finish(), len(plan.tiles)) for c, plan in zip(canvases, plans)]
+
+    @staticmethod
+    def _alike_plans(plans: list[SlidePlan], batch_size: int) -> Iterator[list[int]]:
+        """Plans of one processing size, at most ``batch_size`` and ``SLIDE_TAIL_ELEMENTS``
+        logits at a time: PAMR, the head and the full-size labels then run once per group
+        (per-pixel work, the same arithmetic as one image at a time)."""
+        by_size: dict[tuple, list[int]] = {}
+        for p, plan in enumerate(plans):
+            by_size.setdefault(tuple(plan.logits.shape), []).append(p)
+        for (k, h, w), members in by_size.items():
+            step = max(1, min(batch_size, SLIDE_TAIL_ELEMENTS // (k * h * w)))
+            for start in range(0, len(members), step):
+                yield members[start : start + step]
 
     def prepare(self, image: ImageLike, original_size: tuple[int, int] | None = None) -> Prepared:
         """Validate, resize and normalise one image (CPU work; safe to run in a worker thread).
@@ -887,6 +900,11 @@ def full_fp32_convolutions() -> Iterator[None]:
         yield
     finally:
         conv.fp32_precision = previous
+
+
+# Averaged logits per group of sliding-window images (64 MB of float32): PAMR's temporaries
+# are ~30x that, so a group stays within a few GB however many classes.
+SLIDE_TAIL_ELEMENTS = 1 << 24
 
 
 def _picker(members: list[int]) -> slice | list[int]:
