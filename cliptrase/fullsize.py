@@ -160,16 +160,18 @@ class Choice:
         lookup: torch.Tensor,
         first_max: torch.Tensor | None = None,
         per_image: bool = False,
+        bound: int | None = None,
     ) -> Choice:
         """``scores`` ``(C, h, w)`` or ``(G, C, h, w)``; ``first_max``: their first-maximum
-        channel ``(..., h, w)``, when the caller already has it."""
+        channel ``(..., h, w)``, when the caller already has it; ``bound``: more than the
+        largest value of ``lookup``, when the caller knows it (else it is read: a sync)."""
         scores = scores if scores.dim() == 4 else scores[None]
         if first_max is None:
             first_max = scores.max(dim=1).indices
         first_max = first_max.reshape(-1, scores.shape[-1])
         agree = corner_agreement(first_max.view(scores.shape[0], *scores.shape[-2:]))
         agree = agree.view(first_max.shape)
-        return cls(scores, first_max, agree, compact(lookup), per_image=per_image)
+        return cls(scores, first_max, agree, compact(lookup, bound), per_image=per_image)
 
     @cached_property
     def pixels(self) -> torch.Tensor:
@@ -357,7 +359,7 @@ def first_prediction(
     if head.area_thd is not None:
         if logits.shape[0] != 1:
             raise ValueError("area_thd counts labels per image: one tile at a time")
-        plain = Choice.of(logits, row_labels).counts(window, num_labels)
+        plain = Choice.of(logits, row_labels, bound=num_labels).counts(window, num_labels)
         keep = kept_labels_from_counts(plain[None], background_label, head.area_thd)
     if head.prob_thd > 0 and background_label is not None:
         single = window.single
@@ -374,8 +376,8 @@ def first_prediction(
         # Finite, not -inf: a zero-weight tap times -inf would be NaN.
         lowest = torch.finfo(logits.dtype).min
         logits = logits.masked_fill(~keep[0][row_labels][:, None, None], lowest)
-        return Choice.of(logits, row_labels)
-    return Choice.of(logits, row_labels, row_argmax)
+        return Choice.of(logits, row_labels, bound=num_labels)
+    return Choice.of(logits, row_labels, row_argmax, bound=num_labels)
 
 
 def vote(
@@ -398,8 +400,8 @@ def vote(
     maps = maps if maps.dim() == 4 else maps[None]
     logits = logits if logits.dim() == 4 else logits[None]
     tiles, n = maps.shape[:2]
-    regions = Choice.of(maps, torch.arange(tiles * n, device=maps.device), cluster_argmax,
-                        per_image=True)  # fmt: skip
+    ids = torch.arange(tiles * n, device=maps.device)
+    regions = Choice.of(maps, ids, cluster_argmax, per_image=True, bound=tiles * n)
     regions.floor = tiles > 1
     if how == "mean_logits":
         region_map = regions.full(window)

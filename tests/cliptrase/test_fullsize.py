@@ -22,6 +22,7 @@ from PIL import Image
 
 import cliptrase
 from cliptrase import fullsize, resample
+from cliptrase import segmentor as segmentor_module
 from cliptrase.head import decide
 from cliptrase.inference import whole_tile
 from cliptrase.launches import count_dispatch, device_branches
@@ -518,3 +519,28 @@ def test_device_branches_give_the_same_labels(tiny, astronaut):
     for a, b in zip(cpu, device):
         np.testing.assert_array_equal(a.labels, b.labels)
         np.testing.assert_array_equal(a.confidence_map, b.confidence_map)
+
+
+@pytest.mark.parametrize("method", ["cliptrase", "maskclip", "naclip"])  # naclip: PAMR, prob_thd
+def test_batched_post_processing_equals_one_image_at_a_time(monkeypatch, tiny, astronaut, method):
+    """Through ``segment_batch``: stacks and groups as they come (two sizes, one image
+    windowed, two with windows at the same places) give the bytes that stacks and groups of one
+    give from the same batch: labels, confidence maps and counts."""
+    seg = tiny.variant(method=method)
+    vocab = seg.vocabulary(["person", "rocket", "flag", "grass"], ["background", "sky"])
+    panorama = np.concatenate([astronaut, astronaut[:, ::-1], astronaut], axis=1)[::2]
+    images = [astronaut[:301, :457], astronaut[:301, :457, ::-1].copy(), panorama,
+              panorama[::-1].copy(), astronaut[::2, ::-1].copy()]  # fmt: skip
+    if seg.protocol()[0] == "slide":  # the averaged crops: groups by size, no need to window
+        images = images[:2] + images[4:] + [astronaut[::-2].copy()]
+    batched = seg.segment_batch(images, vocab, batch_size=8)
+    # Every tile a stack of its own, every sliding-window image a group of its own.
+    monkeypatch.setattr(segmentor_module.Segmentor, "_stack_key", lambda self, _, b, *a: (b,))
+    monkeypatch.setattr(segmentor_module, "SLIDE_TAIL_ELEMENTS", 1)
+    alone = seg.segment_batch(images, vocab, batch_size=8)
+    for a, b in zip(batched, alone):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.confidence_map, b.confidence_map)
+        np.testing.assert_array_equal(a.counts, b.counts)
+    assert any(len(np.unique(r.labels)) > 1 for r in batched)
+    assert batched[2].windows > 1 or method != "cliptrase"  # the panoramas are windowed
