@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from .head import DecisionHead, decide, kept_labels_from_counts
@@ -63,6 +64,7 @@ class OutputWindow:
     cols: LinearAxis
     y: slice  # output rows / columns of the image
     x: slice
+    stack_of: OutputWindow | None = None  # a stacked window: the one tile's it repeats
 
     @classmethod
     def of_tile(
@@ -98,12 +100,7 @@ class OutputWindow:
     @property
     def single(self) -> OutputWindow:
         """The window of one tile (itself, unless :meth:`stacked`)."""
-        return self.__dict__.get("_single", self)
-
-    @property
-    def copies(self) -> int:
-        """How many same-size tiles this window covers, stacked (1 unless :meth:`stacked`)."""
-        return self.__dict__.get("_copies", 1)
+        return self if self.stack_of is None else self.stack_of
 
     def stacked(self, copies: int, source_rows: int) -> OutputWindow:
         """This window over ``copies`` tiles of ``source_rows`` rows each, stacked into one
@@ -111,20 +108,14 @@ class OutputWindow:
         rows. Every per-pixel computation is then one set of kernels for all the tiles."""
         if copies == 1:
             return self
-        tall = OutputWindow(
-            self.rows.stacked(copies, source_rows), self.cols, slice(0, copies * len(self.rows)),
-            self.x,
-        )  # fmt: skip
-        tall.__dict__.update(_single=self, _copies=copies)
-        return tall
+        rows = self.rows.stacked(copies, source_rows)
+        return OutputWindow(rows, self.cols, slice(0, len(rows)), self.x, stack_of=self)
 
 
 def _owned(axis: LinearAxis, start: int, stop: int) -> slice:
-    """The output indices whose upper-left tap lies in ``[start, stop)`` (read on the host
-    when the axis has its span there)."""
-    lo = axis.lo if axis.span is None else axis.span[0]
-    inside = ((lo >= start) & (lo < stop)).nonzero()
-    inside = inside[0] if isinstance(inside, tuple) else inside[:, 0]
+    """The output indices whose upper-left tap lies in ``[start, stop)`` (read on the host)."""
+    lo = axis.span[0]
+    inside = np.flatnonzero((lo >= start) & (lo < stop))
     if len(inside) == 0:
         return slice(0, 0)
     return slice(int(inside[0]), int(inside[-1]) + 1)
@@ -165,7 +156,7 @@ class Choice:
         """``scores`` ``(C, h, w)`` or ``(G, C, h, w)``; ``first_max``: their first-maximum
         channel ``(..., h, w)``, when the caller already has it; ``bound``: more than the
         largest value of ``lookup``, when the caller knows it (else it is read: a sync)."""
-        scores = scores if scores.dim() == 4 else scores[None]
+        scores = _as_tiles(scores)
         if first_max is None:
             first_max = scores.max(dim=1).indices
         first_max = first_max.reshape(-1, scores.shape[-1])
@@ -185,10 +176,11 @@ class Choice:
     def cells(self) -> torch.Tensor:
         channel = self.first_max
         if self.per_image:
-            channel = channel + self._row_offsets()[:, None]
+            channel = channel + self.row_offsets[:, None]
         return _looked_up(self.lookup, channel)
 
-    def _row_offsets(self) -> torch.Tensor:
+    @cached_property
+    def row_offsets(self) -> torch.Tensor:
         """``(G * th,)``: each source row's offset into a per-image lookup (``g * C``)."""
         g, c, th, _ = self.scores.shape
         rows = torch.arange(g * th, device=self.first_max.device)
@@ -209,7 +201,7 @@ class Choice:
     def pair_values(self, channel: torch.Tensor, boundary: Boundary) -> torch.Tensor:
         """``lookup`` at the channels ``(P, J)`` of the boundary's pairs."""
         if self.per_image:
-            channel = channel + self._row_offsets().index_select(0, boundary.top)[:, None]
+            channel = channel + self.row_offsets.index_select(0, boundary.top)[:, None]
         return _looked_up(self.lookup, channel)
 
     def full(self, window: OutputWindow) -> torch.Tensor:
@@ -336,6 +328,11 @@ def _leads_by_more_than(table: torch.Tensor, unknown: torch.Tensor) -> torch.Ten
     return top[:, 0] - top[:, 1] > unknown
 
 
+def _as_tiles(x: torch.Tensor) -> torch.Tensor:
+    """``(C, h, w)`` one tile's -> ``(1, C, h, w)``; ``(G, C, h, w)`` as it is."""
+    return x if x.dim() == 4 else x[None]
+
+
 def _looked_up(lookup: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``lookup[index]`` by ``index_select`` (several times faster on the CPU)."""
     return lookup.index_select(0, index.reshape(-1)).view(index.shape)
@@ -354,7 +351,7 @@ def first_prediction(
     the tiles of a :meth:`OutputWindow.stacked` window; ``row_argmax``: their first-maximum
     row per pixel, when the caller already has it (a plain head)."""
     row_labels = row_labels.to(logits.device)
-    logits = logits if logits.dim() == 4 else logits[None]
+    logits = _as_tiles(logits)
     keep = None
     if head.area_thd is not None:
         if logits.shape[0] != 1:
@@ -397,8 +394,7 @@ def vote(
     ``-inf`` past a tile's own clusters (regions are numbered per tile, ``g * n + r``).
     ``cluster_argmax``: their first maximum per pixel, when the caller already has it.
     """
-    maps = maps if maps.dim() == 4 else maps[None]
-    logits = logits if logits.dim() == 4 else logits[None]
+    maps, logits = _as_tiles(maps), _as_tiles(logits)
     tiles, n = maps.shape[:2]
     ids = torch.arange(tiles * n, device=maps.device)
     regions = Choice.of(maps, ids, cluster_argmax, per_image=True, bound=tiles * n)

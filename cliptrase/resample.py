@@ -45,7 +45,7 @@ class LinearAxis:
     hi: torch.Tensor  # (out,) int64 source index (lo + 1, or lo at the last source index)
     w_lo: torch.Tensor  # (out,) float32
     w_hi: torch.Tensor  # (out,) float32
-    span: tuple[np.ndarray, np.ndarray] | None = field(default=None, compare=False)  # host lo, hi
+    span: tuple[np.ndarray, np.ndarray] = field(compare=False)  # lo and hi, on the host
 
     @classmethod
     def build(cls, source: int, target: int, device: torch.device | str = "cpu") -> LinearAxis:
@@ -56,13 +56,13 @@ class LinearAxis:
 
     def shifted(self, offset: int) -> LinearAxis:
         """The same taps in the coordinates of a tile that starts at ``offset``."""
-        span = None if self.span is None else (self.span[0] - offset, self.span[1] - offset)
+        span = (self.span[0] - offset, self.span[1] - offset)
         return LinearAxis(self.lo - offset, self.hi - offset, self.w_lo, self.w_hi, span)
 
     def part(self, start: int, stop: int) -> LinearAxis:
         """The taps of output indices ``[start, stop)``."""
         s = slice(start, stop)
-        span = None if self.span is None else (self.span[0][s], self.span[1][s])
+        span = (self.span[0][s], self.span[1][s])
         return LinearAxis(self.lo[s], self.hi[s], self.w_lo[s], self.w_hi[s], span)
 
     def stacked(self, copies: int, period: int) -> LinearAxis:
@@ -71,10 +71,8 @@ class LinearAxis:
         if copies == 1:
             return self
         shift = torch.arange(copies, device=self.lo.device)[:, None] * period
-        span = None
-        if self.span is not None:
-            host_shift = np.arange(copies)[:, None] * period
-            span = tuple((side + host_shift).reshape(-1) for side in self.span)
+        host_shift = np.arange(copies)[:, None] * period
+        span = tuple((side + host_shift).reshape(-1) for side in self.span)
         return LinearAxis(
             (self.lo + shift).reshape(-1),
             (self.hi + shift).reshape(-1),
@@ -85,9 +83,7 @@ class LinearAxis:
 
     def source_range(self) -> tuple[int, int]:
         """``(first, stop)``: the source indices these taps read lie in ``[first, stop)``."""
-        if self.span is not None:
-            return int(self.span[0].min()), int(self.span[1].max()) + 1
-        return int(self.lo.min()), int(self.hi.max()) + 1
+        return int(self.span[0].min()), int(self.span[1].max()) + 1
 
     def __len__(self) -> int:
         return self.lo.shape[0]

@@ -149,10 +149,6 @@ class _Processed:
             self._region_maps = self.maps.max(dim=1).indices
         return self._region_maps
 
-    def regions(self, b: int, n: int) -> torch.Tensor:
-        """``(H, W)``: :meth:`region_maps` of input ``b`` (``n``: its cluster count)."""
-        return self.region_maps()[b]
-
 
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
@@ -539,7 +535,7 @@ class Segmentor:
             n = processed.cluster_count(i)
             if n == 0:  # every patch is noise: the first prediction is final
                 continue
-            regions = processed.regions(i, n)
+            regions = processed.region_maps()[i]
             winners = region_logit_sums(processed.logits[i], regions, n).argmax(dim=1)
             out[i] = self._device_row_labels(vocab)[winners][regions]
         return out
