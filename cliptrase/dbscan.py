@@ -165,11 +165,11 @@ def _components(near: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
 
     Min-label propagation over the core-core part of ``near`` (undirected), hooking each
     root to the smallest label seen by its members, then pointer jumping to the roots,
-    repeated until nothing changes. Labels only ever decrease and are always indices of
-    points of the same component; the component's smallest index keeps its own label
-    throughout, so at the fixed point (every point's label = its neighbours' = its root's)
-    that is the label. Non-core points carry the label ``n``, which never wins a minimum, so
-    their columns need no masking; their rows are reset to ``n``.
+    repeated until nothing changes (one host sync per round). Labels only ever decrease and
+    are always indices of points of the same component; the component's smallest index keeps
+    its own label throughout, so at the fixed point (every point's label = its neighbours' =
+    its root's) that is the label. Non-core points carry the label ``n``, which never wins a
+    minimum, so their columns need no masking; their rows are reset to ``n``.
     """
     b, n = core.shape
     device = core.device
@@ -178,6 +178,7 @@ def _components(near: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
     # Non-core points point at the sentinel slot n, which points at itself.
     labels = torch.where(core, index, sentinel)
     labels = torch.cat([labels, sentinel.expand(b, 1)], dim=1)  # (B, n + 1)
+    jumps = n.bit_length()
     while True:
         previous = labels
         # Smallest label among each core point's core neighbours (and itself).
@@ -186,12 +187,12 @@ def _components(near: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
         # Hook: each point's current root takes the smallest label its members saw.
         labels = labels.scatter_reduce(1, labels[:, :n], seen, reduce="amin")
         labels[:, :n] = torch.minimum(labels[:, :n], seen)
-        # Pointer jumping until every label is a root.
-        while True:
-            jumped = labels.gather(1, labels)
-            if torch.equal(jumped, labels):
-                break
-            labels = jumped
+        # Pointer jumping until every label is a root: a fixed number of jumps, not a check
+        # per jump (a host sync each on a GPU). Every label is <= its point's index, so
+        # chains descend to a root in at most n steps, and jump j halves what is left:
+        # n.bit_length() jumps reach the roots, where more jumps change nothing.
+        for _ in range(jumps):
+            labels = labels.gather(1, labels)
         if torch.equal(labels, previous):
             return labels[:, :n]
 
