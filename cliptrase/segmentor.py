@@ -633,11 +633,10 @@ class Segmentor:
         prepared = [
             image if isinstance(image, Prepared) else self.prepare(image) for image in images
         ]
-        mode, _, crop, stride = self.protocol()
-        if mode == "slide" and self.method.refiner is None:
-            outputs = self._segment_sliding(prepared, vocab, batch_size, crop, stride)
+        if self._sliding():
+            outputs = self._segment_sliding(prepared, vocab, batch_size)
         else:  # whole images, or owned windows (each clustered on its own)
-            outputs = self._segment_tiles(prepared, vocab, batch_size, crop, stride)
+            outputs = self._segment_tiles(prepared, vocab, batch_size)
         host = _to_host(
             [t for labels, confidence, counts, _ in outputs for t in (labels, confidence, counts)]
         )
@@ -668,11 +667,7 @@ class Segmentor:
         by_shape: dict[tuple, list[tuple[int, int]]] = {}
         for p, plan in enumerate(plans):
             for u, tile in enumerate(plan.tiles):
-                stretch_to = getattr(tile, "stretch_to", None)
-                # Tiles prepared on the device (GPU-decoded JPEGs) and on the host (Pillow's
-                # fallbacks) of one shape batch apart: one stack cannot hold both.
-                key = (tuple(tile.pixels.shape), tile.pixels.device, stretch_to)
-                by_shape.setdefault(key, []).append((p, u))
+                by_shape.setdefault(_forward_shape(tile), []).append((p, u))
         for (_, _, stretch_to), members in by_shape.items():
             for start in range(0, len(members), batch_size):
                 chunk = members[start : start + batch_size]
@@ -699,21 +694,36 @@ class Segmentor:
             prepared.resized, prepared.original, self.config.resolution, num_labels, self.device
         )
 
+    def _sliding(self) -> bool:
+        """Whether images take the SCLIP-lineage sliding window (else whole images or owned
+        windows, each clustered on its own)."""
+        return self.protocol()[0] == "slide" and self.method.refiner is None
+
+    def _plan(self, prepared: Prepared) -> WholeImagePlan | SlidePlan:
+        """How one image is cut into the tiles (or crops) its forwards run on."""
+        _, _, crop, stride = self.protocol()
+        if self._sliding():
+            return SlidePlan.build(prepared, self.patch_size, crop, stride)
+        return WholeImagePlan.build(
+            prepared,
+            self.patch_size,
+            self.config,
+            window=crop,
+            stride=stride,
+            force_windows=crop is not None,
+            input_fit=self.method.input_fit,
+            max_patches=self.whole_patch_limit,
+        )
+
+    def batch_key(self, prepared: Prepared) -> frozenset:
+        """The input shapes of an image's forwards. :meth:`segment_batch` runs the tiles of
+        one shape together, so images with equal keys fill each other's batches; callers
+        with images of many sizes gather them by key to keep the batches full."""
+        return frozenset(_forward_shape(tile) for tile in self._plan(prepared).tiles)
+
     @torch.inference_mode()
-    def _segment_tiles(self, prepared, vocab, batch_size, crop, stride):
-        plans = [
-            WholeImagePlan.build(
-                item,
-                self.patch_size,
-                self.config,
-                window=crop,
-                stride=stride,
-                force_windows=crop is not None,
-                input_fit=self.method.input_fit,
-                max_patches=self.whole_patch_limit,
-            )
-            for item in prepared
-        ]
+    def _segment_tiles(self, prepared, vocab, batch_size):
+        plans = [self._plan(item) for item in prepared]
         canvases = [self._canvas(item, vocab.num_labels) for item in prepared]
         for chunk, pixels, stretch_to, guides in self._batches(plans, batch_size):
             processed = self._process(pixels, vocab, stretch_to, guides)
@@ -786,9 +796,9 @@ class Segmentor:
         )
 
     @torch.inference_mode()
-    def _segment_sliding(self, prepared, vocab, batch_size, crop, stride):
+    def _segment_sliding(self, prepared, vocab, batch_size):
         """The SCLIP-lineage protocol: crop logits averaged, then PAMR and the head per image."""
-        plans = [SlidePlan.build(item, self.patch_size, crop, stride) for item in prepared]
+        plans = [self._plan(item) for item in prepared]
         for chunk, pixels, _, _ in self._batches(plans, batch_size):
             logits = self._scaled_logits(self.dense_features(pixels, vocab), vocab)
             up = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
@@ -901,6 +911,13 @@ def full_fp32_convolutions() -> Iterator[None]:
 # Averaged logits per group of sliding-window images (64 MB of float32): PAMR's temporaries
 # are ~30x that, so a group stays within a few GB however many classes.
 SLIDE_TAIL_ELEMENTS = 1 << 24
+
+
+def _forward_shape(tile) -> tuple:
+    """What tiles must share to run in one forward: their shape, device and stretch size.
+    Tiles prepared on the device (GPU-decoded JPEGs) and on the host (Pillow's fallbacks) of
+    one shape batch apart: one stack cannot hold both."""
+    return (tuple(tile.pixels.shape), tile.pixels.device, getattr(tile, "stretch_to", None))
 
 
 def _picker(members: list[int]) -> slice | list[int]:

@@ -212,6 +212,11 @@ class RunConfig:
     # Large freed blocks stay in the heap for reuse (pipeline/allocator.py): no labels change.
     reuse_host_memory: bool = True
     prefetch_images: int = 64  # decoded + prepared images queued ahead of the model
+    # Images of a shape wait for a full batch of it for at most this many batches' worth of
+    # records (pipeline/batching.py): full forwards over mixed sizes, for up to
+    # shape_window x batch_size prepared images held (1.8 MB each at short side 336).
+    # 0: batches in record order, whatever their shapes. No labels change.
+    shape_window: int = 8
     max_retries: int = 3  # per shard, after an actor died or the shard raised
     lease_ttl_s: float = 6 * 3600.0
     # Credentials for fsspec (s3fs key/secret/endpoint...). Never hashed, logged or written.
@@ -232,6 +237,8 @@ class RunConfig:
             raise ValueError("resources per actor cannot be negative")
         if self.decode_threads < 1 or self.prefetch_images < 1 or self.max_retries < 0:
             raise ValueError("decode_threads and prefetch_images must be positive")
+        if self.shape_window < 0:
+            raise ValueError(f"shape_window cannot be negative, got {self.shape_window}")
         object.__setattr__(self, "output", self.output.rstrip("/"))
 
     def hashed_fields(self) -> dict[str, Any]:
@@ -276,6 +283,7 @@ class RunConfig:
             "decode_threads": self.decode_threads,
             "reuse_host_memory": self.reuse_host_memory,
             "prefetch_images": self.prefetch_images,
+            "shape_window": self.shape_window,
             "max_retries": self.max_retries,
             "config_hash": self.config_hash(),
         }

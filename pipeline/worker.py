@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import cliptrase
 
 from . import sink
 from .allocator import reuse_freed_memory
+from .batching import ShapePool
 from .claim import Claim, claim_shard, drop_lease
 from .config import OUTPUT_FORMAT, RunConfig
 from .decode import (
@@ -77,6 +79,9 @@ class ShardResult:
     @classmethod
     def unclaimed(cls, shard_id: str, claim: Claim, seconds: float) -> ShardResult:
         return cls(shard_id, 0, 0, 0, seconds, 0.0, 0.0, 0.0, 0.0, "", claim=claim.value)
+
+
+_ON_DEVICE = ("decoded on the device",)  # batch key of JPEGs not decoded yet
 
 
 @dataclass
@@ -203,7 +208,8 @@ class ShardLabeler:
         commit is fenced either way (``sink.ShardWriter.commit``).
 
         Rows go to the :class:`sink.ShardWriter` in order, each as soon as its PNG encode is
-        done; at most ``2 x batch_size`` rows are in flight (plus the prefetched images and
+        done; at most ``2 x batch_size`` rows are in flight (plus the prefetched images, the
+        ``shape_window x batch_size`` records an image may wait for others of its shape, and
         one row group in the writer), so memory does not grow with the shard's length.
         """
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -270,7 +276,8 @@ class ShardLabeler:
     ) -> Iterator[dict | Future]:
         """Rows (or futures of rows, PNG encoding in flight) for ``records``, yielded in order
         as soon as they are known: a batch's rows once it is segmented, an error row at once
-        unless images before it still wait for their batch.
+        unless images before it still wait for their batch. Batches hold images of one input
+        shape (:class:`pipeline.batching.ShapePool`; ``RunConfig.shape_window``).
 
         Decoding and preparing run ahead in threads; the calling thread only runs the model.
         When the records are exhausted (or the generator is closed), ``stats`` gets
@@ -279,31 +286,45 @@ class ShardLabeler:
         """
         stats = {} if stats is None else stats
         stats["device_decoded"] = 0
+        stats["batches"] = 0
         batch_size = self.config.segmentor.batch_size
+        gather = self.config.shape_window
+        # shape_window 0: the next batch_size images, as they come (no bound on the wait).
+        pool = ShapePool(batch_size, gather * batch_size if gather else sys.maxsize)
         prefetch = Prefetcher(records, self._decode_prepare, self.pool, self.config.prefetch_images)
-        pending: list[dict | Future | None] = []  # not yet yielded; None: waits in `batch`
-        batch: list[tuple[int, ImageRecord, _Ready]] = []
+        rows: dict[int, dict | Future] = {}  # by record position, until yielded in order
+        yielded = 0
         model_s = 0.0
+
+        def segment(batches) -> float:
+            stats["batches"] += len(batches)
+            return sum(self._segment(batch, rows, shard_id, stats) for batch in batches)
+
         try:
-            for record, ready in prefetch:
+            for position, (record, ready) in enumerate(prefetch):
                 if isinstance(ready, _Ready | _OnDevice):
-                    batch.append((len(pending), record, ready))
-                    pending.append(None)
-                    if len(batch) >= batch_size:
-                        model_s += self._segment(batch, pending, shard_id, stats)
-                        batch = []
+                    key = self._batch_key(ready) if gather else None
+                    model_s += segment(pool.add(position, key, (position, record, ready)))
                 else:
-                    pending.append(self._error_row(record, shard_id, ready))
-                if not batch:
-                    yield from pending
-                    pending = []
-            if batch:
-                model_s += self._segment(batch, pending, shard_id, stats)
-            yield from pending
+                    rows[position] = self._error_row(record, shard_id, ready)
+                while yielded in rows:
+                    yield rows.pop(yielded)
+                    yielded += 1
+            model_s += segment(pool.drain())
+            while yielded in rows:
+                yield rows.pop(yielded)
+                yielded += 1
         finally:
             prefetch.close()
             stats["model_s"] = model_s
             stats["wait_s"] = prefetch.wait_s
+
+    def _batch_key(self, ready: _Ready | _OnDevice) -> Hashable:
+        """The shapes an image's forwards run at; JPEGs still to be decoded on the device
+        are one group (their size is known once their batch decodes them)."""
+        if isinstance(ready, _OnDevice):
+            return _ON_DEVICE
+        return self.segmentor.batch_key(ready.prepared)
 
     def _decode_prepare(self, record: ImageRecord) -> _Ready | _OnDevice | _Failed:
         if record.error is not None:

@@ -391,3 +391,27 @@ def test_fp32_means_ieee_float32_convolutions_on_a_gpu():
     on_cpu = SimpleNamespace(precision="fp32", device=torch.device("cpu"))
     with cliptrase.Segmentor._autocast(on_cpu):
         assert conv.fp32_precision == before
+
+
+def test_batch_keys_are_the_shapes_forwards_share(tiny, astronaut, chelsea):
+    """Equal keys, one forward shape: whole images by their padded processing size, the
+    sliding methods' crops whatever the image's size, windowed panoramas by their window."""
+    images = {
+        "square": astronaut,
+        "square, larger": np.array(Image.fromarray(astronaut).resize((600, 600))),
+        "cat": chelsea,
+        "cat, a few pixels narrower": chelsea[:, :446],
+    }
+    keys = {name: tiny.batch_key(tiny.prepare(image)) for name, image in images.items()}
+    assert keys["square"] == keys["square, larger"] != keys["cat"]
+    assert keys["cat"] == keys["cat, a few pixels narrower"]  # the same patch-padded width
+    (shape,) = keys["square"]
+    assert shape[0] == (3, 336, 336)
+
+    sliding = tiny.variant(method="sclip")
+    crops = {sliding.batch_key(sliding.prepare(image)) for image in images.values()}
+    assert len(crops) == 1 and {s[0] for s in crops.pop()} == {(3, 224, 224)}
+
+    panorama = np.concatenate([astronaut] * 4, axis=1)[:128]  # 128 x 2048: owned windows
+    (window,) = tiny.batch_key(tiny.prepare(panorama))
+    assert window[0][1] == window[0][2]  # square windows, not the whole 336 x 5376 image
