@@ -244,7 +244,8 @@ class SizeRun:
             _sync(device)
         clock.add("copy", cpu() - start, n)
         del pixels
-        with timed_forward(seg) as forward:
+        # The transformer forward: what no post-processing change removes on a CPU actor.
+        with timed_method(seg, "dense_features") as forward:
             start = cpu()
             results = seg.segment_batch(prepared, self.labeler.vocab)
             spent = cpu() - start
@@ -309,24 +310,24 @@ class SizeRun:
 
 
 @contextlib.contextmanager
-def timed_forward(seg) -> Iterator[dict[str, float]]:
-    """CPU seconds inside the segmentor's transformer forward (``dense_features``) while the
-    block runs: what no post-processing change can remove on a CPU actor."""
-    original = seg.dense_features
+def timed_method(obj, name: str, clock=time.process_time) -> Iterator[dict[str, float]]:
+    """``clock`` seconds spent inside ``obj.name`` while the block runs, in ``["seconds"]``:
+    the method is wrapped on the instance and unwrapped after."""
+    original = getattr(obj, name)
     spent = {"seconds": 0.0}
 
-    def dense_features(*args, **kwargs):
-        start = time.process_time()
+    def timed(*args, **kwargs):
+        start = clock()
         try:
             return original(*args, **kwargs)
         finally:
-            spent["seconds"] += time.process_time() - start
+            spent["seconds"] += clock() - start
 
-    seg.dense_features = dense_features
+    setattr(obj, name, timed)
     try:
         yield spent
     finally:
-        del seg.dense_features  # the method again
+        delattr(obj, name)  # the method again
 
 
 def _local_fs():
@@ -335,30 +336,17 @@ def _local_fs():
     return fsspec.filesystem("file")
 
 
-def timed_segment_batch(labeler: ShardLabeler, totals: dict[str, float]) -> None:
-    """Count the model thread's CPU inside ``segment_batch`` (torch runs 1 thread: that one)."""
-    original = labeler.segmentor.segment_batch
-
-    def segment_batch(*args, **kwargs):
-        start = time.thread_time()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            totals["segment_cpu_s"] += time.thread_time() - start
-
-    labeler.segmentor.segment_batch = segment_batch
-
-
-def whole_shard(labeler: ShardLabeler, shard, totals: dict[str, float]) -> dict[str, float]:
-    totals["segment_cpu_s"] = 0.0
-    result = labeler.process_shard(shard)
+def whole_shard(labeler: ShardLabeler, shard) -> dict[str, float]:
+    # The model thread's CPU inside segment_batch (torch runs 1 thread: that one).
+    with timed_method(labeler.segmentor, "segment_batch", time.thread_time) as segment:
+        result = labeler.process_shard(shard)
     if getattr(result, "lost", False) or not result.ok or result.errors:
         raise RuntimeError(
             f"{shard.shard_id}: {result.ok} ok rows, {result.errors} errors: {result}"
         )
     rows = result.ok
     cpu_ms = 1000 * result.cpu_s / rows
-    segment_ms = 1000 * totals["segment_cpu_s"] / rows
+    segment_ms = 1000 * segment["seconds"] / rows
     return {
         "rows": result.rows,
         "cpu_ms": cpu_ms,
@@ -466,12 +454,10 @@ def main() -> None:
             draft[name] = decoded.draft_scale
 
         # Whole shards through ShardLabeler.process_shard, sizes alternating.
-        totals = {"segment_cpu_s": 0.0}
-        timed_segment_batch(labeler, totals)
         whole_runs: dict[str, list[dict]] = {name: [] for name in names}
         for repeat in range(args.shard_repeats):
             for name in names:
-                whole_runs[name].append(whole_shard(labeler, shards[name][repeat], totals))
+                whole_runs[name].append(whole_shard(labeler, shards[name][repeat]))
         whole = {
             name: {
                 key: statistics.median(r[key] for r in whole_runs[name])

@@ -5,7 +5,9 @@ real corpus: 4:3, 3:2, portrait, square...) costs several small forwards. The mo
 instead holds each image until its shape (``Segmentor.batch_key``) has a full batch, but
 never for more than ``window`` records: the oldest waiting image's shape then runs as it is.
 Every image waits for at most ``window`` later records, so at most that many rows wait to
-be written in order. Labels do not depend on which images share a forward.
+be written in order. The rows are those of batches in record order, except that which images
+share a forward can change the float rounding, as another batch size can (the confidence by
+one quantisation step).
 """
 
 from __future__ import annotations

@@ -286,7 +286,6 @@ class ShardLabeler:
         """
         stats = {} if stats is None else stats
         stats["device_decoded"] = 0
-        stats["batches"] = 0
         batch_size = self.config.segmentor.batch_size
         gather = self.config.shape_window
         # shape_window 0: the next batch_size images, as they come (no bound on the wait).
@@ -297,7 +296,6 @@ class ShardLabeler:
         model_s = 0.0
 
         def segment(batches) -> float:
-            stats["batches"] += len(batches)
             return sum(self._segment(batch, rows, shard_id, stats) for batch in batches)
 
         try:
