@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import posixpath
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -112,72 +112,261 @@ def _is_unsafe_member(name: str) -> bool:
     return name.startswith("/") or ".." in name.split("/") or "\\" in name
 
 
-def _read_tar(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
+# ----------------------------------------------------------------------------- tar members
+
+
+def member_text(name: str) -> tuple[str, bool]:
+    """A member name as text, and whether it was valid UTF-8.
+
+    Tars store names as bytes; they are read as UTF-8 with ``surrogateescape``, so bytes that
+    are not UTF-8 survive as lone surrogates, which no Parquet string can hold. Those are
+    written ``\\xNN`` (lossless: names with a backslash are refused as unsafe anyway).
+    """
     try:
-        yield from _read_tar_members(shard, fs, source)
-    except tarfile.TarError as exc:  # not a tar, or cut short: the file itself is bad
+        name.encode("utf-8")
+        return name, True
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "backslashreplace"), False
+
+
+@dataclass
+class TarEntry:
+    """One member of a tar stream: its header, and the fragment that names it in a source URI
+    (its name as text; the n-th repeat of a name gets ``~n``, so every member has its own)."""
+
+    member: tarfile.TarInfo
+    name: str  # the member's name as text (member_text)
+    fragment: str
+    utf8: bool
+    read: Callable[[], bytes]
+
+
+def tar_entries(fileobj: Any, uri: str) -> Iterator[TarEntry]:
+    """Every member of a tar stream, in order, then a check that the archive really ended.
+
+    ``tarfile`` takes a damaged header (a bad checksum, a header cut short, a stream that
+    stops at a member boundary without its end-of-archive blocks) for the end of the archive
+    and stops without a word, so the members after it would silently get no row. Here any
+    header that is not the end-of-archive zero block, and any data after that block, raise
+    :class:`InvalidShardError`, as does member data cut short (``tarfile``'s own check).
+    """
+    header_info, ending = _watched_tarinfo()
+    fragments = _Keys()
+    members, last = 0, None
+    try:
+        with tarfile.open(
+            fileobj=fileobj,
+            mode="r|*",  # streaming: in order, nothing extracted to disk
+            tarinfo=header_info,
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as tar:
+            for member in tar:
+                text, utf8 = member_text(member.name)
+                members, last = members + 1, text
+
+                def read(member=member) -> bytes:
+                    try:
+                        return tar.extractfile(member).read()
+                    except tarfile.TarError as exc:
+                        raise _unreadable_tar(uri, exc) from exc
+
+                yield TarEntry(member, text, fragments.unique(text, text), utf8, read)
+            _check_tar_ending(tar, ending, uri, last, members)
+    except tarfile.TarError as exc:  # not a tar, or member data cut short
+        raise _unreadable_tar(uri, exc) from exc
+
+
+def _unreadable_tar(uri: str, exc: Exception) -> InvalidShardError:
+    return InvalidShardError(
+        f"{redacted_uri(uri)} is not a readable tar archive ({type(exc).__name__}: {exc})"
+    )
+
+
+def _watched_tarinfo() -> tuple[type[tarfile.TarInfo], dict[str, Any]]:
+    """A ``TarInfo`` class that records why ``tarfile`` stopped reading headers."""
+    ending: dict[str, Any] = {}
+
+    class WatchedTarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tar):
+            try:
+                return super().fromtarfile(tar)
+            except tarfile.EOFHeaderError:  # a zero block: the end-of-archive marker
+                ending["zero block"] = tar.offset
+                raise
+            except tarfile.HeaderError as exc:  # bad checksum, truncated, missing
+                ending["damage"] = (tar.offset, exc)
+                raise
+
+    return WatchedTarInfo, ending
+
+
+def _check_tar_ending(
+    tar: tarfile.TarFile, ending: dict[str, Any], uri: str, last: str | None, members: int
+) -> None:
+    where = f"after member {members} ({last!r})" if last is not None else "before any member"
+    if "damage" in ending:
+        offset, exc = ending["damage"]
+        if isinstance(exc, tarfile.EmptyHeaderError):
+            reason = "the archive stops without its end-of-archive blocks (cut short?)"
+        else:
+            reason = f"damaged member header ({exc})"
         raise InvalidShardError(
-            f"{redacted_uri(shard.uri)} is not a readable tar archive ({type(exc).__name__}: {exc})"
-        ) from exc
+            f"{redacted_uri(uri)}: {reason} at byte {offset}, {where}; the members from there "
+            "on cannot be read"
+        )
+    # After the first zero block only zeros may follow (the second block, record padding).
+    while chunk := tar.fileobj.read(tarfile.RECORDSIZE):
+        if chunk.count(0) != len(chunk):
+            offset = ending.get("zero block", 0)
+            raise InvalidShardError(
+                f"{redacted_uri(uri)}: data follows the end-of-archive block at byte {offset}, "
+                f"{where} (a zeroed member header?); the members from there on cannot be read"
+            )
 
 
-def _read_tar_members(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
+def _read_tar(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
     keys = _Keys()
-    with fs.open(shard.path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        # Streaming mode: members are read in order, nothing is extracted to disk.
-        for member in tar:
-            name = member.name
+    with fs.open(shard.path, "rb") as f:
+        for entry in tar_entries(f, shard.uri):
+            member, name = entry.member, entry.name
             if member.isdir() or not name.lower().endswith(source.extensions):
                 continue  # sidecars (.json, .txt, .cls) and directories
             # WebDataset key: the member path up to the first dot of its base name.
             base = posixpath.basename(name)
             key = keys.unique(posixpath.join(posixpath.dirname(name), base.split(".", 1)[0]), name)
             image_id = f"{shard.shard_id}/{key}"
-            source_uri = member_uri(shard.uri, name)
-            if _is_unsafe_member(name):
+            source_uri = member_uri(shard.uri, entry.fragment)
+            if _is_unsafe_member(member.name):
                 yield ImageRecord(image_id, key, source_uri, None, f"unsafe member path {name!r}")
+            elif not entry.utf8:
+                yield ImageRecord(
+                    image_id, key, source_uri, None,
+                    f"member name is not UTF-8 (undecodable bytes shown as \\xNN): {name!r}",
+                )  # fmt: skip
             elif not member.isfile():
                 what = "symlink" if member.issym() else "link" if member.islnk() else "special file"
                 yield ImageRecord(
                     image_id, key, source_uri, None, f"tar member is a {what}, not a regular file"
                 )
             else:
-                data = tar.extractfile(member).read()
-                yield ImageRecord(image_id, key, source_uri, data)
+                yield ImageRecord(image_id, key, source_uri, entry.read())
+
+
+# ----------------------------------------------------------------------------- Parquet rows
+
+
+@dataclass
+class ParquetCell:
+    """One row's image cell and id cell, as found (any type: checked by the caller)."""
+
+    row: int
+    image: Any
+    ident: Any
+
+
+def parquet_cells(
+    fileobj: Any, uri: str, image_column: str, id_column: str | None = None
+) -> Iterator[ParquetCell]:
+    """Every row's image (and id) cell, in file order, then a check that the rows read are
+    as many as the file's metadata says. Raises :class:`InvalidShardError` for a file that is
+    not Parquet, lacks the image column, or whose data does not match its metadata."""
+    try:
+        pf = pq.ParquetFile(fileobj)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InvalidShardError(f"{redacted_uri(uri)} is not a readable Parquet file ({exc})") from exc
+    names = pf.schema_arrow.names
+    if image_column not in names:
+        raise InvalidShardError(
+            f"{redacted_uri(uri)} has no image column {image_column!r} "
+            f"(columns: {names}); set SourceSpec(image_column=...)"
+        )
+    id_column = id_column if id_column in names else None
+    columns = [image_column] + ([id_column] if id_column else [])
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=ROWS_PER_BATCH, columns=columns):
+            images = _cells(batch.column(image_column))
+            ids = _cells(batch.column(id_column)) if id_column else [None] * len(images)
+            for image, ident in zip(images, ids):
+                yield ParquetCell(row, image, ident)
+                row += 1
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise InvalidShardError(
+            f"{redacted_uri(uri)}: unreadable Parquet data after row {row} ({exc})"
+        ) from exc
+    expected = pf.metadata.num_rows
+    if row != expected:
+        raise InvalidShardError(
+            f"{redacted_uri(uri)}: {row} rows read, but its metadata says {expected}"
+        )
+
+
+def _cells(column: pa.Array) -> list[Any]:
+    """Python values of a column; strings as raw bytes when they are not valid UTF-8 (so one
+    bad string costs its own row, not the whole batch's ``to_pylist``)."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            binary = pa.binary() if pa.types.is_string(column.type) else pa.large_binary()
+            return column.view(binary).to_pylist()
+    return column.to_pylist()
+
+
+def image_cell_bytes(cell: Any) -> bytes | str:
+    """An image cell's bytes, or why it holds none (a str: the error row's reason)."""
+    if isinstance(cell, dict):  # Hugging Face datasets' Image feature: {bytes, path}
+        data = cell.get("bytes")
+        if data is None:
+            path = cell.get("path")
+            return "no image bytes in the row" + (
+                f" (only a path, {path!r}: images stored by path are not read)" if path else ""
+            )
+        cell = data
+    if cell is None:
+        return "no image bytes in the row"
+    if isinstance(cell, (bytes, bytearray, memoryview)):
+        return bytes(cell)
+    kind = "a string" if isinstance(cell, str) else f"a {type(cell).__name__}"
+    return f"the image cell holds {kind}, not the image file's bytes"
+
+
+def id_cell_text(cell: Any) -> str | None:
+    """An id cell as a key (None: no id, or one of a type that cannot be a key)."""
+    if isinstance(cell, bytes):
+        text, _ = member_text(cell.decode("utf-8", "surrogateescape"))
+        return text
+    if isinstance(cell, bool) or not isinstance(cell, (str, int)):
+        return None
+    return str(cell)
 
 
 def _read_parquet(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
     keys = _Keys()
     with fs.open(shard.path, "rb") as f:
-        try:
-            pf = pq.ParquetFile(f)
-        except pa.ArrowInvalid as exc:
-            raise InvalidShardError(
-                f"{redacted_uri(shard.uri)} is not a readable Parquet file ({exc})"
-            ) from exc
-        names = pf.schema_arrow.names
-        if source.image_column not in names:
-            raise InvalidShardError(
-                f"{redacted_uri(shard.uri)} has no image column {source.image_column!r} "
-                f"(columns: {names}); set SourceSpec(image_column=...)"
-            )
-        id_column = source.id_column if source.id_column in names else None
-        columns = [source.image_column] + ([id_column] if id_column else [])
-        row = 0
-        for batch in pf.iter_batches(batch_size=64, columns=columns):
-            images = batch.column(source.image_column).to_pylist()
-            ids = batch.column(id_column).to_pylist() if id_column else [None] * len(images)
-            for value, ident in zip(images, ids):
-                fallback = f"row{row:06d}"
-                key = keys.unique(fallback if ident is None else str(ident), f"{ident}~{fallback}")
-                image_id = f"{shard.shard_id}/{key}"
-                source_uri = row_uri(shard.uri, row)
-                data = value.get("bytes") if isinstance(value, dict) else value
-                if data is None:
-                    yield ImageRecord(image_id, key, source_uri, None, "no image bytes in the row")
-                else:
-                    yield ImageRecord(image_id, key, source_uri, bytes(data))
-                row += 1
+        for cell in parquet_cells(f, shard.uri, source.image_column, source.id_column):
+            fallback = f"row{cell.row:06d}"
+            ident = id_cell_text(cell.ident)
+            key = keys.unique(fallback if ident is None else ident, f"{ident}~{fallback}")
+            image_id = f"{shard.shard_id}/{key}"
+            source_uri = row_uri(shard.uri, cell.row)
+            data = image_cell_bytes(cell.image)
+            if ident is None and cell.ident is not None:
+                kind = type(cell.ident).__name__
+                yield ImageRecord(
+                    image_id, key, source_uri, None,
+                    f"the id cell holds a {kind}, not a string or an integer",
+                )  # fmt: skip
+            elif isinstance(data, str):
+                yield ImageRecord(image_id, key, source_uri, None, data)
+            else:
+                yield ImageRecord(image_id, key, source_uri, data)
+
+
+# ----------------------------------------------------------------------------- loose files
 
 
 def _read_files(shard: Shard, fs) -> Iterator[ImageRecord]:
@@ -364,21 +553,15 @@ def read_source_images(
 
 
 def _tar_members(container: str, storage_options: dict) -> Iterator[tuple[str, Any]]:
-    with (
-        fsspec.open(container, "rb", **storage_options) as f,
-        tarfile.open(fileobj=f, mode="r|*") as tar,
-    ):
-        for member in tar:
-            if member.isfile():
+    with fsspec.open(container, "rb", **storage_options) as f:
+        for entry in tar_entries(f, container):
+            if entry.member.isfile():
                 # read only when wanted: the stream moves on past members nobody asked for
-                yield member.name, lambda member=member: tar.extractfile(member).read()
+                yield entry.fragment, entry.read
 
 
 def _parquet_rows(container: str, storage_options: dict, column: str) -> Iterator[tuple[int, Any]]:
     with fsspec.open(container, "rb", **storage_options) as f:
-        row = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, columns=[column]):
-            for value in batch.column(column).to_pylist():
-                data = value.get("bytes") if isinstance(value, dict) else value
-                yield row, bytes(data) if data is not None else ValueError("no image bytes")
-                row += 1
+        for cell in parquet_cells(f, container, column):
+            data = image_cell_bytes(cell.image)
+            yield cell.row, ValueError(data) if isinstance(data, str) else data

@@ -68,7 +68,8 @@ def list_shards(
     returns (None: one batch of everything listed now; the runner passes the output's
     append-only batch log, so files added later form new shards and old shards keep their
     members). Other files (``.json`` sidecars, ``_SUCCESS``...) are ignored. Raises
-    ``FileNotFoundError`` for an input that matches nothing.
+    ``FileNotFoundError`` for an input that matches nothing, or only files that are neither
+    shards nor images.
     """
     source = source or SourceSpec()
     if isinstance(inputs, str):
@@ -80,6 +81,7 @@ def list_shards(
         if not files:
             raise FileNotFoundError(f"no files match input {redacted_uri(uri)}")
         loose: list[str] = []
+        containers = 0
         for file in files:
             name = posixpath.basename(file)
             if name.startswith((".", "_")):
@@ -94,6 +96,7 @@ def list_shards(
                 continue
             else:
                 continue
+            containers += 1
             full = fs.unstrip_protocol(file)
             sid = shard_id_for(relative_name(file, root), full)
             shards.setdefault(sid, Shard(sid, kind, full, file, root))
@@ -101,6 +104,11 @@ def list_shards(
             grouped = _group_loose_files(fs, root, sorted(loose), source.images_per_shard, batcher)
             for shard in grouped:
                 shards.setdefault(shard.shard_id, shard)
+        elif not containers:
+            raise FileNotFoundError(
+                f"no shards or images under input {redacted_uri(uri)}: {len(files)} file(s), "
+                f"none a .tar, a .parquet or an image ({', '.join(source.extensions)})"
+            )
     return sorted(shards.values(), key=lambda s: (s.uri, s.shard_id))
 
 
