@@ -219,6 +219,13 @@ class RunConfig:
     shape_window: int = 8
     max_retries: int = 3  # per shard, after an actor died or the shard raised
     lease_ttl_s: float = 6 * 3600.0
+    # Deadline of one storage call on an object store, the client's own retries included
+    # (uploads: one more second per MiB); a call past it is a transient error, retried.
+    storage_timeout_s: float = 60.0
+    # An actor with shards that makes no progress for this long (no record read, row written
+    # or file published; the model's time counts as progress) is stopped and its shards go to
+    # the other actors. Keep it above the ~6 x storage_timeout_s of a call's outer retries.
+    stall_timeout_s: float = 600.0
     # Credentials for fsspec (s3fs key/secret/endpoint...). Never hashed, logged or written.
     storage_options: dict = field(default_factory=dict, repr=False, compare=False, hash=False)
 
@@ -239,6 +246,8 @@ class RunConfig:
             raise ValueError("decode_threads and prefetch_images must be positive")
         if self.shape_window < 0:
             raise ValueError(f"shape_window cannot be negative, got {self.shape_window}")
+        if self.storage_timeout_s <= 0 or self.stall_timeout_s <= 0:
+            raise ValueError("storage_timeout_s and stall_timeout_s must be positive")
         object.__setattr__(self, "output", self.output.rstrip("/"))
 
     def hashed_fields(self) -> dict[str, Any]:
@@ -285,5 +294,7 @@ class RunConfig:
             "prefetch_images": self.prefetch_images,
             "shape_window": self.shape_window,
             "max_retries": self.max_retries,
+            "storage_timeout_s": self.storage_timeout_s,
+            "stall_timeout_s": self.stall_timeout_s,
             "config_hash": self.config_hash(),
         }

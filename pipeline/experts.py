@@ -177,8 +177,10 @@ def _digest(experts: TemplateExperts) -> str:
 
 def _load(layout: RunLayout, path: str, key: str):
     try:
-        data = with_retries(layout.fs.cat_file, path)
+        data = with_retries(layout.store.read, path)
     except FileNotFoundError:
+        return None
+    if data is None:
         return None
     try:
         return decode_record(data, key)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from .store import Store
+from .store import STORE_TIMEOUT_S, Store
 
 
 @dataclass(frozen=True)
@@ -30,15 +30,22 @@ class RunLayout:
 
     fs: fsspec.AbstractFileSystem
     root: str
+    timeout_s: float | None = STORE_TIMEOUT_S  # each storage call's deadline (Store)
 
     @classmethod
-    def open(cls, output: str, config_hash: str, storage_options: dict | None = None) -> RunLayout:
+    def open(
+        cls,
+        output: str,
+        config_hash: str,
+        storage_options: dict | None = None,
+        timeout_s: float | None = STORE_TIMEOUT_S,
+    ) -> RunLayout:
         fs, path = fsspec.core.url_to_fs(output, **(storage_options or {}))
-        return cls(fs, f"{path.rstrip('/')}/{config_hash}")
+        return cls(fs, f"{path.rstrip('/')}/{config_hash}", timeout_s)
 
     @property
     def store(self) -> Store:
-        return Store(self.fs)
+        return Store(self.fs, self.timeout_s)
 
     @property
     def uri(self) -> str:

@@ -40,7 +40,7 @@ def acquire_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) ->
         current = store.read_json(path)
         if current is None:
             if created is None:  # no exclusive create here: write, then see who won
-                layout.fs.pipe_file(path, body)
+                store.put_whole(path, body)
                 return (store.read_json(path) or {}).get("owner") == owner
             continue  # released between our create and our read: try again
         if current.get("owner") == owner:

@@ -54,6 +54,7 @@ class RunSummary:
     shards_failed: int = 0
     shards_leased_elsewhere: int = 0  # a live lease of another run: left to it
     shard_retries: int = 0  # attempts requeued after an actor died or a shard raised
+    stalled_actors: int = 0  # stopped after no progress within stall_timeout_s
     images_ok: int = 0
     images_error: int = 0
     images_device_decoded: int = 0  # JPEGs decoded on the actors' devices (SourceSpec.gpu_decode)
@@ -85,7 +86,9 @@ def run(
     started = datetime.now(timezone.utc)
     started_at, run_id = started.isoformat(), new_run_id(started)
     t0 = time.perf_counter()
-    layout = RunLayout.open(config.output, config.config_hash(), config.storage_options)
+    layout = RunLayout.open(
+        config.output, config.config_hash(), config.storage_options, config.storage_timeout_s
+    )
     with_retries(layout.makedirs)
     if shards is None:
         shards = with_retries(
@@ -180,6 +183,7 @@ class RayActors:
         self.config, self.size, self.owner = config, size, owner
         self.restarts = 0
         self.actors = [self._new() for _ in range(size)]
+        self._asked: dict[int, tuple[Any, ray.ObjectRef]] = {}  # slot -> (actor, progress ref)
 
     def _new(self):
         return SegmentorActor.options(
@@ -221,6 +225,25 @@ class RayActors:
             raise ShardFailed(_short_error(exc), permanent=permanent) from exc
         except RayError as exc:  # its result object lost with a node, a worker crash
             raise ShardFailed(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
+    def idle_s(self, slots: list[int]) -> dict[int, float]:
+        """Answers to the progress questions asked at the previous call; asks again. Never
+        blocks: an actor that has not answered yet is left out."""
+        answers = {}
+        for slot in slots:
+            actor, ref = self._asked.get(slot, (None, None))
+            if ref is not None and actor is self.actors[slot]:
+                if not ray.wait([ref], timeout=0)[0]:
+                    continue  # still waiting for its answer
+                try:
+                    answers[slot] = ray.get(ref)
+                except RayError:
+                    pass  # dead: its shards come back as ActorLost
+            self._asked[slot] = (self.actors[slot], self.actors[slot].progress.remote())
+        return answers
+
+    def kill(self, slot: int) -> None:
+        ray.kill(self.actors[slot], no_restart=True)
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -271,6 +294,7 @@ def _label(
             book,
             max_retries=config.max_retries,
             renew_every_s=min(config.lease_ttl_s / 3, 300.0),
+            stall_timeout_s=config.stall_timeout_s,
             executor=executor,
             on_result=summary.results.append,
             on_progress=on_progress,
@@ -295,6 +319,7 @@ def _add_tally(summary: RunSummary, tally: Tally) -> None:
     summary.shards_failed += tally.failed
     summary.shards_leased_elsewhere += tally.leased_elsewhere
     summary.shard_retries += tally.retries
+    summary.stalled_actors += tally.stalled_actors
     summary.images_ok += tally.images_ok
     summary.images_error += tally.images_error
 

@@ -11,6 +11,12 @@ unit-tested without Ray, storage or sleeps (tests/pipeline/test_scheduler.py):
   storage, side by side in ``executor``'s threads.
 * ``clock`` / ``sleep``: time.
 
+A stall watchdog (``stall_timeout_s``): every actor holding shards says how long ago it last
+made progress (a record read, a row written, a file published; time inside the model counts
+as progress). One that has made none for longer than the bound, such as an actor waiting on a
+storage request the server never answers, is stopped: its shards come back as if it had died,
+are retried on the other actors, and its lease is no longer renewed for it.
+
 Actors never wait on the driver: each holds ``depth`` shards (one running, the next queued in
 the actor), and the per-shard storage requests (claim, commit, lease drop) are the actors'
 own (:mod:`pipeline.claim`), so the driver's work per shard is one call, not a round trip.
@@ -65,6 +71,14 @@ class Actors(Protocol):
     def result(self, handle: Any) -> Any:
         """The handle's value; raises :class:`ActorLost` or :class:`ShardFailed`."""
 
+    def idle_s(self, slots: list[int]) -> dict[int, float]:
+        """Seconds since each slot's actor last made progress, for the slots whose actors have
+        answered (those that have not are left out)."""
+
+    def kill(self, slot: int) -> None:
+        """Stop the slot's actor; its shards come back through :meth:`result` as
+        :class:`ActorLost`."""
+
 
 class Bookkeeping(Protocol):
     def release(self, shard: Any) -> None: ...
@@ -97,6 +111,7 @@ class Tally:
     failed: int = 0
     leased_elsewhere: int = 0
     retries: int = 0
+    stalled_actors: int = 0  # stopped by the watchdog: no progress within stall_timeout_s
     images_ok: int = 0
     images_error: int = 0
 
@@ -129,6 +144,7 @@ class Scheduler:
         *,
         max_retries: int,
         renew_every_s: float,
+        stall_timeout_s: float | None = None,
         depth: int = 2,
         executor: Executor = INLINE,
         clock: Callable[[], float] = time.monotonic,
@@ -140,6 +156,7 @@ class Scheduler:
     ):
         self.actors, self.book = actors, book
         self.max_retries, self.renew_every_s, self.depth = max_retries, renew_every_s, depth
+        self.stall_timeout_s = stall_timeout_s
         self.executor, self.clock, self.sleep = executor, clock, sleep
         self.on_result, self.on_progress = on_result, on_progress
         self.shard_id, self.describe = shard_id, describe
@@ -153,6 +170,8 @@ class Scheduler:
         self.failures: list[dict] = []
         self.max_restarts = (max_retries + 1) * actors.size
         self._last_renewal = clock()
+        self._last_stall_check = clock()
+        self._stopped: dict[tuple[int, int], str] = {}  # (slot, generation) -> why
         self._no_actor_since: float | None = None
 
     # ------------------------------------------------------------------ the loop
@@ -161,6 +180,7 @@ class Scheduler:
             while self.queue or self.in_flight:
                 self._submit()
                 self._renew_if_due()
+                self._stop_stalled_actors()
                 if not self.in_flight and not self.starting:
                     if self.queue:  # everything waits on a backoff
                         self.sleep(max(0.05, self._next_due() - self.clock()))
@@ -227,7 +247,8 @@ class Scheduler:
         except ActorLost as exc:
             # The slot gets a new actor, once: its other shards are stale results of the same
             # death. It takes work once ready; the other actors carry on meanwhile.
-            self._retry_or_fail(attempt, f"actor died: {exc}")
+            reason = self._stopped.get((running.slot, running.generation), f"actor died: {exc}")
+            self._retry_or_fail(attempt, reason)
             if running.generation == self.generation[running.slot]:
                 self._replace(running.slot, exc)
         except ShardFailed as exc:
@@ -295,6 +316,29 @@ class Scheduler:
                 f"no segmentor actor could be started in {ACTOR_START_TIMEOUT_S:.0f}s "
                 "(nodes lost, or no resources left for an actor)"
             )
+
+    # ------------------------------------------------------------------ stalls
+    def _stop_stalled_actors(self) -> None:
+        """Stop every busy actor that has made no progress within ``stall_timeout_s``."""
+        if self.stall_timeout_s is None:
+            return
+        if self.clock() - self._last_stall_check < max(0.5, self.stall_timeout_s / 10):
+            return
+        self._last_stall_check = self.clock()
+        busy = sorted({r.slot for r in self.in_flight.values()} & self.live)
+        for slot, idle in self.actors.idle_s(busy).items():
+            key = (slot, self.generation[slot])
+            if idle <= self.stall_timeout_s or key in self._stopped:
+                continue
+            held = [self.shard_id(r.attempt.shard) for r in self.in_flight.values() if r.slot == slot]
+            self._stopped[key] = f"actor stalled: no progress for {idle:.0f}s"
+            log.warning(
+                "actor %d made no progress on %s for %.0fs (a storage request that never "
+                "returns?); stopping it, its shards go to the other actors",
+                slot, ", ".join(held), idle,
+            )  # fmt: skip
+            self.tally.stalled_actors += 1
+            self.actors.kill(slot)
 
     # ------------------------------------------------------------------ leases
     def _held(self) -> list[Any]:

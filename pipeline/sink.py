@@ -353,20 +353,32 @@ class ShardWriter:
             "config_hash": self.config_hash,
             "committed_at": time.time(),
         }
-        if create_marker(self.layout, self.shard_id, json.dumps(marker, sort_keys=True).encode()):
-            try:  # what earlier attempts at this shard left (a dead actor's partial file)
-                remove_uncommitted(self.layout, self.shard_id)
-            except Exception as exc:  # noqa: BLE001 - leftovers only cost space; next run sweeps
-                log.warning("shard %s: could not sweep leftovers: %s", self.shard_id, exc)
+        body = json.dumps(marker, sort_keys=True).encode()
+        if create_marker(self.layout, self.shard_id, body):
+            self._sweep(marker)
             return marker
-        # Another attempt committed first: its file is the shard's; ours is an orphan.
+        # A marker exists and is not ours byte for byte. Never delete a file a marker names:
+        # only once the marker is read, and names another file, is ours an orphan.
+        winner = read_marker(self.layout, self.shard_id)
+        if winner is None:
+            raise RuntimeError(
+                f"shard {self.shard_id}: its marker exists but could not be read; the shard "
+                "is retried and its file left for the committing attempt to sweep"
+            )
+        if winner.get("file") == self.file_name:
+            self._sweep(winner)
+            return winner
         self.lost = True
         log.warning("shard %s was committed by another attempt; dropping ours", self.shard_id)
+        self.layout.store.remove(final)
+        return winner
+
+    def _sweep(self, marker: dict[str, Any]) -> None:
+        """What earlier attempts at this shard left (a dead actor's partial file)."""
         try:
-            self.layout.fs.rm_file(final)
-        except FileNotFoundError:
-            pass
-        return read_marker(self.layout, self.shard_id) or {}
+            remove_uncommitted(self.layout, self.shard_id, marker)
+        except Exception as exc:  # noqa: BLE001 - leftovers only cost space; next run sweeps
+            log.warning("shard %s: could not sweep leftovers: %s", self.shard_id, exc)
 
     def abort(self) -> None:
         """Drop the shard: close and delete the partial file. Nothing is committed."""
@@ -479,22 +491,19 @@ def remove_uncommitted(
         named = marker.get("file", f"{shard_id}.parquet")
         candidates += [
             f"{layout.root}/shards/{name}"
-            for name in _list_files(layout.fs, f"{layout.root}/shards")
+            for name in layout.store.list_names(layout.shards_dir)
             if _attempt_of(name, shard_id) is not None and name != named
         ]
     if layout.store.local:
-        for name in _list_files(layout.fs, layout.tmp_dir()):
+        for name in layout.store.list_names(layout.tmp_dir()):
             attempt = _attempt_of(name.removesuffix(".part"), shard_id)
             # Committed: any other attempt has lost (a live one finds the marker and aborts;
             # its unlinked file cannot be published). Not committed: only dead writers' files.
             if attempt is not None and (marker is not None or not attempt_alive(attempt)):
                 candidates.append(f"{layout.tmp_dir()}/{name}")
     for path in candidates:
-        try:
-            layout.fs.rm_file(path)
+        if layout.store.remove(path):
             removed.append(path)
-        except FileNotFoundError:
-            pass
     return removed
 
 
@@ -527,14 +536,6 @@ def _attempt_of(name: str, shard_id: str) -> str | None:
         return None
     match = _ATTEMPT.fullmatch(name[len(shard_id) + 1 :])
     return match["attempt"] if match else None
-
-
-def _list_files(fs, directory: str) -> list[str]:
-    try:
-        fs.invalidate_cache(directory)
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(directory, detail=False)]
-    except FileNotFoundError:
-        return []
 
 
 # ----------------------------------------------------------------------------- reading

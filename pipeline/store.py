@@ -3,9 +3,23 @@
 Every write the pipeline's bookkeeping makes goes through :class:`Store`: a whole-file put that
 readers see entirely or not at all, an exclusive create (the fence of commits, leases and
 claims), listings, and reads of one or many files. Local files: write aside + rename, hard
-links for exclusivity. S3: one PUT is atomic already; ``open(..., "xb")`` is s3fs's
-conditional PUT (``If-None-Match: *``). Other stores: write-then-read-back, which narrows a
-race without closing it (docs/architecture.md).
+links for exclusivity. S3: one PUT is atomic already; ``pipe_file(..., mode="create")`` is
+s3fs's conditional PUT (``If-None-Match: *``). Other stores: write-then-read-back, which
+narrows a race without closing it (docs/architecture.md).
+
+Two rules make every call safe to repeat under a network that loses replies
+(docs/reliability.md, "Idempotent commits"):
+
+* **An exclusive create reads back what exists.** A PUT that the server applied but whose
+  reply was lost is retried by the client (and by :func:`pipeline.retries.with_retries`) and
+  then meets its own object: "already exists". So "exists" is answered by comparing the
+  object with our body: the same bytes are our own earlier try (True), other bytes are
+  someone else's (False). Callers make bodies unique to the writer (an owner, an attempt's
+  file name, a time); records whose body is their whole meaning (a folder batch) may be
+  created by two writers at once, and then both are right.
+* **Every call on an object store has a deadline** (:attr:`Store.timeout_s`, all of the
+  client's own retries included; uploads get more per byte): a server that never answers
+  costs a bounded wait and a transient error (``FSTimeoutError``), which the callers retry.
 """
 
 from __future__ import annotations
@@ -16,11 +30,26 @@ import uuid
 from dataclasses import dataclass
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
+
+STORE_TIMEOUT_S = 60.0
+"""Deadline of one storage call on an object store (``RunConfig.storage_timeout_s``)."""
+UPLOAD_BYTES_PER_S = 1 << 20
+"""Uploads get one more second of deadline per MiB: a 100 MiB shard file 60 + 100 s."""
 
 
 @dataclass(frozen=True)
 class Store:
     fs: fsspec.AbstractFileSystem
+    timeout_s: float | None = STORE_TIMEOUT_S  # None: no deadline of ours
+
+    def _call(self, method: str, *args, extra_s: float = 0.0, **kwargs):
+        """``fs.<method>(...)`` within the deadline. Asynchronous filesystems (s3fs, gcsfs,
+        http) take it as fsspec's ``timeout``, which cancels the request; local and other
+        synchronous ones have their own (local disks do not stall like networks)."""
+        if self.timeout_s and isinstance(self.fs, AsyncFileSystem):
+            kwargs["timeout"] = self.timeout_s + extra_s
+        return getattr(self.fs, method)(*args, **kwargs)
 
     @property
     def local(self) -> bool:
@@ -44,7 +73,7 @@ class Store:
         (same directory, so the rename is atomic); a SIGKILL leaves at most that aside file.
         """
         if not self.local:
-            self.fs.pipe_file(path, data)
+            self._call("pipe_file", path, data)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         aside = f"{path}.{uuid.uuid4().hex[:8]}.part"
@@ -53,7 +82,9 @@ class Store:
         os.replace(aside, path)
 
     def create_exclusive(self, path: str, body: bytes) -> bool | None:
-        """True: created; False: it already exists; None: this store cannot create exclusively."""
+        """True: ``path`` holds ``body`` because of us (created now, or by an earlier try whose
+        reply was lost); False: someone else's object is there; None: this store cannot
+        create exclusively."""
         if self.local:  # write aside, then hard-link: exclusive, and never seen half-written
             os.makedirs(os.path.dirname(path), exist_ok=True)
             aside = f"{path}.{uuid.uuid4().hex}.tmp"
@@ -63,35 +94,37 @@ class Store:
                 os.link(aside, path)
                 return True
             except FileExistsError:
-                return False
+                return self.read(path) == body
             finally:
                 os.unlink(aside)
         if "s3" in self.protocols or "s3a" in self.protocols:
             try:
-                with self.fs.open(path, "xb") as f:
-                    f.write(body)
+                self._call("pipe_file", path, body, mode="create")
                 return True
             except FileExistsError:
-                return False
-            except (ValueError, NotImplementedError):
+                # Ours if it holds our bytes: the server applied an earlier try of this
+                # call, the reply was lost, and the retry met our own object.
+                return self.read(path) == body
+            except (ValueError, NotImplementedError, TypeError):
                 return None
         return None
 
     def create_once(self, path: str, body: bytes) -> bool:
-        """Create ``path`` only if it does not exist; True if this call created it. Stores
-        without an exclusive create: write-if-absent, then read back (narrows the race only)."""
+        """Create ``path`` only if it does not exist; True if it holds ``body`` because of us.
+        Stores without an exclusive create: write-if-absent, then read back (narrows the
+        race only)."""
         created = self.create_exclusive(path, body)
         if created is not None:
             return created
-        if self.fs.exists(path):
-            return False
+        if self._call("exists", path):
+            return self.read(path) == body
         self.put_whole(path, body)
-        return self.fs.cat_file(path) == body
+        return self.read(path) == body
 
     def read(self, path: str) -> bytes | None:
         """The file's bytes, or None if it does not exist."""
         try:
-            return self.fs.cat_file(path)
+            return self._call("cat_file", path)
         except FileNotFoundError:
             return None
 
@@ -105,14 +138,14 @@ class Store:
 
     def read_many(self, paths: list[str]) -> list[bytes]:
         """Every path's bytes, in order, from one ``cat`` (s3fs fetches them concurrently)."""
-        bodies = self.fs.cat(paths) if paths else {}
+        bodies = self._call("cat", paths) if paths else {}
         return [bodies.get(path, bodies.get(self.fs.unstrip_protocol(path))) for path in paths]
 
     def list_names(self, directory: str, suffix: str = "") -> list[str]:
         """Sorted names (without ``suffix``) of the files in ``directory`` ending in it."""
         try:
             self.fs.invalidate_cache(directory)
-            entries = self.fs.ls(directory, detail=False)
+            entries = self._call("ls", directory, detail=False)
         except FileNotFoundError:
             return []
         names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
@@ -121,22 +154,26 @@ class Store:
     def remove(self, path: str) -> bool:
         """Delete ``path``; False if it was already gone."""
         try:
-            self.fs.rm_file(path)
+            self._call("rm_file", path)
             return True
         except FileNotFoundError:
             return False
 
     def publish(self, local_file: str, path: str) -> None:
         """Move a finished local file to ``path``: a rename locally (same filesystem, atomic),
-        an upload (s3fs: multipart above its block size) to an object store."""
+        an upload (s3fs: multipart above its block size) to an object store. Repeating an
+        upload whose reply was lost writes the same bytes again: harmless."""
         if self.local:
             os.replace(local_file, path)
         else:
-            self.fs.put_file(local_file, path)
+            extra_s = os.path.getsize(local_file) / UPLOAD_BYTES_PER_S
+            self._call("put_file", local_file, path, extra_s=extra_s)
             os.remove(local_file)
 
 
-def open_store(uri: str, storage_options: dict | None = None) -> tuple[Store, str]:
+def open_store(
+    uri: str, storage_options: dict | None = None, timeout_s: float | None = STORE_TIMEOUT_S
+) -> tuple[Store, str]:
     """The store of ``uri`` and the path within it (no protocol)."""
     fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    return Store(fs), path
+    return Store(fs, timeout_s), path

@@ -346,11 +346,11 @@ def _compute(segmentor, vocabulary_spec) -> Vocabulary:
 
 def _load(layout: RunLayout, path: str, key: str, prompts, width) -> torch.Tensor | None:
     try:
-        data = with_retries(layout.fs.cat_file, path)
-    except FileNotFoundError:
-        return None
+        data = with_retries(layout.store.read, path)
     except Exception as exc:  # noqa: BLE001 - unreadable: compute instead
         log.warning("vocabulary cache: could not read %s (%s)", path, exc)
+        return None
+    if data is None:
         return None
     try:
         return decode_file(data, key, prompts, width)

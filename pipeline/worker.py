@@ -102,6 +102,37 @@ class _OnDevice:
     probe_ms: float
 
 
+class Progress:
+    """When the actor last moved its shard forward (:meth:`ShardLabeler.progress`): a record
+    read, a row written, a file published. Time inside the model counts as progress, so only
+    waits (on storage, mostly) add up to a stall."""
+
+    def __init__(self):
+        self._last = time.monotonic()
+        self._computing = 0
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def computing(self) -> _Computing:
+        return _Computing(self)
+
+    def idle_s(self) -> float:
+        return 0.0 if self._computing else time.monotonic() - self._last
+
+
+class _Computing:
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def __enter__(self) -> None:
+        self.progress._computing += 1
+
+    def __exit__(self, *exc) -> None:
+        self.progress._computing -= 1
+        self.progress.beat()
+
+
 @dataclass
 class _Failed:
     error: str
@@ -119,6 +150,7 @@ class ShardLabeler:
         from PIL import Image
 
         self.config = config
+        self._progress = Progress()
         if config.reuse_host_memory:
             reuse_freed_memory()
         if config.torch_threads:
@@ -145,7 +177,9 @@ class ShardLabeler:
             seed=spec.seed,
         )
         self.config_hash = config.config_hash()
-        self.layout = RunLayout.open(config.output, self.config_hash, config.storage_options)
+        self.layout = RunLayout.open(
+            config.output, self.config_hash, config.storage_options, config.storage_timeout_s
+        )
         # Computed by the first actor of the run, loaded by every other one and by re-runs.
         from .vocabulary import compiled_vocabulary  # torch: actors only, never the driver
 
@@ -165,6 +199,7 @@ class ShardLabeler:
         self.draft_short_side = (
             self.segmentor.config.short_side if config.source.jpeg_draft else None
         )
+        self._progress.beat()  # loading the model is not a stall
 
     # ------------------------------------------------------------------ provenance
     def metadata(self) -> dict[str, Any]:
@@ -197,6 +232,12 @@ class ShardLabeler:
             "torch_threads": _torch_threads(),
         }
 
+    @ray.method(concurrency_group="monitor")
+    def progress(self) -> float:
+        """Seconds since this actor last made progress (0 while it computes); answered from
+        its own thread, while a shard is being labelled (the scheduler's stall watchdog)."""
+        return self._progress.idle_s()
+
     # ------------------------------------------------------------------ labelling
     def process_shard(self, shard: Shard, owner: str | None = None) -> ShardResult:
         """Label every image of ``shard``, stream its rows into its Parquet file and commit it.
@@ -213,6 +254,7 @@ class ShardLabeler:
         one row group in the writer), so memory does not grow with the shard's length.
         """
         start, cpu_start = time.perf_counter(), time.process_time()
+        self._progress.beat()
         if owner is not None:
             claim = claim_shard(self.layout, shard.shard_id, owner, self.config.lease_ttl_s)
             if claim is not Claim.OURS:
@@ -222,7 +264,8 @@ class ShardLabeler:
         limit = 2 * self.config.segmentor.batch_size
         in_flight: deque[dict | Future] = deque()
         write_s = 0.0
-        rows = self.label_records(read_shard(shard, fs, self.config.source), shard.shard_id, stats)
+        records = self._beating(read_shard(shard, fs, self.config.source))
+        rows = self.label_records(records, shard.shard_id, stats)
         writer = sink.ShardWriter(
             self.layout, shard.shard_id, self.metadata(), source_uri=_public(shard.uri)
         )
@@ -232,11 +275,14 @@ class ShardLabeler:
                 write_start = time.perf_counter()
                 while in_flight and (len(in_flight) > limit or _done(in_flight[0])):
                     writer.write(_resolve(in_flight.popleft()))
+                    self._progress.beat()
                 write_s += time.perf_counter() - write_start
             write_start = time.perf_counter()
             while in_flight:
                 writer.write(_resolve(in_flight.popleft()))
+                self._progress.beat()
             marker = writer.commit(None if owner is None else self._lease_check(shard, owner))
+            self._progress.beat()
         lease_released = (
             owner is not None and not writer.lost and drop_lease(self.layout, shard.shard_id)
         )
@@ -260,6 +306,11 @@ class ShardLabeler:
             pid=os.getpid(),
             torch_threads=_torch_threads(),
         )
+
+    def _beating(self, records: Iterable[ImageRecord]) -> Iterator[ImageRecord]:
+        for record in records:
+            self._progress.beat()
+            yield record
 
     def _lease_check(self, shard: Shard, owner: str):
         def still_ours() -> bool:
@@ -402,7 +453,10 @@ class ShardLabeler:
         if not batch:
             return time.perf_counter() - start
         try:
-            results = self.segmentor.segment_batch([r.prepared for _, _, r in batch], self.vocab)
+            with self._progress.computing():
+                results = self.segmentor.segment_batch(
+                    [r.prepared for _, _, r in batch], self.vocab
+                )
             each_ms = _ms(start) / len(batch)
             outcomes = [(result, each_ms) for result in results]
         except Exception as exc:  # noqa: BLE001 - isolate the culprit below
@@ -411,9 +465,9 @@ class ShardLabeler:
             for _, _, ready in batch:
                 one = time.perf_counter()
                 try:
-                    outcomes.append(
-                        (self.segmentor.segment_batch([ready.prepared], self.vocab)[0], _ms(one))
-                    )
+                    with self._progress.computing():
+                        result = self.segmentor.segment_batch([ready.prepared], self.vocab)[0]
+                    outcomes.append((result, _ms(one)))
                 except Exception as single:  # noqa: BLE001 - becomes this image's error row
                     outcomes.append((single, _ms(one)))
         busy = time.perf_counter() - start
@@ -457,7 +511,9 @@ class ShardLabeler:
         )
 
 
-SegmentorActor = ray.remote(ShardLabeler)
+# The "monitor" group answers progress() from a thread of its own while a shard is labelled;
+# every other method stays in the default group, one call at a time, in order.
+SegmentorActor = ray.remote(concurrency_groups={"monitor": 1})(ShardLabeler)
 
 
 def _ok_row(

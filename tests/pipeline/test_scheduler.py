@@ -51,7 +51,8 @@ class FakeActors:
     """``script[shard_id]``: what attempt 1, 2, ... does: "ok", "raise", "permanent", "die"
     (the actor dies: every shard it holds is lost), "lost" (another run committed it first),
     "leased" / "committed" (the actor's claim found another run's lease / a marker),
-    "released" (committed, and the actor dropped the lease itself)."""
+    "released" (committed, and the actor dropped the lease itself), "stall" (never returns,
+    and its actor reports no progress since it took the shard, until it is killed)."""
 
     def __init__(self, size, clock, script=None, starts_ok=True):
         self.size, self.clock, self.script = size, clock, script or {}
@@ -64,10 +65,19 @@ class FakeActors:
         self.attempts: dict[str, int] = {}
         self.submissions: list[tuple[float, int, str]] = []  # (time, slot, shard_id)
         self.max_load = 0
+        self.stalled_since: dict[tuple[int, int], float] = {}  # (slot, gen) -> clock
+        self.killed: list[tuple[float, int]] = []
+
+    def _plan(self, shard, n):
+        plan = self.script.get(shard.shard_id, ["ok"])
+        return plan[min(n, len(plan)) - 1]
 
     def submit(self, slot, shard):
         handle = next(self.ids)
         self.pending[handle] = ("shard", slot, self.generation[slot], shard)
+        submitted = sum(1 for _, _, s in self.submissions if s == shard.shard_id)
+        if self._plan(shard, submitted + 1) == "stall":
+            self.stalled_since.setdefault((slot, self.generation[slot]), self.clock())
         self.submissions.append((self.clock(), slot, shard.shard_id))
         load = sum(1 for p in self.pending.values() if p[0] == "shard" and p[1] == slot)
         self.max_load = max(self.max_load, load)
@@ -82,11 +92,28 @@ class FakeActors:
 
     def wait(self, handles, timeout):
         for handle in sorted(handles):
-            if self.pending[handle][0] == "shard" or self.starts_ok:
+            entry = self.pending[handle]
+            if entry[0] == "shard" and self._stuck(entry):
+                continue
+            if entry[0] == "shard" or self.starts_ok:
                 self.clock.now += 1.0
                 return [handle]
         self.clock.now += timeout
         return []
+
+    def _stuck(self, entry):
+        _, slot, gen, _ = entry
+        return (slot, gen) in self.stalled_since and (slot, gen) not in self.dead
+
+    def idle_s(self, slots):
+        return {
+            slot: self.clock() - self.stalled_since.get((slot, self.generation[slot]), self.clock())
+            for slot in slots
+        }
+
+    def kill(self, slot):
+        self.killed.append((self.clock(), slot))
+        self.dead.add((slot, self.generation[slot]))
 
     def result(self, handle):
         entry = self.pending.pop(handle)
@@ -96,8 +123,7 @@ class FakeActors:
         if (slot, gen) in self.dead:
             raise ActorLost("actor died (its node was removed)")
         n = self.attempts[shard.shard_id] = self.attempts.get(shard.shard_id, 0) + 1
-        plan = self.script.get(shard.shard_id, ["ok"])
-        what = plan[min(n, len(plan)) - 1]
+        what = self._plan(shard, n)
         if what == "die":
             self.dead.add((slot, gen))
             raise ActorLost("actor died")
@@ -271,3 +297,48 @@ def test_leases_of_unfinished_shards_are_released_when_the_run_stops():
         scheduler.run()
     # s00 (whose actor's death ended the run) and s01, still in flight on the same actor
     assert sorted(book.released) == ["s00", "s01"]
+
+
+def test_an_actor_stalled_past_the_bound_is_stopped_and_its_shards_go_elsewhere(caplog):
+    clock = FakeClock()
+    actors = FakeActors(2, clock, {"s00": ["stall", "ok"]})
+    book = FakeBook()
+    scheduler, results = _scheduler(
+        _shards(4), actors, book, clock, depth=1, stall_timeout_s=20.0, renew_every_s=5.0
+    )
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        tally = scheduler.run()
+    assert sorted(r.shard_id for r in results) == ["s00", "s01", "s02", "s03"]
+    assert (tally.done, tally.stalled_actors, tally.retries, tally.failed) == (4, 1, 1, 0)
+    # stopped once its silence passed the bound (checked every tenth of it), not before
+    ((killed_at, slot),) = actors.killed
+    assert slot == 0 and 20.0 < killed_at <= 20.0 + 2.0 + 1.0
+    # the retry ran on a live actor after the stop: never on the stopped one
+    retry_at, retry_slot, _ = [sub for sub in actors.submissions if sub[2] == "s00"][1]
+    assert retry_at > killed_at and actors.restarts == 1
+    assert (retry_slot, actors.generation[retry_slot]) not in actors.dead
+    # its lease was renewed while it stalled, then no longer once it was stopped
+    renewals_while_stuck = [t for t in range(5, int(killed_at), 5)]
+    assert book.renewed.count("s00") >= len(renewals_while_stuck)
+    assert "made no progress on s00" in caplog.text
+
+
+def test_a_shard_that_stalls_every_actor_fails_after_its_retries_in_bounded_time():
+    clock = FakeClock()
+    actors = FakeActors(2, clock, {"s00": ["stall"]})
+    book = FakeBook()
+    scheduler, _ = _scheduler(
+        _shards(2), actors, book, clock, max_retries=2, stall_timeout_s=10.0, depth=1
+    )
+    tally = scheduler.run()
+    assert (tally.done, tally.failed, tally.stalled_actors) == (1, 1, 3)
+    assert scheduler.failures[0]["error"].startswith("actor stalled: no progress for")
+    assert "s00" in book.released
+    assert clock.now < 3 * (10.0 + 2.0 + 5.0) + 10.0  # three stalls, each bounded
+
+
+def test_without_a_stall_bound_no_actor_is_ever_stopped():
+    clock = FakeClock()
+    actors = FakeActors(1, clock)
+    scheduler, _ = _scheduler(_shards(3), actors, FakeBook(), clock, stall_timeout_s=None)
+    assert scheduler.run().done == 3 and actors.killed == []

@@ -85,6 +85,32 @@ def assert_committed_exactly_once(root: Path, expected_ids: list[str]) -> None:
     assert sorted(ids) == sorted(expected_ids)
 
 
+def assert_committed_exactly_once_in(fs, root: str, expected: list[str], options: dict) -> None:
+    """:func:`assert_committed_exactly_once` on any filesystem (an S3 run root, say)."""
+    import hashlib
+
+    fs.invalidate_cache()
+
+    def names(sub: str) -> list[str]:
+        path = f"{root}/{sub}"
+        return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path)) if fs.exists(path) else []
+
+    markers = {
+        n.removesuffix(".json"): json.loads(fs.cat_file(f"{root}/_committed/{n}"))
+        for n in names("_committed")
+    }
+    assert names("shards") == sorted(m["file"] for m in markers.values())
+    assert all(m["file"].startswith(f"{shard_id}.") for shard_id, m in markers.items())
+    assert names("_leases") == []
+    for marker in markers.values():
+        data = fs.cat_file(f"{root}/shards/{marker['file']}")
+        assert hashlib.sha256(data).hexdigest() == marker["sha256"]
+    uri = fs.unstrip_protocol(root)
+    ids = pipeline.read_rows(uri, options, columns=["image_id"]).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids))
+    assert sorted(ids) == sorted(expected)
+
+
 def expected_ids(config: pipeline.RunConfig) -> list[str]:
     import fsspec
 

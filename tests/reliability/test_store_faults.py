@@ -1,0 +1,92 @@
+"""The store's two rules under a lying network, call by call (no Ray): an exclusive create
+reads back what exists, and every call has a deadline. S3 is moto behind the fault proxy."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fsspec.exceptions import FSTimeoutError
+
+from pipeline import sink
+from pipeline.layout import RunLayout
+from pipeline.leases import acquire_lease, read_lease
+from pipeline.ledger import read_marker
+from pipeline.store import Store
+from tests.pipeline.conftest import fresh_s3fs
+
+from .fault_proxy import FaultProxy
+
+
+@pytest.fixture(scope="module")
+def endpoint(s3_endpoint):
+    host, port = s3_endpoint.removeprefix("http://").split(":")
+    proxy = FaultProxy((host, int(port))).start()
+    fresh_s3fs({"client_kwargs": {"endpoint_url": s3_endpoint}}).mkdir("store-faults")
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def proxy(endpoint) -> FaultProxy:
+    endpoint.clear()
+    yield endpoint
+    endpoint.clear()
+
+
+def _store(proxy: FaultProxy, timeout_s: float = 10.0) -> Store:
+    return Store(fresh_s3fs({"client_kwargs": {"endpoint_url": proxy.url}}), timeout_s)
+
+
+def test_a_create_whose_reply_was_lost_is_ours_and_another_body_is_not(proxy):
+    store = _store(proxy)
+    rule = proxy.add("drop_reply", "PUT", r"/store-faults/claim$")
+    assert store.create_exclusive("store-faults/claim", b"mine") is True
+    assert rule.hits == 1
+    # the client retried the conditional PUT and met its own object
+    assert [a for _, t, a in proxy.log if t.endswith("/claim") and _ == "PUT"] == [
+        "drop_reply",
+        "forward",
+    ]
+    assert store.create_exclusive("store-faults/claim", b"theirs") is False
+    assert store.create_once("store-faults/claim", b"mine") is True
+    assert store.read("store-faults/claim") == b"mine"
+
+
+def test_a_lost_marker_reply_commits_the_writers_own_file(proxy, tmp_path):
+    fs = fresh_s3fs({"client_kwargs": {"endpoint_url": proxy.url}})
+    layout = RunLayout(fs, "store-faults/run", 10.0)
+    proxy.add("drop_reply", "PUT", r"/_committed/s1\.json$")
+    rows = [
+        sink.error_row(image_id=f"s1/{i}", shard_id="s1", key=str(i), source_uri="x", error="e")
+        for i in range(3)
+    ]
+    marker = sink.write_shard(layout, "s1", rows, {"config_hash": "h"})
+    assert read_marker(layout, "s1") == marker
+    assert fs.exists(f"store-faults/run/shards/{marker['file']}")
+    assert fs.ls("store-faults/run/shards", detail=False) == [
+        f"store-faults/run/shards/{marker['file']}"
+    ]
+
+
+def test_a_lost_lease_reply_leaves_the_lease_ours(proxy):
+    fs = fresh_s3fs({"client_kwargs": {"endpoint_url": proxy.url}})
+    layout = RunLayout(fs, "store-faults/leases", 10.0)
+    proxy.add("drop_reply", "PUT", r"/_leases/s1\.json$")
+    assert acquire_lease(layout, "s1", "me", 60.0) is True
+    assert read_lease(layout, "s1")["owner"] == "me"
+    assert acquire_lease(layout, "s1", "someone-else", 60.0) is False
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_a_request_that_is_never_answered_costs_the_deadline(proxy, method):
+    store = _store(proxy, timeout_s=2.0)
+    store.put_whole("store-faults/x", b"1")
+    proxy.add("stall", method, r"/store-faults/x$", times=None, stall_s=60)
+    started = time.monotonic()
+    with pytest.raises(FSTimeoutError):
+        if method == "GET":
+            store.read("store-faults/x")
+        else:
+            store.put_whole("store-faults/x", b"2")
+    assert 2.0 <= time.monotonic() - started < 4.0
