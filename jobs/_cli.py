@@ -177,7 +177,8 @@ def add_vocabulary_args(parser: argparse.ArgumentParser, required: bool = True) 
     source.add_argument(
         "--classes",
         metavar='"a,b;b2,c"',
-        help="class names separated by ',' with synonyms after ';' (e.g. \"person;man,car\")",
+        help="class names separated by ',' with synonyms after ';' (e.g. \"person;man,car\"); "
+        "quote a name that holds a comma: 'a,\"red, car\"'",
     )
     source.add_argument(
         "--class-file", metavar="PATH_OR_URI", help="a YAML, JSON or text class file"
@@ -229,11 +230,34 @@ def storage_options(args: argparse.Namespace) -> dict:
         raise CliError(f"{origin} is not valid JSON ({err.msg} at char {err.pos})") from None
     if not isinstance(value, dict):
         raise CliError(f"{origin} must be a JSON object, got {type(value).__name__}")
+    # fsspec clients take their *_kwargs as mappings and fail deep inside otherwise. Only
+    # key names and types are ever named: values may be secrets.
+    for key, option in value.items():
+        if key.endswith("_kwargs") and not isinstance(option, dict):
+            raise CliError(
+                f"{origin}: {key!r} must be a JSON object, got {_json_type(option)}"
+            )
     return value
 
 
-def _split(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else "a value")
+
+
+def _split(text: str | None, flag: str = "--classes") -> list[str]:
+    """Comma-separated names, CSV rules: ``a,"red, car"`` is ``["a", "red, car"]``."""
+    import csv
+
+    if not text:
+        return []
+    try:
+        (fields,) = csv.reader([text], skipinitialspace=True, strict=True)
+    except csv.Error as err:
+        raise CliError(f"{flag}: cannot split {text!r} into names ({err})") from None
+    return [part.strip() for part in fields if part.strip()]
 
 
 def class_list(
@@ -241,7 +265,7 @@ def class_list(
 ) -> ClassList | None:
     """The ClassList the vocabulary flags describe; ``default`` (with any ``--background``
     added) if they name no classes; None if neither."""
-    background = _split(getattr(args, "background", None))
+    background = _split(getattr(args, "background", None), "--background")
     try:
         if args.classes is not None:
             classes = _split(args.classes)

@@ -22,6 +22,7 @@ import os
 import sys
 
 from cliptrase.config import METHOD_NAMES
+from pipeline.config import RunConfig
 
 from . import _cli
 
@@ -162,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     execution.add_argument(
         "--max-retries", type=int, default=3, help="retries of a failed shard (default 3)"
+    )
+    execution.add_argument(
+        "--storage-timeout",
+        type=float,
+        default=RunConfig.storage_timeout_s,
+        metavar="SECONDS",
+        help="deadline of one storage call on an object store, the client's retries included "
+        "(default %(default)s; uploads get 1 s more per MiB); past it the call is retried",
+    )
+    execution.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=RunConfig.stall_timeout_s,
+        metavar="SECONDS",
+        help="an actor that makes no progress for this long (a request that never returns) is "
+        "stopped and its shards go to the other actors (default %(default)s)",
     )
     execution.add_argument(
         "--max-error-rate",
@@ -319,6 +336,8 @@ def config_from_args(args: argparse.Namespace, options: dict, free_cpus: float |
             num_cpus_per_actor=_cpus_per_actor(args, gpus_per_actor, free_cpus),
             decode_threads=args.decode_threads,
             max_retries=args.max_retries,
+            storage_timeout_s=args.storage_timeout,
+            stall_timeout_s=args.stall_timeout,
             storage_options=options,
         )
     except ValueError as err:

@@ -110,3 +110,13 @@ def test_free_cpus_are_read_on_a_one_node_ray_and_not_on_a_cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_classes_follow_csv_quoting_and_an_unbalanced_quote_is_refused():
+    args = build_parser().parse_args([*BASE[:3], "--classes", 'a, "red, car;crimson car",b'])
+    vocabulary = _vocabulary(args, {})
+    assert vocabulary.classes == ("a", "red, car", "b")
+    assert vocabulary.synonyms == ((), ("crimson car",), ())
+    bad = build_parser().parse_args([*BASE[:3], "--classes", 'a,"red'])
+    with pytest.raises(_cli.CliError, match="--classes: cannot split"):
+        _vocabulary(bad, {})

@@ -146,15 +146,45 @@ def test_two_concurrent_ticks_label_each_shard_once(s3, tmp_path):
     assert fs.glob(f"{root}/_leases/*") == []
 
 
-def test_label_input_that_matches_nothing_is_an_error(tmp_path):
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({}, "error: not found: no files match input"),
+        (
+            {"README.txt": b"notes", "meta.json": b"{}"},
+            "error: not found: no shards or images under input {images}: 2 file(s), none a "
+            ".tar, a .parquet or an image (.jpg, .jpeg, .png",
+        ),
+    ],
+)
+def test_label_input_without_shards_or_images_is_an_error(tmp_path, files, message):
     images = tmp_path / "images"
     images.mkdir()
+    for name, data in files.items():
+        (images / name).write_bytes(data)
     proc = run_job(
         "jobs.label", str(images), "--output", str(tmp_path / "out"), "--classes", "cat",
         "--no-progress", "--random-weights", check=False,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "error: not found: no files match input" in proc.stderr
+    assert message.format(images=images) in proc.stderr
+
+
+def test_storage_options_of_the_wrong_type_are_one_line_errors(tmp_path):
+    secret = "s3cr3t-never-echoed"
+    for options, message in (
+        ({"client_kwargs": "http://minio:9000", "secret": secret},
+         "error: --storage-options: 'client_kwargs' must be a JSON object, got a string"),
+        ({"config_kwargs": [secret]},
+         "error: --storage-options: 'config_kwargs' must be a JSON object, got an array"),
+    ):  # fmt: skip
+        proc = run_job(
+            "jobs.label", "s3://bucket/in/", "--output", str(tmp_path / "o"), "--classes", "cat",
+            "--storage-options", json.dumps(options), check=False,
+        )  # fmt: skip
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        assert proc.returncode == 2 and lines == [message], proc.stderr[-2000:]
+        assert secret not in proc.stderr + proc.stdout
 
 
 def test_label_sample_offline_without_weights_says_how_to_proceed(tmp_path):
