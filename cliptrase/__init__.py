@@ -34,7 +34,7 @@ _EXPORTS = {
     "PAMR": "refine",
     "ClusterVote": "refine",
     "DenseFeatures": "segmentor",
-    "SegmentationResult": "segmentor",
+    "SegmentationResult": "result",
     "Segmentor": "segmentor",
     "load_segmentor": "segmentor",
     "Vocabulary": "text",
@@ -93,5 +93,6 @@ if TYPE_CHECKING:  # static tools see the names without the lazy import
     from .methods import DATASET_OVERRIDES, METHODS, Method, method_for_dataset
     from .preprocess import parity_transform
     from .refine import PAMR, ClusterVote
-    from .segmentor import DenseFeatures, SegmentationResult, Segmentor, load_segmentor
+    from .result import SegmentationResult
+    from .segmentor import DenseFeatures, Segmentor, load_segmentor
     from .text import Vocabulary

@@ -24,6 +24,31 @@ METHOD_NAMES: tuple[str, ...] = (
     "resclip_sclip",
 )
 
+# The SAM 3 family (cliptrase.sam3): training-free semantic segmentation on a frozen SAM 3.
+SAM3_METHOD_NAMES: tuple[str, ...] = ("sam3", "segearthov3", "activesam")
+ALL_METHOD_NAMES: tuple[str, ...] = METHOD_NAMES + SAM3_METHOD_NAMES
+# Which family builds each method (cliptrase.factory), and each family's default model and
+# weights when none are given.
+METHOD_FAMILIES: dict[str, str] = {
+    **{name: "clip" for name in METHOD_NAMES},
+    **{name: "sam3" for name in SAM3_METHOD_NAMES},
+}
+FAMILY_DEFAULTS: dict[str, tuple[str, str]] = {
+    "clip": ("ViT-B-16", "openai"),
+    "sam3": ("sam3", "facebook/sam3"),  # gated on the Hugging Face hub (SAM License)
+}
+
+
+def method_family(method: str) -> str:
+    """``"clip"`` or ``"sam3"``; ValueError naming every method for an unknown one."""
+    try:
+        return METHOD_FAMILIES[method]
+    except KeyError:
+        raise ValueError(
+            f"unknown method {method!r}; known: {', '.join(ALL_METHOD_NAMES)}"
+        ) from None
+
+
 MODES = ("whole", "slide")
 # Where the decision is taken: "original" (scores stretched bilinearly to the image's size and
 # decided there, as the official SCLIP/NACLIP/ClearCLIP code does) or "processing" (decided
