@@ -33,20 +33,32 @@ METHOD_FAMILIES: dict[str, str] = {
     **{name: "clip" for name in METHOD_NAMES},
     **{name: "sam3" for name in SAM3_METHOD_NAMES},
 }
-FAMILY_DEFAULTS: dict[str, tuple[str, str]] = {
+FAMILY_DEFAULTS: dict[str, tuple[str, str | None]] = {
     "clip": ("ViT-B-16", "openai"),
     "sam3": ("sam3", "facebook/sam3"),  # gated on the Hugging Face hub (SAM License)
+    "plugin": ("default", None),  # a plugin's builder decides
 }
 
 
 def method_family(method: str) -> str:
-    """``"clip"`` or ``"sam3"``; ValueError naming every method for an unknown one."""
+    """``"clip"``, ``"sam3"``, or ``"plugin"`` for ``"package.module:builder"`` (a segmentor of
+    your own behind :class:`cliptrase.protocol.Segmentor`: docs/architecture.md); ValueError
+    naming every method for an unknown one."""
+    if is_plugin_method(method):
+        return "plugin"
     try:
         return METHOD_FAMILIES[method]
     except KeyError:
         raise ValueError(
-            f"unknown method {method!r}; known: {', '.join(ALL_METHOD_NAMES)}"
+            f"unknown method {method!r}; known: {', '.join(ALL_METHOD_NAMES)}, or "
+            "'package.module:builder' for a segmentor of your own"
         ) from None
+
+
+def is_plugin_method(method: str) -> bool:
+    """``"package.module:builder"``: a builder the factory imports and calls."""
+    module, sep, name = method.partition(":")
+    return bool(sep and module and name.isidentifier())
 
 
 MODES = ("whole", "slide")

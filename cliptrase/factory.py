@@ -40,6 +40,11 @@ def build_segmentor(
     family_model, family_weights = FAMILY_DEFAULTS[family]
     model = family_model if model is None else model
     pretrained = family_weights if pretrained == "default" else pretrained
+    if family == "plugin":
+        return _plugin(
+            method, model=model, pretrained=pretrained, device=device, precision=precision,
+            config=config, storage_options=storage_options, seed=seed,
+        )  # fmt: skip
     if family == "clip":
         from .segmentor import load_segmentor
 
@@ -67,3 +72,21 @@ def build_segmentor(
         storage_options=storage_options,
         seed=seed,
     )
+
+
+def _plugin(method: str, **kwargs: Any) -> Segmentor:
+    """``"package.module:builder"``: ``builder(model=, pretrained=, device=, precision=,
+    config=, storage_options=, seed=)`` must return a :class:`Segmentor`."""
+    import importlib
+
+    module_name, _, name = method.partition(":")
+    try:
+        builder = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"method {method!r}: cannot import {name} from {module_name} ({err})"
+        ) from None
+    segmentor = builder(**kwargs)
+    if not isinstance(segmentor, Segmentor):
+        raise TypeError(f"method {method!r} built a {type(segmentor).__name__}, not a Segmentor")
+    return segmentor

@@ -90,7 +90,24 @@ class Segmentor(Protocol):
         """Labels (at each image's original size), confidence and per-label pixel counts."""
         ...
 
+    def variant(self, *, method: str | None = None, dataset: str | None = None) -> Segmentor:
+        """This model and its weights (shared, not reloaded) under another method of its
+        family and/or with a benchmark's settings (``dataset``: a class-list preset name such
+        as ``"voc21"``; the papers' per-dataset thresholds)."""
+        ...
+
+    def evaluation_protocol(self) -> dict[str, Any]:
+        """How whole images are fed, for reports: ``mode`` ("whole", "slide", "squash"),
+        ``short_side`` (or the square input's side), ``crop`` and ``stride`` (None unless
+        sliding)."""
+        ...
+
     # ------------------------------------------------------------------ text
+    def vocabulary_from(self, class_list: Any) -> CompiledVocabulary:
+        """:meth:`vocabulary` of a :class:`cliptrase.classfile.ClassList` (a class file or
+        preset: names, synonyms, background words, templates)."""
+        ...
+
     def vocabulary(
         self,
         classes: Sequence[str],
@@ -123,6 +140,34 @@ class Segmentor(Protocol):
         """The vocabulary :meth:`vocabulary` would compile, from its cached tensors; raises
         ValueError if they do not fit (names, shapes)."""
         ...
+
+
+@runtime_checkable
+class RanksTemplates(Protocol):
+    """An optional capability: families whose text side is prompt templates rank them per class
+    on unlabelled images (FLOSS, :mod:`cliptrase.floss`) and compile vocabularies with each
+    class's experts. The CLIP family has it; the SAM 3 family (raw class names) does not."""
+
+    def rank_templates(
+        self,
+        prepared: Sequence[Any],
+        classes: Sequence[str],
+        templates: Sequence[Any] | None,
+        *,
+        top_k: int,
+        background: Sequence[str] = (),
+        synonyms: Sequence[Sequence[str]] | None = None,
+    ) -> Any: ...
+
+    def vocabulary(
+        self,
+        classes: Sequence[str],
+        background: Sequence[str] | None = None,
+        templates: Sequence[Any] | None = None,
+        synonyms: Sequence[Sequence[str]] | None = None,
+        class_templates: Sequence[Any] | None = None,
+        experts: Any = None,
+    ) -> CompiledVocabulary: ...
 
 
 class SegmentationResultLike(Protocol):

@@ -40,6 +40,7 @@ from .preprocess import (
     prepare_whole_image,
     prepare_whole_tensor,
 )
+from .protocol import SegmentorIdentity
 from .refine import region_logit_sums, vote_winners
 from .result import SegmentationResult
 from .text import (
@@ -48,6 +49,7 @@ from .text import (
     Vocabulary,
     as_template,
     class_embeddings,
+    serialise_template,
 )
 from .tower import tower_with_overrides
 from .weights import WeightsInfo, create_clip_model
@@ -197,10 +199,105 @@ class Segmentor:
     def random_weights(self) -> bool:
         return self.weights.random
 
+    # ----------------------------------------------------------------- the protocol
+    @property
+    def identity(self) -> SegmentorIdentity:
+        return SegmentorIdentity(
+            family="clip",
+            model=self.model_name,
+            weights=self.weights.identity,
+            method=self.method.name,
+            precision=self.precision,
+            random_weights=self.weights.random,
+        )
+
+    @property
+    def decode_short_side(self) -> int | None:
+        """Images are resized to ``config.short_side`` (aspect kept): decoding may scale down
+        to it, never below."""
+        return self.config.short_side
+
+    def vocabulary_fingerprint(self, templates: Sequence[Template | str] | None = None) -> dict:
+        """Model, weights, the templates actually used (rendered on fixed probe names, so
+        callables count by what they produce), and the device type and dtype the text tower
+        runs in (float rounding differs between a CPU and a GPU)."""
+        try:
+            dtype = str(next(self.clip.parameters()).dtype)
+        except (StopIteration, AttributeError, TypeError):
+            dtype = "unknown"
+        return {
+            "model": self.model_name,
+            "weights": self.weights.identity,
+            "templates": [serialise_template(t) for t in self.templates(templates)],
+            "device": self.device.type,
+            "dtype": dtype,
+        }
+
+    def vocabulary_tensors(self, vocab: Vocabulary) -> dict[str, torch.Tensor]:
+        """The text classifier's rows, one per prompt: what a run's cache stores."""
+        return {"embeddings": vocab.embeddings}
+
+    def vocabulary_from_tensors(
+        self,
+        classes: Sequence[str],
+        background: Sequence[str] | None,
+        synonyms: Sequence[Sequence[str]] | None,
+        templates: Sequence[Template | str] | None,
+        tensors: dict[str, torch.Tensor],
+    ) -> Vocabulary:
+        classes, background = validate_names(classes, background or ())
+        synonyms = validate_synonyms(classes, background, synonyms)
+        if set(tensors) != {"embeddings"}:
+            raise ValueError(f"tensors {sorted(tensors)}, expected ['embeddings']")
+        embeddings = tensors["embeddings"]
+        rows = len(Vocabulary(classes, background, torch.empty(0), synonyms).prompts)
+        width = self.embedding_width
+        if embeddings.ndim != 2 or embeddings.shape[0] != rows or (
+            width is not None and embeddings.shape[1] != width
+        ):
+            raise ValueError(
+                f"shape {tuple(embeddings.shape)}, expected ({rows}, {width or 'width'})"
+            )
+        return Vocabulary(classes, background, embeddings.to(self.device), synonyms)
+
+    @property
+    def embedding_width(self) -> int | None:
+        """The joint embedding width (a text row's length), or None where the model does not
+        say."""
+        width = getattr(getattr(self.clip, "visual", None), "output_dim", None)
+        if isinstance(width, int):
+            return width
+        projection = getattr(self.clip, "text_projection", None)
+        if isinstance(projection, torch.nn.Linear):
+            return projection.out_features
+        if isinstance(projection, torch.Tensor) and projection.ndim == 2:
+            return int(projection.shape[1])
+        return None
+
+    def rank_templates(
+        self,
+        prepared: Sequence[Prepared],
+        classes: Sequence[str],
+        templates: Sequence[Template | str] | None,
+        *,
+        top_k: int,
+        background: Sequence[str] = (),
+        synonyms: Sequence[Sequence[str]] | None = None,
+    ) -> TemplateExperts:
+        """FLOSS: each class's expert templates, ranked on ``prepared`` images
+        (:func:`cliptrase.floss.rank_templates`)."""
+        from .floss import rank_templates
+
+        return rank_templates(
+            self, prepared, classes, templates, top_k=top_k, background=background,
+            synonyms=synonyms,
+        )  # fmt: skip
+
     def variant(
         self,
         *,
         method: str | Method | None = None,
+        dataset: str | None = None,
         config: SegmentorConfig | None = None,
         precision: str | None = None,
         allow_cpu_autocast: bool = False,
@@ -209,18 +306,28 @@ class Segmentor:
 
         No reload: the model is shared, so comparing methods (``jobs.evaluate --method all``)
         fetches the weights once. Unchanged arguments are this segmentor's; a config left
-        None takes the new method's protocol as a fresh segmentor would.
+        None takes the new method's protocol as a fresh segmentor would. ``dataset``: the
+        method with its paper's settings for that benchmark (:func:`method_for_dataset`).
         """
+        method = self.method if method is None else method
+        if dataset is not None:
+            from .methods import method_for_dataset
+
+            method = method_for_dataset(method, dataset)
         return Segmentor(
             self.clip,
             self.model_name,
             self.weights,
-            method=self.method if method is None else method,
+            method=method,
             device=self.device,
             precision=self.precision if precision is None else precision,
             config=self._requested_config if config is None else config,
             allow_cpu_autocast=allow_cpu_autocast,
         )
+
+    def evaluation_protocol(self) -> dict:
+        mode, short_side, crop, stride = self.protocol()
+        return {"mode": mode, "short_side": short_side, "crop": crop, "stride": stride}
 
     # ----------------------------------------------------------------- text side
     def vocabulary(

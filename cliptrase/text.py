@@ -44,6 +44,17 @@ MASKCLIP_EXTRA_TEMPLATES: tuple[str, ...] = (
 )
 
 
+# Templates are serialised by what they make of these names ("{}" shows a format string as is;
+# the second catches a callable that does more than substitute).
+_PROBES = ("{}", "Probe Name")
+
+
+def serialise_template(template: Template | str) -> list[str]:
+    """What a template makes of fixed probe names: how caches and hashes see a template."""
+    fn = template if callable(template) else template.format
+    return [str(fn(probe)) for probe in _PROBES]
+
+
 @dataclass(frozen=True, eq=False)
 class Vocabulary:
     """A compiled vocabulary: label ``i`` is ``names[i]``; rows of ``embeddings`` score classes.

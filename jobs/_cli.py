@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 
 from cliptrase.classfile import ClassList, load_class_file, preset_names
-from cliptrase.config import METHOD_NAMES
+from cliptrase.config import ALL_METHOD_NAMES, FAMILY_DEFAULTS, method_family
 from cliptrase.errors import CliptraseError, VocabularyError, WeightsUnavailableError
 
 STORAGE_OPTIONS_ENV = "CLIPTRASE_STORAGE_OPTIONS"
@@ -117,12 +117,18 @@ def positive_int(text: str) -> int:
 
 def add_model_args(parser: argparse.ArgumentParser, title: str = "model") -> None:
     group = parser.add_argument_group(title)
-    group.add_argument("--model", default="ViT-B-16", help="open_clip ViT name (default ViT-B-16)")
+    group.add_argument(
+        "--model",
+        default=None,
+        help="CLIP methods: an open_clip ViT name (default ViT-B-16); SAM 3 methods: sam3",
+    )
     group.add_argument(
         "--weights",
-        default="openai",
-        help="open_clip pretrained tag (default openai, fetched by open_clip), a local "
-        "checkpoint file, or an fsspec URI such as s3://bucket/ViT-B-16.safetensors",
+        default=None,
+        help="CLIP methods: an open_clip pretrained tag (default openai, fetched by open_clip); "
+        "SAM 3 methods: a Hugging Face id (default facebook/sam3, gated: accept the SAM License "
+        "there and log in); either: a local checkpoint file or an fsspec URI such as "
+        "s3://bucket/ViT-B-16.safetensors",
     )
     group.add_argument(
         "--random-weights",
@@ -146,9 +152,9 @@ def add_model_args(parser: argparse.ArgumentParser, title: str = "model") -> Non
     group.add_argument(
         "--method",
         default="cliptrase",
-        help=f"training-free method: {', '.join(METHOD_NAMES)} (docs/methods.md; default "
-        "cliptrase); jobs.evaluate also takes a comma-separated list or 'all' and writes a "
-        "comparison table",
+        help=f"training-free method: {', '.join(ALL_METHOD_NAMES)} (docs/methods.md; default "
+        "cliptrase); jobs.evaluate also takes a comma-separated list or 'all' (the CLIP "
+        "methods) and writes a comparison table",
     )
     group.add_argument(
         "--short-side",
@@ -298,31 +304,44 @@ def class_list(
     return result
 
 
+def model_and_weights(args: argparse.Namespace, method: str | None = None) -> tuple[str, str | None]:
+    """``(model, weights)`` the flags give for ``method`` (default ``--method``): the method's
+    family's defaults where a flag is not given; weights None for ``--random-weights``."""
+    method = method if method is not None else args.method
+    try:
+        family_model, family_weights = FAMILY_DEFAULTS[method_family(method)]
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    model = args.model or family_model
+    weights = None if args.random_weights else (args.weights or family_weights)
+    return model, weights
+
+
 def load_segmentor(args: argparse.Namespace, options: dict | None = None, method=None):
-    """The segmentor the model flags describe (random weights announced loudly).
+    """The segmentor the model flags describe (random weights announced loudly), built by the
+    one factory (:meth:`pipeline.SegmentorSpec.build`).
 
-    ``method``: a method name or :class:`cliptrase.Method` overriding ``--method``.
+    ``method``: a method name overriding ``--method``.
     """
-    import cliptrase
     from cliptrase.names import is_pretrained_tag
+    from pipeline import SegmentorSpec
 
-    pretrained = None if args.random_weights else args.weights
+    method = method if method is not None else args.method
+    model, pretrained = model_and_weights(args, method)
     if pretrained is not None and is_pretrained_tag(pretrained):
         offline_if_unreachable()
     try:
-        config = cliptrase.SegmentorConfig(
-            short_side=args.short_side, batch_size=args.batch_size, resolution=args.resolution
-        )
-        segmentor = cliptrase.load_segmentor(
-            args.model,
+        segmentor = SegmentorSpec(
+            model=model,
             pretrained=pretrained,
-            method=method if method is not None else args.method,
-            device=args.device,
-            precision=args.precision,
-            config=config,
-            storage_options=options,
+            method=method,
+            precision=args.precision or "fp32",
+            short_side=args.short_side,
+            resolution=args.resolution,
+            resize="pillow",  # the official code's resize: in-process jobs compare with it
+            batch_size=args.batch_size,
             trust_pickle=args.trust_pickle,
-        )
+        ).build(options, device=args.device)
     except WeightsUnavailableError as err:
         hint = ""
         if "--weights" not in str(err):
@@ -335,8 +354,8 @@ def load_segmentor(args: argparse.Namespace, options: dict | None = None, method
         raise CliError(str(err)) from None
     except RuntimeError as err:  # e.g. device='cuda' without a GPU
         raise CliError(str(err)) from None
-    if segmentor.random_weights:
-        log.warning("%s: %s", args.model, RANDOM_WEIGHTS_BANNER)
+    if segmentor.identity.random_weights:
+        log.warning("%s: %s", model, RANDOM_WEIGHTS_BANNER)
     return segmentor
 
 

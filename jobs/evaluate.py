@@ -145,7 +145,7 @@ def segmentor_pairs(
     with tqdm(total=len(samples), desc="segment", unit="img", disable=not progress) as bar:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            images = [read_rgb(s.image_uri, storage_options) for s in chunk]
+            images = [segmentor.prepare(read_rgb(s.image_uri, storage_options)) for s in chunk]
             results = segmentor.segment_batch(images, vocab, batch_size=batch_size)
             for sample, result in zip(chunk, results):
                 gt = read_gt(layout, sample, classes.num_labels, storage_options)
@@ -343,17 +343,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _method_names(text: str) -> list[str]:
-    """``--method``: comma-separated preset names, or ``all``: every preset, in
-    ``cliptrase.METHOD_NAMES``'s order (the torch-free list, kept equal to ``METHODS``)."""
-    from cliptrase.config import METHOD_NAMES
+    """``--method``: comma-separated method names, or ``all``: every CLIP method, in
+    ``cliptrase.METHOD_NAMES``'s order (the SAM 3 methods need another model: name them)."""
+    from cliptrase.config import ALL_METHOD_NAMES, METHOD_NAMES
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     if names == ["all"]:
         names = list(METHOD_NAMES)
-    unknown = [n for n in names if n not in METHOD_NAMES]
+    unknown = [n for n in names if n not in ALL_METHOD_NAMES]
     if not names or unknown:
         raise _cli.CliError(
-            f"unknown --method {unknown or text!r}; known: {', '.join(METHOD_NAMES)} or 'all'"
+            f"unknown --method {unknown or text!r}; known: {', '.join(ALL_METHOD_NAMES)} or 'all'"
         )
     return names
 
@@ -361,21 +361,18 @@ def _method_names(text: str) -> list[str]:
 def _run_method(args, options, layout, classes, samples, meta, base, name: str):
     """Segment and score one method (on ``base``'s model) under the dataset's protocol;
     returns (matrix, meta)."""
-    from cliptrase.methods import method_for_dataset
-
     # The paper's per-dataset settings (logit scale, thresholds) where the list is a preset.
-    method = method_for_dataset(name, layout.preset) if layout.preset else name
-    segmentor = base.variant(method=method)
-    mode, short_side, crop, stride = segmentor.protocol()
+    segmentor = base.variant(method=name, dataset=layout.preset or None)
+    identity = segmentor.identity
     meta = dict(
         meta,
-        model=segmentor.model_name,
-        weights=segmentor.weights.identity,
-        random_weights=segmentor.random_weights,
-        method=segmentor.method.name,
-        protocol={"mode": mode, "short_side": short_side, "crop": crop, "stride": stride},
+        model=identity.model,
+        weights=identity.weights,
+        random_weights=identity.random_weights,
+        method=identity.method,
+        protocol=segmentor.evaluation_protocol(),
     )
-    if segmentor.random_weights:
+    if identity.random_weights:
         meta["note"] = _cli.RANDOM_WEIGHTS_BANNER
         print(_cli.RANDOM_WEIGHTS_BANNER, flush=True)
     save_to = args.out if args.save_predictions else None
@@ -399,13 +396,18 @@ def _run_method(args, options, layout, classes, samples, meta, base, name: str):
 
 def _compare_methods(args, options, layout, classes, samples, meta, methods) -> int:
     """Every method under one protocol per dataset: one report each and a comparison table."""
+    from cliptrase.config import method_family
+
     rows = []
-    base = _cli.load_segmentor(args, options, method=methods[0])  # weights fetched once
+    bases = {}  # one model per family, its weights fetched once
     for name in methods:
         log.info("method %s", name)
+        family = method_family(name)
+        if family not in bases:
+            bases[family] = _cli.load_segmentor(args, options, method=name)
         try:
             matrix, method_meta = _run_method(
-                args, options, layout, classes, samples, meta, base, name
+                args, options, layout, classes, samples, meta, bases[family], name
             )
         except (DatasetError, ValueError) as err:
             raise _cli.CliError(str(err)) from None

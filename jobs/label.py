@@ -21,7 +21,7 @@ import math
 import os
 import sys
 
-from cliptrase.config import METHOD_NAMES
+from cliptrase.config import ALL_METHOD_NAMES, is_plugin_method
 from pipeline.config import RunConfig
 
 from . import _cli
@@ -262,9 +262,9 @@ def config_from_args(args: argparse.Namespace, options: dict, free_cpus: float |
     ``free_cpus``: the free CPUs of a one-machine Ray (:func:`_free_cpus_of_one_machine`)."""
     from pipeline import FlossSpec, RunConfig, SegmentorSpec, SourceSpec
 
-    if args.method not in METHOD_NAMES:
+    if args.method not in ALL_METHOD_NAMES and not is_plugin_method(args.method):
         raise _cli.CliError(
-            f"unknown --method {args.method!r}; known: {', '.join(sorted(METHOD_NAMES))}"
+            f"unknown --method {args.method!r}; known: {', '.join(ALL_METHOD_NAMES)}"
         )
     if args.device != "auto":
         raise _cli.CliError(
@@ -286,10 +286,11 @@ def config_from_args(args: argparse.Namespace, options: dict, free_cpus: float |
         raise _cli.CliError("give at least one INPUT (a shard URI, glob or folder), or --sample")
     if not output:
         raise _cli.CliError("give --output URI")
+    model, pretrained = _cli.model_and_weights(args)
     try:
         segmentor = SegmentorSpec(
-            model=args.model,
-            pretrained=None if args.random_weights else args.weights,
+            model=model,
+            pretrained=pretrained,
             method=args.method,
             precision=args.precision or SegmentorSpec.precision,
             short_side=args.short_side,
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         raise _cli.CliError("--max-error-rate is a fraction between 0 and 1")
     _vocabulary(args, options)  # a bad vocabulary fails before Ray starts
     # Weights that cannot be had end the job here, in one line, before any actor starts.
-    _cli.resolve_weights(args.model, None if args.random_weights else args.weights)
+    _cli.resolve_weights(*_cli.model_and_weights(args))
     import ray
 
     # Connects to RAY_ADDRESS when set (ray job submit sets it), else starts a local Ray.
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         free_cpus = _free_cpus_of_one_machine() if args.sample else None
         config = config_from_args(args, options, free_cpus)
-        if config.segmentor.pretrained is None:
+        if random_weights(config):
             log.warning("%s: %s", config.segmentor.model, _cli.RANDOM_WEIGHTS_BANNER)
         summary = run_pipeline(config, args)
     finally:
@@ -396,7 +397,7 @@ def run_pipeline(config, args: argparse.Namespace):
 def report(summary, config, max_error_rate: float) -> int:
     """Print the summary and where the outputs are; exit status 1 above the error rate."""
     out = summary.to_dict()
-    random = config.segmentor.pretrained is None
+    random = random_weights(config)
     out["random_weights"] = random
     print(json.dumps(out, indent=2, sort_keys=True))
     images = summary.images_ok + summary.images_error
@@ -423,6 +424,13 @@ def report(summary, config, max_error_rate: float) -> int:
         )
         return 1
     return 0
+
+
+def random_weights(config) -> bool:
+    """The run's model has random weights (a plugin's builder says for itself)."""
+    from cliptrase.config import method_family
+
+    return config.segmentor.pretrained is None and method_family(config.segmentor.method) != "plugin"
 
 
 def _explain_run_failure(err: RuntimeError, args: argparse.Namespace) -> str:

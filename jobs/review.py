@@ -276,17 +276,21 @@ class ModelChoice:
 def load_run_segmentor(
     run: LabelledRun, choice: ModelChoice, method: str, storage_options: dict | None = None
 ):
-    """The run's own CLIP model and weights (from its provenance) under ``method``.
-
-    The run's method is loaded first and the other method made with
-    :meth:`cliptrase.Segmentor.variant`, so the weights are the run's, loaded once, with the
-    run's resolution settings. Random-weight runs are re-created from their seed.
-    """
-    import cliptrase
+    """The run's own model and weights (from its provenance) under ``method``, built by the
+    one factory (:meth:`pipeline.SegmentorSpec.build`) with the run's resolution settings.
+    Random-weight runs are re-created from their seed."""
+    from cliptrase.config import method_family
     from cliptrase.errors import CliptraseError, WeightsUnavailableError
+    from pipeline import SegmentorSpec
 
     meta = run.metadata
     spec = dict(meta.get("segmentor") or {})
+    run_method = meta.get("method") or spec.get("method") or "cliptrase"
+    if method_family(method) != method_family(run_method):
+        raise _cli.CliError(
+            f"--compare-method {method} needs another model than the run's ({run_method}); "
+            "pick a method of the same family"
+        )
     model = choice.model or meta.get("model") or spec.get("model")
     if choice.random_weights:
         pretrained = None
@@ -298,27 +302,21 @@ def load_run_segmentor(
             raise _cli.CliError(
                 "the run does not record its weights; pass --weights (the checkpoint it used)"
             )
-    config = cliptrase.SegmentorConfig(
-        short_side=spec.get("short_side"),
-        resolution=spec.get("resolution", "original"),
-        resize=spec.get("resize", "pillow"),  # runs before the option resized with Pillow
-        max_patches=spec.get("max_patches", 1344),
-        batch_size=choice.batch_size,
-        confidence_temperature=spec.get("confidence_temperature", 1.0),
-    )
     try:
-        base = cliptrase.load_segmentor(
-            model,
+        segmentor = SegmentorSpec(
+            model=model,
             pretrained=pretrained,
-            device=choice.device,
+            method=method,
             precision=choice.precision or spec.get("precision") or meta.get("precision", "fp32"),
-            method=meta.get("method") or spec.get("method") or "cliptrase",
-            config=config,
-            storage_options=storage_options,
-            trust_pickle=choice.trust_pickle,
+            short_side=spec.get("short_side"),
+            resolution=spec.get("resolution", "original"),
+            resize=spec.get("resize", "pillow"),  # runs before the option resized with Pillow
+            max_patches=spec.get("max_patches", 1344),
+            batch_size=choice.batch_size,
+            confidence_temperature=spec.get("confidence_temperature", 1.0),
             seed=int(spec.get("seed", 0)),
-        )
-        segmentor = base.variant(method=method)
+            trust_pickle=choice.trust_pickle,
+        ).build(storage_options, device=choice.device)
     except WeightsUnavailableError as err:
         raise _cli.CliError(
             f"{err}\nThe disagreement strategy re-segments with the run's weights: pass "
@@ -326,10 +324,10 @@ def load_run_segmentor(
         ) from None
     except (CliptraseError, ValueError, RuntimeError) as err:
         raise _cli.CliError(str(err)) from None
-    if segmentor.weights.identity != meta.get("weights_identity"):
+    if segmentor.identity.weights != meta.get("weights_identity"):
         log.warning(
             "re-segmenting with weights %s, the run used %s",
-            segmentor.weights.identity,
+            segmentor.identity.weights,
             meta.get("weights_identity"),
         )
     return segmentor
@@ -397,7 +395,7 @@ def compute_disagreement(
     done = 0
     bar = tqdm(
         total=len(indices),
-        desc=f"re-segment ({segmentor.method.name})",
+        desc=f"re-segment ({segmentor.identity.method})",
         unit="image",
         disable=not progress,
     )
@@ -448,18 +446,18 @@ def compute_disagreement(
 
 
 def _segment_isolated(segmentor, pictures, vocab, batch_size):
-    if not pictures:
-        return []
-    try:
-        return segmentor.segment_batch(pictures, vocab, batch_size=batch_size)
-    except Exception as err:  # noqa: BLE001 - retry one by one so one image costs one score
-        log.warning("batch of %d failed (%s); one image at a time", len(pictures), err)
-    results = []
-    for picture in pictures:
+    """Results (None where an image failed), one image's failure costing only its score."""
+    from pipeline.batching import segment_isolated
+
+    prepared, results = [], [None] * len(pictures)
+    for index, picture in enumerate(pictures):
         try:
-            results.append(segmentor.segment(picture, vocab))
-        except Exception:  # noqa: BLE001
-            results.append(None)
+            prepared.append((index, segmentor.prepare(picture)))
+        except Exception as err:  # noqa: BLE001 - one image's problem skips that image
+            log.warning("image %d cannot be prepared: %s", index, err)
+    outcomes = segment_isolated(segmentor, [p for _, p in prepared], vocab, batch_size)
+    for (index, _), (result, _) in zip(prepared, outcomes):
+        results[index] = None if isinstance(result, Exception) else result
     return results
 
 
@@ -499,12 +497,12 @@ def validate_options(options: ReviewOptions) -> None:
         raise _cli.CliError("--rare-min-share must be within [0, 1)")
     parse_strategies(options.strategies)
     if "disagreement" in options.strategies:
-        from cliptrase.methods import METHODS
+        from cliptrase.config import ALL_METHOD_NAMES
 
-        if options.compare_method not in METHODS:
+        if options.compare_method not in ALL_METHOD_NAMES:
             raise _cli.CliError(
                 f"unknown --compare-method {options.compare_method!r}; known: "
-                f"{', '.join(sorted(METHODS))}"
+                f"{', '.join(ALL_METHOD_NAMES)}"
             )
 
 

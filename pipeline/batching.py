@@ -8,13 +8,21 @@ Every image waits for at most ``window`` later records, so at most that many row
 be written in order. The rows are those of batches in record order, except that which images
 share a forward can change the float rounding, as another batch size can (the confidence by
 one quantisation step).
+
+:func:`segment_isolated` runs a batch so that one image that fails costs only its own row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from typing import Generic, TypeVar
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Generic, TypeVar
 
+from cliptrase.protocol import Segmentor
+
+log = logging.getLogger("pipeline")
 Item = TypeVar("Item")
 
 
@@ -52,3 +60,36 @@ class ShapePool(Generic[Item]):
 
     def _take(self, key: Hashable) -> list[Item]:
         return [item for _, item in self._groups.pop(key)]
+
+
+def segment_isolated(
+    segmentor: Segmentor,
+    prepared: Sequence[Any],
+    vocabulary: Any,
+    batch_size: int | None = None,
+    computing: Callable[[], AbstractContextManager] = nullcontext,
+) -> list[tuple[Any, float]]:
+    """``(result or the exception it raised, milliseconds)`` per prepared image: one batched
+    forward; if the batch raises, one image at a time, so one bad image costs its own row (or
+    score) only. ``computing``: a context entered around every forward (the actor's progress).
+    The one place this is done: the actors' rows and review's re-segmentation share it."""
+    if not prepared:
+        return []
+    start = time.perf_counter()
+    try:
+        with computing():
+            results = segmentor.segment_batch(list(prepared), vocabulary, batch_size)
+        each_ms = (time.perf_counter() - start) * 1000.0 / len(prepared)
+        return [(result, each_ms) for result in results]
+    except Exception as exc:  # noqa: BLE001 - isolate the culprit below
+        log.warning("batch of %d failed (%s); retrying one image at a time", len(prepared), exc)
+    outcomes: list[tuple[Any, float]] = []
+    for one in prepared:
+        start = time.perf_counter()
+        try:
+            with computing():
+                result: Any = segmentor.segment_batch([one], vocabulary, batch_size)[0]
+        except Exception as exc:  # noqa: BLE001 - becomes this image's error
+            result = exc
+        outcomes.append((result, (time.perf_counter() - start) * 1000.0))
+    return outcomes

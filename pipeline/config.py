@@ -114,6 +114,29 @@ class SegmentorSpec:
         out["pretrained"] = redact_uri(self.pretrained)
         return out
 
+    def build(self, storage_options: dict | None = None, device: str = "auto"):
+        """The segmentor this spec describes (:func:`cliptrase.factory.build_segmentor`: the
+        one way the actors, review and the CLI build one). Its precision is the spec's on a
+        GPU; without one it runs fp32, quietly (the driver warns once if that was not asked)."""
+        import torch
+
+        from cliptrase.factory import build_segmentor
+
+        on_gpu = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith(
+            "cuda"
+        )
+        return build_segmentor(
+            self.model,
+            pretrained=self.pretrained,
+            method=self.method,
+            device=device,
+            precision=self.precision if on_gpu else "fp32",
+            config=self.segmentor_config(),
+            storage_options=storage_options,
+            trust_pickle=self.trust_pickle,
+            seed=self.seed,
+        )
+
 
 @dataclass(frozen=True)
 class VocabularySpec:

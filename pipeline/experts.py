@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import fsspec
 
 import cliptrase
-from cliptrase.floss import TemplateExperts, rank_templates
+from cliptrase.floss import TemplateExperts  # FLOSS is a CLIP-family option: its data type
+from cliptrase.protocol import RanksTemplates, Segmentor
 
 from .config import RunConfig
 from .decode import decode_image
@@ -102,7 +103,7 @@ def sample_images(segmentor, config: RunConfig, shards=None) -> tuple[list[str],
     rng = random.Random(floss.seed)
     order = rng.sample(shards, len(shards))
     quota = math.ceil(floss.sample / max(1, min(len(shards), floss.sample)))
-    draft = segmentor.config.short_side if config.source.jpeg_draft else None
+    draft = segmentor.decode_short_side if config.source.jpeg_draft else None
     untried: dict[int, list[ImageRecord]] = {}
     ids, prepared = [], []
     for pass_quota in (quota, floss.sample):
@@ -129,14 +130,14 @@ def sample_images(segmentor, config: RunConfig, shards=None) -> tuple[list[str],
     return ids, prepared
 
 
-def rank_sample(segmentor, config: RunConfig) -> tuple[TemplateExperts, list[str]]:
+def rank_sample(segmentor: Segmentor, config: RunConfig) -> tuple[TemplateExperts, list[str]]:
     """Rank the vocabulary's templates on the run's sample (what the first actor does)."""
+    templates_ranker(segmentor)
     ids, prepared = sample_images(segmentor, config)
     if not prepared:
         raise ValueError("FLOSS: no readable image in the input shards to rank templates on")
     voc = config.vocabulary
-    experts = rank_templates(
-        segmentor,
+    experts = segmentor.rank_templates(
         prepared,
         voc.classes,
         voc.templates,
@@ -145,6 +146,24 @@ def rank_sample(segmentor, config: RunConfig) -> tuple[TemplateExperts, list[str
         synonyms=voc.synonyms or None,
     )
     return experts, ids
+
+
+def templates_ranker(segmentor: Segmentor) -> RanksTemplates:
+    """The segmentor, if its family ranks prompt templates (FLOSS); else a ValueError."""
+    if not isinstance(segmentor, RanksTemplates):
+        raise ValueError(
+            f"FLOSS ranks CLIP prompt templates; method {segmentor.identity.method!r} has none"
+        )
+    return segmentor
+
+
+def expert_vocabulary(segmentor: Segmentor, vocabulary_spec, stored: StoredExperts):
+    """The run's vocabulary with each class's expert templates (FLOSS)."""
+    voc = vocabulary_spec
+    return templates_ranker(segmentor).vocabulary(
+        voc.classes, voc.background, voc.templates, synonyms=voc.synonyms or None,
+        experts=stored.experts,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the file

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from cliptrase.names import validate_names, validate_synonyms
-from cliptrase.text import DEFAULT_TEMPLATES, Vocabulary
+from cliptrase.protocol import CompiledVocabulary, Segmentor
 
 from .layout import RunLayout
 from .leases import new_owner, owner_is_dead
@@ -35,14 +35,10 @@ log = logging.getLogger("pipeline")
 # Bump when what a stored file means changes (the embedding formula, the file's layout): every
 # existing cache file then misses and is recomputed.
 FORMAT_VERSION = 1
-TENSOR = "embeddings"
-DTYPE = torch.float32
+DTYPE = torch.float32  # floating tensors are cached in float32 only
 DEFAULT_WAIT_S = 600.0  # waiters give up on a live claim after this long and compute themselves
 DEFAULT_POLL_S = 0.5
 DEFAULT_STALE_S = 120.0  # a claim whose heartbeat is older than this is abandoned
-# Templates are serialised by what they make of these names ("{}" shows a format string as is;
-# the second catches a callable that does more than substitute).
-_PROBES = ("{}", "Probe Name")
 
 
 def vocabulary_dir(layout: RunLayout) -> str:
@@ -60,50 +56,25 @@ def claim_path(layout: RunLayout, key: str) -> str:
 # ----------------------------------------------------------------------------- the key
 
 
-def _templates_used(segmentor, vocabulary_spec) -> tuple:
-    """The templates ``segmentor.vocabulary`` will use: the spec's, else the method's, else
-    OpenAI's 80 (the same fallback chain as :meth:`cliptrase.Segmentor.vocabulary`)."""
-    return tuple(vocabulary_spec.templates or segmentor.method.templates or DEFAULT_TEMPLATES)
-
-
-def _serialise_template(template) -> list[str]:
-    fn = template if callable(template) else template.format
-    return [str(fn(probe)) for probe in _PROBES]
-
-
 def _canonical(vocabulary_spec) -> tuple[tuple, tuple, tuple]:
-    """``(classes, background, synonyms)`` as :meth:`Segmentor.vocabulary` normalises them."""
+    """``(classes, background, synonyms)`` as a segmentor's ``vocabulary`` normalises them."""
     classes, background = validate_names(vocabulary_spec.classes, vocabulary_spec.background)
     synonyms = validate_synonyms(classes, background, vocabulary_spec.synonyms or None)
     return classes, background, synonyms
 
 
-def _text_dtype(segmentor) -> str:
-    try:
-        return str(next(segmentor.clip.parameters()).dtype)
-    except (StopIteration, AttributeError, TypeError):
-        return "unknown"
-
-
-def vocabulary_key(segmentor, vocabulary_spec) -> str:
-    """sha256 (hex) of everything the embeddings depend on.
-
-    Model name, weights identity, the templates actually used (rendered on fixed probe
-    names, so callables count by what they produce), classes, background words, synonyms,
-    the device type and parameter dtype the text tower runs in (float rounding differs
-    between a CPU and a GPU), and :data:`FORMAT_VERSION`.
-    """
+def vocabulary_key(segmentor: Segmentor, vocabulary_spec) -> str:
+    """sha256 (hex) of everything the compiled vocabulary depends on: the segmentor's
+    :meth:`~cliptrase.protocol.Segmentor.vocabulary_fingerprint` (model, weights, templates,
+    device type, dtype...), the classes, background words and synonyms, and
+    :data:`FORMAT_VERSION`."""
     classes, background, synonyms = _canonical(vocabulary_spec)
     identity = {
         "format": FORMAT_VERSION,
-        "model": segmentor.model_name,
-        "weights": segmentor.weights.identity,
-        "templates": [_serialise_template(t) for t in _templates_used(segmentor, vocabulary_spec)],
+        **segmentor.vocabulary_fingerprint(vocabulary_spec.templates),
         "classes": list(classes),
         "background": list(background),
         "synonyms": [list(s) for s in synonyms],
-        "device": torch.device(segmentor.device).type,
-        "dtype": _text_dtype(segmentor),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -111,37 +82,28 @@ def vocabulary_key(segmentor, vocabulary_spec) -> str:
 # ----------------------------------------------------------------------------- the file
 
 
-def _embedding_width(segmentor) -> int | None:
-    """The joint embedding width (text rows' length), or None where the model does not say."""
-    clip = segmentor.clip
-    width = getattr(getattr(clip, "visual", None), "output_dim", None)
-    if isinstance(width, int):
-        return width
-    projection = getattr(clip, "text_projection", None)
-    if isinstance(projection, torch.nn.Linear):
-        return projection.out_features
-    if isinstance(projection, torch.Tensor) and projection.ndim == 2:
-        return int(projection.shape[1])
-    return None
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
-def _digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def encode_file(key: str, prompts: Sequence[str], embeddings: torch.Tensor, **extra: str) -> bytes:
-    """The safetensors bytes of one compiled vocabulary (float32 rows stored as they are)."""
+def encode_file(
+    key: str, prompts: Sequence[str], tensors: dict[str, torch.Tensor], **extra: str
+) -> bytes:
+    """The safetensors bytes of one compiled vocabulary (tensors stored as they are)."""
     import safetensors.torch
 
-    tensor = embeddings.detach().to("cpu").contiguous()
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     metadata = {
         "format": str(FORMAT_VERSION),
         "key": key,
         "prompts": json.dumps(list(prompts)),
-        "sha256": _digest(tensor),
+        "sha256": _digest(tensors),
         **{k: str(v) for k, v in extra.items()},
     }
-    return safetensors.torch.save({TENSOR: tensor}, metadata)
+    return safetensors.torch.save(tensors, metadata)
 
 
 def _header_metadata(data: bytes) -> dict[str, str]:
@@ -151,8 +113,10 @@ def _header_metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
 
 
-def decode_file(data: bytes, key: str, prompts: Sequence[str], width: int | None) -> torch.Tensor:
-    """The embeddings in ``data``; raises ValueError unless it is this key's, whole and sound."""
+def decode_file(data: bytes, key: str, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The tensors in ``data``; raises ValueError unless it is this key's, whole and sound
+    (each tensor a row per prompt, floats in float32). Whether they fit the segmentor is
+    :meth:`~cliptrase.protocol.Segmentor.vocabulary_from_tensors`'s to say."""
     import safetensors.torch
 
     metadata = _header_metadata(data)
@@ -163,17 +127,14 @@ def decode_file(data: bytes, key: str, prompts: Sequence[str], width: int | None
     if json.loads(metadata.get("prompts", "null")) != list(prompts):
         raise ValueError("its prompts are not this vocabulary's")
     tensors = safetensors.torch.load(data)
-    if set(tensors) != {TENSOR}:
-        raise ValueError(f"tensors {sorted(tensors)}, expected [{TENSOR!r}]")
-    tensor = tensors[TENSOR]
-    expected = (len(prompts), width if width is not None else tensor.shape[-1])
-    if tensor.ndim != 2 or tuple(tensor.shape) != expected:
-        raise ValueError(f"shape {tuple(tensor.shape)}, expected {expected}")
-    if tensor.dtype != DTYPE:
-        raise ValueError(f"dtype {tensor.dtype}, expected {DTYPE}")
-    if _digest(tensor) != metadata.get("sha256"):
-        raise ValueError("the embeddings' sha256 does not match the one recorded")
-    return tensor
+    for name, tensor in tensors.items():
+        if tensor.ndim < 1 or tensor.shape[0] != len(prompts):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)}, not a row per prompt")
+        if tensor.is_floating_point() and tensor.dtype != DTYPE:
+            raise ValueError(f"{name}: dtype {tensor.dtype}, expected {DTYPE}")
+    if _digest(tensors) != metadata.get("sha256"):
+        raise ValueError("the tensors' sha256 does not match the one recorded")
+    return tensors
 
 
 # ----------------------------------------------------------------------------- the claim
@@ -247,38 +208,43 @@ def _try_claim(layout: RunLayout, path: str, claim: _Claim) -> str:
 
 
 def compiled_vocabulary(
-    segmentor,
+    segmentor: Segmentor,
     vocabulary_spec,
     layout: RunLayout,
     *,
     wait_s: float = DEFAULT_WAIT_S,
     poll_s: float = DEFAULT_POLL_S,
     stale_s: float = DEFAULT_STALE_S,
-) -> Vocabulary:
+) -> CompiledVocabulary:
     """``segmentor.vocabulary(...)`` of ``vocabulary_spec``, computed once per run root.
 
     Loads ``_vocabulary/<key>.safetensors`` under ``layout`` when it is this key's and sound
-    (key, prompts, shape, dtype and checksum); else one caller computes and stores it while
-    concurrent callers wait up to ``wait_s`` for the file (polling every ``poll_s``), giving
-    up early when the computing claim's heartbeat is older than ``stale_s``. Storage errors are
-    logged, never raised; the embeddings returned are on ``segmentor.device``, bit for bit
-    what this segmentor computes.
+    (key, prompts, shapes, dtype and checksum, and the segmentor accepts its tensors); else
+    one caller computes and stores it while concurrent callers wait up to ``wait_s`` for the
+    file (polling every ``poll_s``), giving up early when the computing claim's heartbeat is
+    older than ``stale_s``. Storage errors are logged, never raised; the tensors returned are
+    on ``segmentor.device``, bit for bit what this segmentor computes.
     """
     classes, background, synonyms = _canonical(vocabulary_spec)
-    prompts = Vocabulary(classes, background, torch.empty(0), synonyms).prompts
+    prompts = row_prompts(classes, background, synonyms)
     try:
         key = vocabulary_key(segmentor, vocabulary_spec)
     except Exception as exc:  # noqa: BLE001 - e.g. a template that fails on the probe names
         log.warning("vocabulary cache: no key (%s); computing", exc)
         return _compute(segmentor, vocabulary_spec)
-    width = _embedding_width(segmentor)
     path = vocabulary_path(layout, key)
 
-    def load() -> Vocabulary | None:
-        embeddings = _load(layout, path, key, prompts, width)
-        if embeddings is None:
+    def load() -> CompiledVocabulary | None:
+        tensors = _load(layout, path, key, prompts)
+        if tensors is None:
             return None
-        return Vocabulary(classes, background, embeddings.to(segmentor.device), synonyms)
+        try:
+            return segmentor.vocabulary_from_tensors(
+                classes, background, synonyms, vocabulary_spec.templates, tensors
+            )
+        except ValueError as exc:  # another model's, or mangled: recompute
+            log.warning("vocabulary cache: %s is unusable (%s); recomputing it", path, exc)
+            return None
 
     vocab = load()
     if vocab is not None:
@@ -289,7 +255,7 @@ def compiled_vocabulary(
 
     claim = _Claim(layout, claim_path(layout, key), new_owner(), stale_s)
     state = _claim_or_wait(layout, claim, load, wait_s, poll_s)
-    if isinstance(state, Vocabulary):
+    if not isinstance(state, str):  # the vocabulary someone else stored
         return state
     if state == "ours":
         vocab = load()  # the file may have landed between our last look and our claim
@@ -306,7 +272,9 @@ def compiled_vocabulary(
             time.perf_counter() - started,
             key[:12],
         )
-        _store(layout, path, key, prompts, vocab.embeddings, segmentor)
+        if list(vocab.prompts) != prompts:
+            raise RuntimeError(f"{type(segmentor).__name__} orders its prompts differently")
+        _store(layout, path, key, prompts, segmentor.vocabulary_tensors(vocab), segmentor)
     finally:
         if state == "ours":
             claim.release()  # after the file is stored, so waiters find it rather than no claim
@@ -337,14 +305,20 @@ def _claim_or_wait(layout, claim: _Claim, load, wait_s: float, poll_s: float):
             return vocab
 
 
-def _compute(segmentor, vocabulary_spec) -> Vocabulary:
+def row_prompts(classes: Sequence[str], background: Sequence[str], synonyms) -> list[str]:
+    """The rows of a compiled vocabulary, in every family's order: the classes, the background
+    words, then each class's synonyms in class order (``CompiledVocabulary.prompts``)."""
+    return list(classes) + list(background) + [s for extra in synonyms for s in extra]
+
+
+def _compute(segmentor: Segmentor, vocabulary_spec) -> CompiledVocabulary:
     spec = vocabulary_spec
     return segmentor.vocabulary(
         spec.classes, spec.background, spec.templates, synonyms=spec.synonyms or None
     )
 
 
-def _load(layout: RunLayout, path: str, key: str, prompts, width) -> torch.Tensor | None:
+def _load(layout: RunLayout, path: str, key: str, prompts) -> dict[str, torch.Tensor] | None:
     try:
         data = with_retries(layout.store.read, path)
     except Exception as exc:  # noqa: BLE001 - unreadable: compute instead
@@ -353,23 +327,21 @@ def _load(layout: RunLayout, path: str, key: str, prompts, width) -> torch.Tenso
     if data is None:
         return None
     try:
-        return decode_file(data, key, prompts, width)
+        return decode_file(data, key, prompts)
     except Exception as exc:  # noqa: BLE001 - corrupt or another vocabulary's: recompute
         log.warning("vocabulary cache: %s is unusable (%s); recomputing it", path, exc)
         return None
 
 
-def _store(layout: RunLayout, path: str, key: str, prompts, embeddings, segmentor) -> None:
+def _store(layout: RunLayout, path: str, key: str, prompts, tensors, segmentor) -> None:
     try:
-        if embeddings.dtype != DTYPE:
-            log.warning("vocabulary cache: %s embeddings are not cached", embeddings.dtype)
+        floats = [t for t in tensors.values() if t.is_floating_point()]
+        if any(t.dtype != DTYPE for t in floats):
+            log.warning("vocabulary cache: %s tensors are not cached", floats[0].dtype)
             return
+        identity = segmentor.identity
         data = encode_file(
-            key,
-            prompts,
-            embeddings,
-            model=segmentor.model_name,
-            weights_identity=segmentor.weights.identity,
+            key, prompts, tensors, model=identity.model, weights_identity=identity.weights
         )
         with_retries(layout.store.put_whole, path, data)
     except Exception as exc:  # noqa: BLE001 - the next actor computes it again

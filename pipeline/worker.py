@@ -22,10 +22,11 @@ import fsspec
 import ray
 
 import cliptrase
+from cliptrase.protocol import Segmentor
 
 from . import sink
 from .allocator import reuse_freed_memory
-from .batching import ShapePool
+from .batching import ShapePool, segment_isolated
 from .claim import Claim, claim_shard, drop_lease
 from .config import OUTPUT_FORMAT, RunConfig
 from .decode import (
@@ -162,20 +163,8 @@ class ShardLabeler:
         if limit is None or limit > (Image.MAX_IMAGE_PIXELS or 0):
             # Pillow refuses above 2x its global limit before our own check can run.
             Image.MAX_IMAGE_PIXELS = limit
-        spec = config.segmentor
-        self.segmentor = cliptrase.load_segmentor(
-            spec.model,
-            pretrained=spec.pretrained,
-            device="auto",  # a logical Ray GPU on a CPU box: torch sees none, run on the CPU
-            # The spec's precision is the GPU's; an actor without one runs fp32, quietly (the
-            # driver warns once if the user asked for less), and its metadata says fp32.
-            precision=spec.precision if torch.cuda.is_available() else "fp32",
-            method=spec.method,
-            config=spec.segmentor_config(),
-            storage_options=config.storage_options,
-            trust_pickle=spec.trust_pickle,
-            seed=spec.seed,
-        )
+        # device "auto": a logical Ray GPU on a CPU box gives a CPU model (torch sees none)
+        self.segmentor: Segmentor = config.segmentor.build(config.storage_options)
         self.config_hash = config.config_hash()
         self.layout = RunLayout.open(
             config.output, self.config_hash, config.storage_options, config.storage_timeout_s
@@ -186,36 +175,33 @@ class ShardLabeler:
         self.vocab = compiled_vocabulary(self.segmentor, config.vocabulary, self.layout)
         self.experts = None  # FLOSS: ranked by the run's first actor, loaded by the others
         if config.floss.enabled:
-            from .experts import run_experts
+            from .experts import expert_vocabulary, run_experts
 
             self.experts = run_experts(self.segmentor, config, self.layout)
-            voc = config.vocabulary
-            self.vocab = self.segmentor.vocabulary(
-                voc.classes, voc.background, voc.templates, synonyms=voc.synonyms or None,
-                experts=self.experts.experts,
-            )
+            self.vocab = expert_vocabulary(self.segmentor, config.vocabulary, self.experts)
         self.pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
         # JPEGs decoded by libjpeg's DCT scaling down to no less than the processing size.
         self.draft_short_side = (
-            self.segmentor.config.short_side if config.source.jpeg_draft else None
+            self.segmentor.decode_short_side if config.source.jpeg_draft else None
         )
         self._progress.beat()  # loading the model is not a stall
 
     # ------------------------------------------------------------------ provenance
     def metadata(self) -> dict[str, Any]:
         """What every output file says about how it was made (no storage options)."""
-        seg, voc = self.segmentor, self.config.vocabulary
+        identity, voc = self.segmentor.identity, self.config.vocabulary
         return {
             "names": list(self.vocab.names),
             "classes": list(voc.classes),
             "background": list(voc.background),
             "templates": None if voc.templates is None else list(voc.templates),
-            "model": seg.model_name,
+            "family": identity.family,
+            "model": identity.model,
             "pretrained": self.config.segmentor.describe()["pretrained"],
-            "weights_identity": seg.weights.identity,
-            "random_weights": bool(seg.random_weights),
-            "method": seg.method.name,
-            "precision": seg.precision,
+            "weights_identity": identity.weights,
+            "random_weights": bool(identity.random_weights),
+            "method": identity.method,
+            "precision": identity.precision,
             "config_hash": self.config_hash,
             "segmentor": self.config.segmentor.describe(),
             "package_version": package_version(),
@@ -452,24 +438,12 @@ class ShardLabeler:
         batch = self._decode_on_device(batch, rows, shard_id, stats)
         if not batch:
             return time.perf_counter() - start
-        try:
-            with self._progress.computing():
-                results = self.segmentor.segment_batch(
-                    [r.prepared for _, _, r in batch], self.vocab
-                )
-            each_ms = _ms(start) / len(batch)
-            outcomes = [(result, each_ms) for result in results]
-        except Exception as exc:  # noqa: BLE001 - isolate the culprit below
-            log.warning("batch of %d failed (%s); retrying one image at a time", len(batch), exc)
-            outcomes = []
-            for _, _, ready in batch:
-                one = time.perf_counter()
-                try:
-                    with self._progress.computing():
-                        result = self.segmentor.segment_batch([ready.prepared], self.vocab)[0]
-                    outcomes.append((result, _ms(one)))
-                except Exception as single:  # noqa: BLE001 - becomes this image's error row
-                    outcomes.append((single, _ms(one)))
+        outcomes = segment_isolated(
+            self.segmentor,
+            [r.prepared for _, _, r in batch],
+            self.vocab,
+            computing=self._progress.computing,
+        )
         busy = time.perf_counter() - start
         for (index, record, ready), (result, seg_ms) in zip(batch, outcomes):
             if isinstance(result, Exception):

@@ -172,10 +172,11 @@ def _bad_files(layout, seg):
         "garbage": b"not a safetensors file",
         "truncated": good[: len(good) // 2],
         "bit flip": bytes(flipped),
-        "another key": vc.encode_file(other_key, prompts, emb),
-        "other prompts": vc.encode_file(key, prompts[::-1], emb),
-        "shape": vc.encode_file(key, prompts, torch.zeros(rows, 32)),
-        "dtype": vc.encode_file(key, prompts, emb.double()),
+        "another key": vc.encode_file(other_key, prompts, {"embeddings": emb}),
+        "other prompts": vc.encode_file(key, prompts[::-1], {"embeddings": emb}),
+        "shape": vc.encode_file(key, prompts, {"embeddings": torch.zeros(rows, 32)}),
+        "dtype": vc.encode_file(key, prompts, {"embeddings": emb.double()}),
+        "other tensors": vc.encode_file(key, prompts, {"features": emb}),
         "empty": b"",
     }
 
@@ -197,8 +198,8 @@ def test_a_corrupt_or_mismatched_file_is_recomputed_and_replaced(layout, caplog)
         assert tower.calls > 0, name  # recomputed, not served from the bad file
         same_vocabulary(vocab, expected)
         # replaced by a sound one (safetensors orders its metadata as it likes: decode)
-        replaced = vc.decode_file(stored(layout, seg, SMALL), key, expected.prompts, 64)
-        assert torch.equal(replaced, expected.embeddings), name
+        replaced = vc.decode_file(stored(layout, seg, SMALL), key, expected.prompts)
+        assert torch.equal(replaced["embeddings"], expected.embeddings), name
         assert "unusable" in caplog.text, name
         caplog.clear()
 
