@@ -37,6 +37,7 @@ from pipeline.ledger import read_manifest
 
 from . import _cli
 from .export import LabelledRun, _output_fs, _put, open_run, safe_name
+from .palette import BACKGROUND, hex_colour
 from .review import (
     find_selection,
     load_selection,
@@ -248,10 +249,6 @@ def _url(rel: str) -> str:
     return urllib.parse.quote(rel, safe="/")
 
 
-def _hex(colour: Sequence[int]) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*(int(c) for c in colour))
-
-
 def area_chart_svg(totals: np.ndarray, names: Sequence[str], colours: np.ndarray) -> str:
     """Inline SVG: a horizontal bar per class, largest share first."""
     order = [int(i) for i in np.argsort(-totals, kind="stable")]
@@ -268,7 +265,7 @@ def area_chart_svg(totals: np.ndarray, names: Sequence[str], colours: np.ndarray
         share = int(totals[label]) / grand
         y = 5 + position * row
         name = names[label] if label < len(names) else f"label {label}"
-        colour = _hex(colours[label]) if label < len(colours) else "#808080"
+        colour = hex_colour(colours[label]) if label < len(colours) else hex_colour(BACKGROUND)
         parts.append(
             f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{_e(name)}</text>'
             f'<rect x="{label_w}" y="{y + 3}" width="{max(share * bar_w, 0.5):.1f}" height="15" '
@@ -282,7 +279,7 @@ def area_chart_svg(totals: np.ndarray, names: Sequence[str], colours: np.ndarray
 
 def colourbar_svg(lut: np.ndarray) -> str:
     stops = "".join(
-        f'<stop offset="{i / 8:.3f}" stop-color="{_hex(lut[min(255, round(i * 255 / 8))])}"/>'
+        f'<stop offset="{i / 8:.3f}" stop-color="{hex_colour(lut[min(255, round(i * 255 / 8))])}"/>'
         for i in range(9)
     )
     return (
@@ -486,7 +483,7 @@ def _gallery_item(item: GalleryItem, position: int) -> str:
     if item.disagreement is not None:
         numbers.append(f"disagreement {item.disagreement:.0%}")
     chips = "".join(
-        f'<span class="chip" style="background:{_hex(colour)}"></span>{_e(name)} {share:.0%}'
+        f'<span class="chip" style="background:{hex_colour(colour)}"></span>{_e(name)} {share:.0%}'
         for name, share, colour in item.classes
     )
     return (

@@ -51,6 +51,7 @@ from .export import (
     safe_name,
     training_image,
 )
+from .palette import hex_colour
 from .review import load_selection, provenance
 from .visualize import class_colours
 
@@ -167,7 +168,7 @@ def _row_batches(run: LabelledRun, selection: dict | None, limit: int | None):
 
 # ------------------------------------------------------------------------ colours
 def voc_colormap(length: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map (index 0 black): what CVAT and datumaro use."""
+    """The PASCAL VOC colour map (index 0 black): CVAT's instance colours."""
     colours = np.zeros((length, 3), np.uint8)
     for index in range(length):
         value, rgb = index, [0, 0, 0]
@@ -408,12 +409,9 @@ class CvatWriter(_Writer):
             if ":" in name or "\n" in name:
                 raise _cli.CliError(f"class name {name!r} cannot be written to labelmap.txt")
         self.background = background_label(run)
-        voc = voc_colormap(256)
-        self.class_lut = np.zeros((len(self.names), 3), np.uint8)
-        for label in range(len(self.names)):
-            if label != self.background:
-                self.class_lut[label] = voc[label + 1]
-        self.instance_colours = voc
+        # the run's palette (jobs.palette), background black as CVAT draws it
+        self.class_lut = class_colours(self.names, self.background is not None)
+        self.instance_colours = voc_colormap(256)
         self.items: list[str] = []
         spool = tempfile.NamedTemporaryFile(prefix="cvat-", suffix=".zip", delete=False)
         spool.close()
@@ -561,9 +559,8 @@ class LabelStudioWriter(_Writer):
             f'toName="{html.escape(self.options.to_name)}">',
         ]
         for label, name in enumerate(self.names):
-            r, g, b = (int(c) for c in colours[label])
             lines.append(
-                f'    <Label value="{html.escape(name)}" background="#{r:02x}{g:02x}{b:02x}"/>'
+                f'    <Label value="{html.escape(name)}" background="{hex_colour(colours[label])}"/>'
             )
         lines += ["  </BrushLabels>", "</View>", ""]
         return "\n".join(lines)

@@ -26,34 +26,16 @@ from pipeline.decode import decode_image
 from pipeline.formats import read_source_images
 from pipeline.sink import decode_masks
 
-from . import _cli
+from . import _cli, palette
 from .export import LabelledRun, _output_fs, _put, open_run, safe_name
 
 log = logging.getLogger("jobs.visualize")
 
-BACKGROUND_COLOUR = (128, 128, 128)
-
-
 # ------------------------------------------------------------------------ colours
-def palette(num_labels: int) -> np.ndarray:
-    """``(num_labels, 3)`` uint8 colours: the PASCAL VOC colour map (bit-interleaved, fixed
-    and distinct for 256 entries, repeating after), skipping its black first entry."""
-    colours = np.zeros((num_labels, 3), np.uint8)
-    for label in range(num_labels):
-        index, rgb = (label % 255) + 1, [0, 0, 0]
-        for shift in range(7, -1, -1):
-            for channel in range(3):
-                rgb[channel] |= ((index >> channel) & 1) << shift
-            index >>= 3
-        colours[label] = rgb
-    return colours
-
-
 def class_colours(names: Sequence[str], has_background: bool) -> np.ndarray:
-    colours = palette(len(names))
-    if has_background:  # the pooled background label is grey, so objects stand out
-        colours[len(names) - 1] = BACKGROUND_COLOUR
-    return colours
+    """The run's colours (:mod:`jobs.palette`): the pooled background label, the last one, in
+    its own reserved colour."""
+    return palette.class_colours(len(names), len(names) - 1 if has_background else None)
 
 
 # ------------------------------------------------------------------------ overlays
@@ -202,7 +184,7 @@ def areas_chart(totals: np.ndarray, names: Sequence[str], colours: np.ndarray, t
     labels = [names[i] if i < len(names) else f"label {i}" for i in order]
     share = totals[order] / grand * 100
     bar_colours = [
-        tuple(colours[i] / 255.0) if i < len(colours) else (0.5, 0.5, 0.5) for i in order
+        tuple(colours[i] / 255.0) if i < len(colours) else (0.0, 0.0, 0.0) for i in order
     ]
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.3 * len(order)))
     try:
