@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import pipeline  # noqa: E402
-from pipeline import sink  # noqa: E402
+from pipeline import ledger  # noqa: E402
 from pipeline.allocator import reuse_freed_memory  # noqa: E402
 from pipeline.worker import ShardLabeler  # noqa: E402
 
@@ -86,7 +86,7 @@ def run(args, work: Path, window: int, repeat: int, tar: Path) -> dict:
     labeler.segmentor.dense_features = counted
     (shard,) = pipeline.list_shards(str(tar))
     result = labeler.process_shard(shard)
-    table = pq.read_table(labeler.layout.fs.open(sink.committed_file(labeler.layout, shard.shard_id)))
+    table = pq.read_table(labeler.layout.fs.open(ledger.committed_file(labeler.layout, shard.shard_id)))
     return {
         "forwards": len(forwards),
         "images_per_forward": statistics.fmean(forwards),

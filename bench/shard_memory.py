@@ -81,7 +81,7 @@ def child(tar: str, output: str, batch_size: int, pad_kb: int = 0) -> None:
     import resource
 
     import pipeline
-    from pipeline import sink
+    from pipeline import ledger, sink
     from pipeline.worker import ShardLabeler
 
     if pad_kb:
@@ -114,7 +114,7 @@ def child(tar: str, output: str, batch_size: int, pad_kb: int = 0) -> None:
     (shard,) = pipeline.list_shards(tar)
     loaded_kb = _rss_kb()
     result = labeler.process_shard(shard)
-    file_bytes = labeler.layout.fs.size(sink.committed_file(labeler.layout, shard.shard_id))
+    file_bytes = labeler.layout.fs.size(ledger.committed_file(labeler.layout, shard.shard_id))
     print(
         json.dumps(
             {

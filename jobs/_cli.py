@@ -92,6 +92,28 @@ def _tail(text: str) -> str:
     return lines[-1] if lines else "the weights could not be resolved"
 
 
+# ------------------------------------------------------------------ labelled runs
+CONFIG_HASH_HELP = (
+    "which run to read when the output holds several (a prefix of its config hash is enough; "
+    "default: the most recent; python -m jobs.runs --labels OUTPUT lists them)"
+)
+
+
+def open_run(labels: str, storage_options: dict | None = None, config_hash: str | None = None):
+    """:func:`pipeline.outputs.open_run`, its errors worded for the command line."""
+    from pipeline.outputs import AmbiguousRun, OutputError, RunNotFound, open_run
+
+    try:
+        return open_run(labels, storage_options, config_hash)
+    except AmbiguousRun as err:
+        raise CliError(f"{err}; give more of the hash to --config-hash") from None
+    except RunNotFound as err:
+        hint = "" if config_hash else " (is it the --output of a labelling run?)"
+        raise CliError(f"{err}{hint}") from None
+    except OutputError as err:
+        raise CliError(str(err)) from None
+
+
 # ------------------------------------------------------------------ arguments
 def add_storage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

@@ -19,122 +19,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import io
 import json
 import logging
-import posixpath
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
-from PIL import Image, ImageOps
 
-from pipeline.formats import SourceReader
-from pipeline.layout import RunLayout
-from pipeline.ledger import committed_shard_ids, read_manifest
+from pipeline.outputs import ROW_COLUMNS, LabelledRun, decode_masks, rows_with_sources
 from pipeline.png import encode_png
-from pipeline.sink import METADATA_KEY, committed_file, decode_masks, resolve_layout
+from pipeline.store import OutputFolder, output_folder
 
 from . import _cli
-
-# What an export reads of every row (mask and confidence PNGs, where the source image is).
-ROW_COLUMNS = (
-    "image_id",
-    "shard_id",
-    "source_uri",
-    "status",
-    "error",
-    "width",
-    "height",
-    "mask_png",
-    "confidence_png",
-    "exif_transposed",
-)
+from .files import safe_name, training_image
 
 log = logging.getLogger("jobs.export")
 
 IGNORE_INDEX = 255
 ROWS_PER_BATCH = 64  # rows decoded at a time; also the row-group size of the HF files
-_IMAGE_EXTENSIONS = {
-    "JPEG": ".jpg",
-    "PNG": ".png",
-    "WEBP": ".webp",
-    "BMP": ".bmp",
-    "GIF": ".gif",
-    "TIFF": ".tif",
-}
-
-
-# ------------------------------------------------------------------- the labelled run
-@dataclasses.dataclass(frozen=True)
-class LabelledRun:
-    """A labelling output under one config hash: its committed shards and provenance."""
-
-    layout: RunLayout
-    shard_ids: tuple[str, ...]
-    metadata: dict[str, Any]
-    image_column: str = "image"  # of Parquet input shards (to fetch source images)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.metadata["names"])
-
-    @property
-    def random_weights(self) -> bool:
-        return bool(self.metadata.get("random_weights"))
-
-    def batches(
-        self, shard_id: str, columns: Sequence[str] | None = None, batch_size: int = ROWS_PER_BATCH
-    ) -> Iterator[list[dict[str, Any]]]:
-        """The rows of one committed shard, ``batch_size`` at a time (never the whole file)."""
-        with self.layout.fs.open(committed_file(self.layout, shard_id), "rb") as f:
-            parquet = pq.ParquetFile(f)
-            for batch in parquet.iter_batches(
-                batch_size=batch_size, columns=list(columns) if columns else None
-            ):
-                yield batch.to_pylist()
-
-    def rows(self, columns: Sequence[str] | None = None) -> Iterator[tuple[str, list[dict]]]:
-        """``(shard_id, batch of rows)`` over every committed shard, in shard order."""
-        for shard_id in self.shard_ids:
-            for batch in self.batches(shard_id, columns):
-                yield shard_id, batch
-
-
-def open_run(
-    labels: str, storage_options: dict | None = None, config_hash: str | None = None
-) -> LabelledRun:
-    """The committed shards and provenance of a ``jobs.label``/``pipeline.run`` output.
-
-    ``labels`` is the output URI given to the labelling run (its one config-hash prefix is
-    found) or the prefix itself. Raises ``CliError`` when there is nothing to read.
-    """
-    try:
-        layout = resolve_layout(labels, storage_options, config_hash)
-    except ValueError as err:  # several config hashes: the user must choose
-        raise _cli.CliError(f"{err} (flag --config-hash)") from None
-    except FileNotFoundError:
-        raise _cli.CliError(f"no labelling output at {labels}") from None
-    shard_ids = tuple(sorted(committed_shard_ids(layout)))
-    if not shard_ids:
-        raise _cli.CliError(
-            f"no committed shards under {layout.uri}: has the labelling run finished?"
-        )
-    with layout.fs.open(committed_file(layout, shard_ids[0]), "rb") as f:
-        meta = pq.read_schema(f).metadata or {}
-    if METADATA_KEY not in meta:
-        raise _cli.CliError(f"{layout.uri} has no '{METADATA_KEY.decode()}' Parquet metadata")
-    metadata = json.loads(meta[METADATA_KEY])
-    manifest = read_manifest(layout) or {}
-    source = (manifest.get("config") or {}).get("source") or {}
-    return LabelledRun(layout, shard_ids, metadata, source.get("image_column") or "image")
 
 
 # ------------------------------------------------------------------------- masks
@@ -172,70 +78,7 @@ def training_mask(
     return mask, int(low.sum())
 
 
-# -------------------------------------------------------------------- safe names
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-_MAX_COMPONENT = 100
-
-
-def safe_name(image_id: str) -> str:
-    """A relative POSIX path for an image id that cannot leave the export folder.
-
-    Each ``/``-separated component keeps ``[A-Za-z0-9._-]`` (others become ``_``); empty,
-    ``.`` and ``..`` components become ``_``; backslashes are separators of nothing. When this
-    changed anything, a hash of the id is appended to the last component, so two ids never
-    share a name (``a b`` and ``a_b`` differ).
-    """
-    parts = []
-    for part in image_id.split("/"):
-        clean = _UNSAFE_CHARS.sub("_", part)
-        if clean in ("", ".", "..") or set(clean) == {"."}:
-            clean = "_"
-        parts.append(clean[:_MAX_COMPONENT])
-    name = "/".join(parts)
-    if name != image_id:
-        digest = hashlib.sha1(image_id.encode("utf-8", "surrogatepass")).hexdigest()[:10]
-        name = f"{name}-{digest}"
-    return name
-
-
-def training_image(data: bytes, exif_transposed: bool, image_format: str = "original"):
-    """``(bytes, extension)`` of a source image as stored beside its mask.
-
-    Masks are at the upright (EXIF-applied) size; an image stored sideways with an EXIF
-    orientation is re-encoded upright without it, so every reader (PIL ignores EXIF, OpenCV
-    applies it) sees pixels that match the mask. ``image_format`` "png"/"jpg" re-encodes all.
-    """
-    with Image.open(io.BytesIO(data)) as im:
-        fmt = im.format or "PNG"
-        target = {"original": fmt, "png": "PNG", "jpg": "JPEG"}[image_format]
-        if not exif_transposed and target == fmt:
-            return data, _IMAGE_EXTENSIONS.get(fmt, f".{fmt.lower()}")
-        image = ImageOps.exif_transpose(im) if exif_transposed else im.copy()
-    if target == "JPEG" and image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")
-    buf = io.BytesIO()
-    image.save(buf, format=target, **({"quality": 95} if target == "JPEG" else {}))
-    return buf.getvalue(), _IMAGE_EXTENSIONS.get(target, f".{target.lower()}")
-
-
 # ------------------------------------------------------------------------ writers
-def _output_fs(out: str, storage_options: dict | None):
-    fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
-    return fs, root.rstrip("/")
-
-
-def _put(fs, path: str, data: bytes) -> None:
-    if isinstance(fs, LocalFileSystem):
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    fs.pipe_file(path, data)
-
-
-def _open_write(fs, path: str):
-    if isinstance(fs, LocalFileSystem):
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    return fs.open(path, "wb")
-
-
 @dataclasses.dataclass
 class ExportSummary:
     out: str
@@ -304,10 +147,10 @@ def classes_document(run: LabelledRun, options: ExportOptions, labels_uri: str) 
 class FolderWriter:
     """mmsegmentation / detectron2 layout: ``ann_dir/<split>/<name>.png`` (+ ``img_dir``)."""
 
-    def __init__(self, fs, root: str, options: ExportOptions):
-        self.fs, self.root, self.options = fs, root, options
-        self.index = _open_write(fs, f"{root}/index.jsonl")
-        self.names = _open_write(fs, f"{root}/images.txt")
+    def __init__(self, folder: OutputFolder, options: ExportOptions):
+        self.folder, self.options = folder, options
+        self.index = folder.open_write("index.jsonl")
+        self.names = folder.open_write("images.txt")
 
     def begin_shard(self, number: int, shard_id: str) -> None:
         pass
@@ -315,11 +158,11 @@ class FolderWriter:
     def write(self, row: dict, name: str, mask: np.ndarray, mask_png: bytes, image=None):
         split = self.options.split
         mask_rel = f"ann_dir/{split}/{name}.png"
-        _put(self.fs, f"{self.root}/{mask_rel}", mask_png)
+        self.folder.put(mask_rel, mask_png)
         image_rel = None
         if image is not None:
             image_rel = f"img_dir/{split}/{name}{image[1]}"
-            _put(self.fs, f"{self.root}/{image_rel}", image[0])
+            self.folder.put(image_rel, image[0])
         entry = {
             "image_id": row["image_id"],
             "name": name,
@@ -383,16 +226,18 @@ def hf_schema(names: Sequence[str], include_images: bool, description: str) -> p
 class HfWriter:
     """``data/<split>-XXXXX-of-YYYYY.parquet``, one file per input shard."""
 
-    def __init__(self, fs, root: str, options: ExportOptions, run: LabelledRun, description: str):
-        self.fs, self.root, self.options = fs, root, options
+    def __init__(
+        self, folder: OutputFolder, options: ExportOptions, run: LabelledRun, description: str
+    ):
+        self.folder, self.options = folder, options
         self.total = len(run.shard_ids)
         self.schema = hf_schema(run.names, options.include_images, description)
         self.file = self.writer = None
         self.buffer: list[dict] = []
 
     def begin_shard(self, number: int, shard_id: str) -> None:
-        path = f"{self.root}/data/{self.options.split}-{number:05d}-of-{self.total:05d}.parquet"
-        self.file = _open_write(self.fs, path)
+        name = f"data/{self.options.split}-{number:05d}-of-{self.total:05d}.parquet"
+        self.file = self.folder.open_write(name)
         self.writer = pq.ParquetWriter(self.file, self.schema, compression="zstd")
 
     def write(self, row: dict, name: str, mask: np.ndarray, mask_png: bytes, image=None):
@@ -477,36 +322,29 @@ def export(
     """Export every ok row of a labelled run's committed shards; returns the counts."""
     from tqdm import tqdm
 
-    run = open_run(labels, storage_options, config_hash)
+    run = _cli.open_run(labels, storage_options, config_hash)
     dtype = mask_dtype(len(run.names), options.ignore_index)
-    fs, root = _output_fs(out, storage_options)
+    folder = output_folder(out, storage_options)
     summary = ExportSummary(out=out, format=options.format, random_weights=run.random_weights)
     doc = classes_document(run, options, run.layout.uri)
     if options.format == "folder":
-        writer: FolderWriter | HfWriter = FolderWriter(fs, root, options)
+        writer: FolderWriter | HfWriter = FolderWriter(folder, options)
     else:
         description = "CLIPtrase pseudo-labels; classes: " + ", ".join(run.names)
         if run.random_weights:
             description = f"{_cli.RANDOM_WEIGHTS_BANNER}. {description}"
-        writer = HfWriter(fs, root, options, run, description)
+        writer = HfWriter(folder, options, run, description)
     columns = list(ROW_COLUMNS)
     try:
         for number, shard_id in enumerate(
             tqdm(run.shard_ids, desc="export", unit="shard", disable=not progress)
         ):
             writer.begin_shard(number, shard_id)
-            # one reader per shard: its rows are in source order, so each container streams once
-            sources = SourceReader(storage_options, run.image_column)
-            for batch in run.batches(shard_id, columns):
-                ok = [r for r in batch if r["status"] == "ok"]
-                summary.skipped_error += len(batch) - len(ok)
-                images = {}
-                if options.include_images and ok:
-                    images = sources.read([r["source_uri"] for r in ok])
-                for row in ok:
+            for batch in _ok_rows(run, shard_id, columns, summary, options, storage_options):
+                for row, data in batch:
                     image = None
                     if options.include_images:
-                        image = _prepared_image(row, images.get(row["source_uri"]), options)
+                        image = _prepared_image(row, data, options)
                         if image is None:
                             summary.skipped_no_image += 1
                             continue
@@ -517,22 +355,37 @@ def export(
                     summary.exported += 1
                     summary.pixels += mask.size
                     summary.ignored_pixels += ignored
-            sources.close()
             writer.end_shard()
     finally:
         writer.close()
-    names_json = json.dumps(doc, indent=2).encode()
-    _put(fs, f"{root}/classes.json", names_json)
+    folder.put("classes.json", json.dumps(doc, indent=2).encode())
     if options.format == "hf":
-        _put(fs, f"{root}/id2label.json", json.dumps(doc["id2label"], indent=2).encode())
-        _put(fs, f"{root}/README.md", dataset_card(doc, summary, options).encode())
-    _put(fs, f"{root}/export.json", json.dumps(summary.to_dict(), indent=2).encode())
+        folder.put("id2label.json", json.dumps(doc["id2label"], indent=2).encode())
+        folder.put("README.md", dataset_card(doc, summary, options).encode())
+    folder.put("export.json", json.dumps(summary.to_dict(), indent=2).encode())
     return summary
 
 
+def _ok_rows(run, shard_id, columns, summary, options, storage_options):
+    """A shard's ok rows in batches, each with its source image (with --include-images) or
+    None; error rows counted and left out. The shard's rows are in source order, so each
+    container streams once."""
+    def ok_batches():
+        for batch in run.batches(shard_id, columns):
+            ok = [r for r in batch if r["status"] == "ok"]
+            summary.skipped_error += len(batch) - len(ok)
+            yield ok
+
+    if not options.include_images:
+        for ok in ok_batches():
+            yield [(row, None) for row in ok]
+        return
+    yield from rows_with_sources(ok_batches(), storage_options, run.image_column)
+
+
 def _prepared_image(row: dict, data, options: ExportOptions) -> tuple[bytes, str] | None:
-    if data is None or isinstance(data, Exception):
-        log.warning("%s: cannot read the source image (%s); row skipped", row["image_id"], data)
+    if isinstance(data, Exception):
+        log.warning("%s: %s; row skipped", row["image_id"], data)
         return None
     try:
         return training_image(data, bool(row["exif_transposed"]), options.image_format)

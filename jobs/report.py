@@ -32,19 +32,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.formats import read_source_images
 from pipeline.ledger import read_manifest
+from pipeline.outputs import LabelledRun, rows_with_sources
+from pipeline.store import OutputFolder, output_folder
 
 from . import _cli
-from .export import LabelledRun, _output_fs, _put, open_run, safe_name
+from .files import safe_name
 from .palette import BACKGROUND, hex_colour
-from .review import (
-    find_selection,
-    load_selection,
-    low_confidence_order,
-    provenance,
-    score_run,
-)
+from .review import low_confidence_order, score_run
+from .selection import find_selection, load_selection, provenance
 from .visualize import class_areas, class_colours, overlay
 
 log = logging.getLogger("jobs.report")
@@ -186,53 +182,49 @@ def gallery_items(
 def write_thumbnails(
     run: LabelledRun,
     items: list[GalleryItem],
-    fs,
-    root: str,
+    folder: OutputFolder,
     storage_options: dict | None,
     long_side: int,
     alpha: float,
     progress: bool = False,
 ) -> None:
-    """Render each item's thumbnails into ``<root>/report_files/``; set their paths."""
+    """Render each item's thumbnails into ``report_files/`` of ``folder``; set their paths."""
     from tqdm import tqdm
 
     colours = class_colours(run.names, bool(run.metadata.get("background")))
     lut = confidence_lut()
     wanted = {item.image_id: item for item in items}
     columns = ["image_id", "shard_id", "source_uri", "status", "mask_png", "confidence_png"]
-    bar = tqdm(total=len(items), desc="thumbnails", unit="image", disable=not progress)
-    try:
+
+    def batches():
         for shard_id in sorted({item.shard_id for item in items}):
             if shard_id not in run.shard_ids:
                 continue
             for batch in run.batches(shard_id, columns):
                 rows = [r for r in batch if r["image_id"] in wanted and r["status"] == "ok"]
-                if not rows:
+                if rows:
+                    yield rows
+
+    bar = tqdm(total=len(items), desc="thumbnails", unit="image", disable=not progress)
+    try:
+        for batch in rows_with_sources(batches(), storage_options, run.image_column):
+            for row, data in batch:
+                bar.update(1)
+                item = wanted[row["image_id"]]
+                try:
+                    if isinstance(data, Exception):
+                        raise data
+                    over, conf, size = make_thumbnails(row, data, colours, lut, long_side, alpha)
+                except Exception as err:  # noqa: BLE001 - the page says so instead
+                    item.problem = str(err)
+                    log.warning("%s: no thumbnail: %s", row["image_id"], err)
                     continue
-                sources = read_source_images(
-                    [r["source_uri"] for r in rows], storage_options, run.image_column
-                )
-                for row in rows:
-                    item = wanted[row["image_id"]]
-                    data = sources.get(row["source_uri"])
-                    try:
-                        if data is None or isinstance(data, Exception):
-                            raise ValueError(f"cannot read the source image ({data})")
-                        over, conf, size = make_thumbnails(
-                            row, data, colours, lut, long_side, alpha
-                        )
-                    except Exception as err:  # noqa: BLE001 - the page says so instead
-                        item.problem = str(err)
-                        log.warning("%s: no thumbnail: %s", row["image_id"], err)
-                        bar.update(1)
-                        continue
-                    name = safe_name(row["image_id"])
-                    item.overlay = f"{FILES_DIR}/{name}.overlay.jpg"
-                    item.confidence = f"{FILES_DIR}/{name}.confidence.jpg"
-                    item.size = size
-                    _put(fs, f"{root}/{item.overlay}", over)
-                    _put(fs, f"{root}/{item.confidence}", conf)
-                    bar.update(1)
+                name = safe_name(row["image_id"])
+                item.overlay = f"{FILES_DIR}/{name}.overlay.jpg"
+                item.confidence = f"{FILES_DIR}/{name}.confidence.jpg"
+                item.size = size
+                folder.put(item.overlay, over)
+                folder.put(item.confidence, conf)
     finally:
         bar.close()
     for item in items:
@@ -498,11 +490,7 @@ def _gallery_item(item: GalleryItem, position: int) -> str:
 
 # ------------------------------------------------------------------------ report
 def _read_json(run: LabelledRun, path: str) -> dict | None:
-    try:
-        with run.layout.fs.open(path, "rb") as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return run.store.read_json(path)
 
 
 def write_report(
@@ -520,8 +508,8 @@ def write_report(
     scores = score_run(run, threshold, progress=progress)
     totals, ok, _ = class_areas(run)
     items = gallery_items(run, scores, selection, limit)
-    fs, root = _output_fs(out, storage_options)
-    write_thumbnails(run, items, fs, root, storage_options, thumb, alpha, progress)
+    folder = output_folder(out, storage_options)
+    write_thumbnails(run, items, folder, storage_options, thumb, alpha, progress)
     page = render_html(
         run,
         items,
@@ -533,7 +521,7 @@ def write_report(
         _read_json(run, run.layout.summary_path),
         confidence_lut(),
     )
-    _put(fs, f"{root}/{REPORT_FILE}", page.encode())
+    folder.put(REPORT_FILE, page.encode())
     return {
         "report": f"{out.rstrip('/')}/{REPORT_FILE}",
         "gallery": len(items),
@@ -557,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUTPUT_URI",
         help="the labelling run's output (folder or URI), or its <config_hash> prefix",
     )
-    parser.add_argument("--config-hash", default=None, help="which config-hash prefix to read")
+    parser.add_argument("--config-hash", default=None, help=_cli.CONFIG_HASH_HELP)
     parser.add_argument("--out", required=True, metavar="DIR", help="folder or URI to write")
     parser.add_argument(
         "--selection",
@@ -594,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise _cli.CliError("--alpha must be within 0..1")
     if not 0.0 < args.confidence_threshold <= 1.0:
         raise _cli.CliError("--confidence-threshold must be within (0, 1]")
-    run = open_run(args.labels, storage, args.config_hash)
+    run = _cli.open_run(args.labels, storage, args.config_hash)
     if args.selection == "auto":
         selection = find_selection(run, storage)
     elif args.selection == "none":

@@ -27,12 +27,10 @@ same selection: ties are broken by a hash of the seed and the image id, not by l
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
 import hashlib
 import io
-import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
@@ -41,19 +39,21 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.formats import read_source_images
 from pipeline.ledger import read_manifest
+from pipeline.outputs import LabelledRun
 
 from . import _cli
-from .export import LabelledRun, _output_fs, _put, open_run
+from .selection import (
+    SELECTION_CSV,
+    default_out,
+    provenance,
+    write_selection,
+)
 
 log = logging.getLogger("jobs.review")
 
 STRATEGIES = ("low-confidence", "uncertain-area", "disagreement", "rare-class", "random")
 DEFAULT_STRATEGIES = ("low-confidence", "uncertain-area", "disagreement", "rare-class")
-SELECTION_FILE = "selection.json"
-SELECTION_CSV = "selection.csv"
-REVIEW_DIR = "_review"
 SCORE_COLUMNS = (
     "image_id",
     "shard_id",
@@ -367,7 +367,7 @@ def compute_disagreement(
     from tqdm import tqdm
 
     from pipeline.decode import decode_image
-    from pipeline.sink import decode_masks
+    from pipeline.outputs import decode_masks, rows_with_sources
 
     run = scores.run
     images = scores.images
@@ -399,47 +399,44 @@ def compute_disagreement(
         unit="image",
         disable=not progress,
     )
-    pending: list[dict[str, Any]] = []
 
-    def flush() -> None:
-        nonlocal done
-        if not pending:
-            return
-        sources = read_source_images(
-            [r["source_uri"] for r in pending], storage_options, run.image_column
-        )
-        ready = []
-        for row in pending:
-            data = sources.get(row["source_uri"])
-            try:
-                if data is None or isinstance(data, Exception):
-                    raise ValueError(f"cannot read the source image ({data})")
-                picture = decode_image(data, max_image_pixels=None).image
-                if (picture.width, picture.height) != (row["width"], row["height"]):
-                    raise ValueError(
-                        f"the source image is {picture.width}x{picture.height} now, "
-                        f"{row['width']}x{row['height']} when labelled"
-                    )
-                ready.append((row, picture))
-            except Exception as err:  # noqa: BLE001 - one image's problem skips that image
-                log.warning("%s: no disagreement score: %s", row["image_id"], err)
-        results = _segment_isolated(segmentor, [p for _, p in ready], vocab, batch_size)
-        for (row, _), result in zip(ready, results):
-            if result is None:
-                log.warning("%s: no disagreement score: segmentation failed", row["image_id"])
-                continue
-            stored, _ = decode_masks(row)
-            images[by_id[row["image_id"]]].disagreement = label_disagreement(stored, result.labels)
-            done += 1
-        bar.update(len(pending))
-        pending.clear()
-
-    try:
+    def batches() -> Iterator[list[dict[str, Any]]]:
+        pending: list[dict[str, Any]] = []
         for row in _rows_by_id(run, wanted, columns):
             pending.append(row)
             if len(pending) >= batch_size:
-                flush()
-        flush()
+                yield pending
+                pending = []
+        if pending:
+            yield pending
+
+    try:
+        for batch in rows_with_sources(batches(), storage_options, run.image_column):
+            ready = []
+            for row, data in batch:
+                try:
+                    if isinstance(data, Exception):
+                        raise data
+                    picture = decode_image(data, max_image_pixels=None).image
+                    if (picture.width, picture.height) != (row["width"], row["height"]):
+                        raise ValueError(
+                            f"the source image is {picture.width}x{picture.height} now, "
+                            f"{row['width']}x{row['height']} when labelled"
+                        )
+                    ready.append((row, picture))
+                except Exception as err:  # noqa: BLE001 - one image's problem skips that image
+                    log.warning("%s: no disagreement score: %s", row["image_id"], err)
+            results = _segment_isolated(segmentor, [p for _, p in ready], vocab, batch_size)
+            for (row, _), result in zip(ready, results):
+                if result is None:
+                    log.warning("%s: no disagreement score: segmentation failed", row["image_id"])
+                    continue
+                stored, _ = decode_masks(row)
+                images[by_id[row["image_id"]]].disagreement = label_disagreement(
+                    stored, result.labels
+                )
+                done += 1
+            bar.update(len(batch))
     finally:
         bar.close()
     return done
@@ -638,26 +635,6 @@ def _choose(orders: dict[str, list[int]], n: int) -> list[tuple[int, str, int]]:
     return chosen
 
 
-def provenance(run: LabelledRun) -> dict[str, Any]:
-    """Where labels came from: config hash, model, weights identity, random or not."""
-    meta = run.metadata
-    out = {
-        "labels": run.layout.uri,
-        "config_hash": meta.get("config_hash"),
-        "model": meta.get("model"),
-        "pretrained": meta.get("pretrained"),
-        "weights_identity": meta.get("weights_identity"),
-        "random_weights": run.random_weights,
-        "method": meta.get("method"),
-        "precision": meta.get("precision"),
-        "package_version": meta.get("package_version"),
-        "names": run.names,
-    }
-    if run.random_weights:
-        out["note"] = _cli.RANDOM_WEIGHTS_BANNER
-    return out
-
-
 def selection_document(
     scores: RunScores, options: ReviewOptions, selected: list[dict], candidates: int, compared: int
 ) -> dict[str, Any]:
@@ -688,83 +665,6 @@ def selection_document(
         "selected": selected,
     }
     return doc
-
-
-def selection_csv(doc: dict[str, Any]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(
-        [
-            "rank",
-            "image_id",
-            "chosen_by",
-            "reason",
-            "mean_confidence",
-            "low_confidence_share",
-            "disagreement",
-            "rarity",
-            "classes",
-            "source_uri",
-        ]
-    )
-    for entry in doc["selected"]:
-        writer.writerow(
-            [
-                entry["rank"],
-                entry["image_id"],
-                entry["chosen_by"],
-                entry["reason"],
-                f"{entry['mean_confidence']:.4f}",
-                f"{entry['low_confidence_share']:.4f}",
-                "" if entry["disagreement"] is None else f"{entry['disagreement']:.4f}",
-                ""
-                if entry["scores"]["rare-class"] is None
-                else f"{entry['scores']['rare-class']:.4f}",
-                ";".join(entry["classes"]),
-                entry["source_uri"],
-            ]
-        )
-    return buf.getvalue()
-
-
-def default_out(run: LabelledRun) -> str:
-    return f"{run.layout.uri.rstrip('/')}/{REVIEW_DIR}"
-
-
-def write_selection(doc: dict[str, Any], out: str, storage_options: dict | None = None) -> str:
-    """Write ``selection.json`` and ``selection.csv`` under ``out``; returns the JSON's URI."""
-    fs, root = _output_fs(out, storage_options)
-    _put(fs, f"{root}/{SELECTION_FILE}", json.dumps(doc, indent=2).encode())
-    _put(fs, f"{root}/{SELECTION_CSV}", selection_csv(doc).encode())
-    return f"{out.rstrip('/')}/{SELECTION_FILE}"
-
-
-def load_selection(path: str, storage_options: dict | None = None) -> dict[str, Any]:
-    """A selection written by :func:`write_selection`: its JSON file, or the folder holding it."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    root = root.rstrip("/")
-    if not root.endswith(".json"):
-        root = f"{root}/{SELECTION_FILE}"
-    try:
-        with fs.open(root, "rb") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise _cli.CliError(f"no review selection at {path}") from None
-    except json.JSONDecodeError as err:
-        raise _cli.CliError(f"{path} is not a selection file: {err}") from None
-    if doc.get("kind") != "cliptrase-review-selection" or "selected" not in doc:
-        raise _cli.CliError(f"{path} is not a selection written by jobs.review")
-    return doc
-
-
-def find_selection(run: LabelledRun, storage_options: dict | None = None) -> dict | None:
-    """The selection beside the run (``_review/selection.json``), if one was written there."""
-    path = f"{run.layout.root}/{REVIEW_DIR}/{SELECTION_FILE}"
-    if not run.layout.fs.exists(path):
-        return None
-    return load_selection(run.layout.fs.unstrip_protocol(path), storage_options)
 
 
 def review_run(
@@ -798,7 +698,7 @@ def review(
 ) -> dict[str, Any]:
     """:func:`review_run` of the run at ``labels`` (its output URI or config-hash prefix)."""
     validate_options(options)
-    run = open_run(labels, storage_options, config_hash)
+    run = _cli.open_run(labels, storage_options, config_hash)
     return review_run(run, options, storage_options, model, progress)
 
 
@@ -817,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUTPUT_URI",
         help="the labelling run's output (folder or URI), or its <config_hash> prefix",
     )
-    parser.add_argument("--config-hash", default=None, help="which config-hash prefix to read")
+    parser.add_argument("--config-hash", default=None, help=_cli.CONFIG_HASH_HELP)
     parser.add_argument(
         "--out",
         default=None,
@@ -925,7 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     progress = not (args.no_progress or args.quiet)
     validate_options(options)
-    run = open_run(args.labels, storage, args.config_hash)
+    run = _cli.open_run(args.labels, storage, args.config_hash)
     doc = review_run(run, options, storage, model, progress)
     out = args.out or default_out(run)
     written = write_selection(doc, out, storage)

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import posixpath
-import shutil
 import sys
 import tempfile
 import zipfile
@@ -35,24 +34,15 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from pipeline.formats import read_source_images
-from pipeline.sink import decode_masks
+from pipeline.outputs import ROW_COLUMNS, LabelledRun, decode_masks, rows_with_sources
+from pipeline.store import OutputFolder, output_folder
 
 from . import _cli
-from .export import (
-    ROW_COLUMNS,
-    LabelledRun,
-    _output_fs,
-    _put,
-    open_run,
-    safe_name,
-    training_image,
-)
+from .files import safe_name, training_image
 from .palette import hex_colour
-from .review import load_selection, provenance
+from .selection import load_selection, provenance
 from .visualize import class_colours
 
 log = logging.getLogger("jobs.review_export")
@@ -106,15 +96,18 @@ def iter_items(
     """The rows to export, in review order for a selection (else shard order), with their
     decoded masks and source image (upright, as the masks are). Rows whose source image
     cannot be read are skipped and their ids appended to ``skipped``."""
-    for rows, entries in _row_batches(run, selection, options.limit):
-        sources = read_source_images(
-            [r["source_uri"] for r in rows], storage_options, run.image_column
-        )
-        for row in rows:
-            data = sources.get(row["source_uri"])
+    entries: dict[str, dict] = {}
+
+    def batches():
+        for rows, batch_entries in _row_batches(run, selection, options.limit):
+            entries.update(batch_entries)
+            yield rows
+
+    for batch in rows_with_sources(batches(), storage_options, run.image_column):
+        for row, data in batch:
             try:
-                if data is None or isinstance(data, Exception):
-                    raise ValueError(f"cannot read the source image ({data})")
+                if isinstance(data, Exception):
+                    raise data
                 image, ext = training_image(data, bool(row["exif_transposed"]), image_format)
             except Exception as err:  # noqa: BLE001 - one unreadable image skips that image
                 log.warning("%s: skipped: %s", row["image_id"], err)
@@ -182,7 +175,7 @@ def voc_colormap(length: int = 256) -> np.ndarray:
 
 def background_label(run: LabelledRun) -> int | None:
     """The pooled background label (the last one) when the run has background words."""
-    return len(run.names) - 1 if run.metadata.get("background") else None
+    return run.background_label
 
 
 # ----------------------------------------------------------------------- brush RLE
@@ -296,12 +289,12 @@ def _readme(title: str, doc: dict, body: list[str]) -> str:
 class _Writer:
     title = ""
 
-    def __init__(self, fs, root: str, run: LabelledRun, options: ReviewExportOptions):
-        self.fs, self.root, self.run, self.options = fs, root, run, options
+    def __init__(self, folder: OutputFolder, run: LabelledRun, options: ReviewExportOptions):
+        self.folder, self.run, self.options = folder, run, options
         self.names = run.names
 
     def put(self, rel: str, data: bytes) -> None:
-        _put(self.fs, f"{self.root}/{rel}", data)
+        self.folder.put(rel, data)
 
     def finish(self, doc: dict) -> None:
         self.put("export.json", json.dumps(doc, indent=2).encode())
@@ -317,8 +310,8 @@ class FiftyOneWriter(_Writer):
     title = "FiftyOne ImageSegmentationDirectory"
     image_format = "original"
 
-    def __init__(self, fs, root, run, options):
-        super().__init__(fs, root, run, options)
+    def __init__(self, folder, run, options):
+        super().__init__(folder, run, options)
         self.dtype = np.uint8 if len(self.names) + 1 <= 255 else np.uint16
         self.samples: list[dict] = []
 
@@ -399,8 +392,8 @@ class CvatWriter(_Writer):
     title = 'CVAT "Segmentation mask 1.1"'
     image_format = "jpg"
 
-    def __init__(self, fs, root, run, options):
-        super().__init__(fs, root, run, options)
+    def __init__(self, folder, run, options):
+        super().__init__(folder, run, options)
         if len(self.names) > 255:
             raise _cli.CliError(
                 f"CVAT's colour masks hold at most 255 classes; this run has {len(self.names)}"
@@ -452,13 +445,8 @@ class CvatWriter(_Writer):
         self.zip.writestr("export.json", json.dumps(doc, indent=2))
         self.zip.writestr("README.md", _readme(self.title, doc, self.readme_body(doc)))
         self.zip.close()
-        try:
-            target = f"{self.root}/{CVAT_ZIP}"
-            if isinstance(self.fs, LocalFileSystem):
-                self.fs.makedirs(self.root, exist_ok=True)
-                shutil.move(self.spool, target)
-            else:
-                self.fs.put_file(self.spool, target)
+        try:  # a new file's permissions, not the spool's 0600
+            self.folder.publish(self.spool, CVAT_ZIP)
         finally:
             if os.path.exists(self.spool):
                 os.remove(self.spool)
@@ -488,8 +476,8 @@ class LabelStudioWriter(_Writer):
     title = "Label Studio pre-annotations"
     image_format = "original"
 
-    def __init__(self, fs, root, run, options):
-        super().__init__(fs, root, run, options)
+    def __init__(self, folder, run, options):
+        super().__init__(folder, run, options)
         self.tasks: list[dict] = []
         meta = run.metadata
         version = f"cliptrase-{meta.get('method')}-{meta.get('model')}-{meta.get('config_hash')}"
@@ -624,8 +612,7 @@ def export_review(
             f"the selection is of config {selection.get('config_hash')}, the run is "
             f"{run.metadata.get('config_hash')}"
         )
-    fs, root = _output_fs(out, storage_options)
-    writer = WRITERS[options.format](fs, root, run, options)
+    writer = WRITERS[options.format](output_folder(out, storage_options), run, options)
     skipped: list[str] = []
     count = 0
     total = len(selection["selected"]) if selection is not None else None
@@ -664,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUTPUT_URI",
         help="the labelling run's output (folder or URI), or its <config_hash> prefix",
     )
-    parser.add_argument("--config-hash", default=None, help="which config-hash prefix to read")
+    parser.add_argument("--config-hash", default=None, help=_cli.CONFIG_HASH_HELP)
     parser.add_argument("--out", required=True, metavar="URI", help="folder or URI to write")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument(
@@ -697,10 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
 @_cli.exit_on_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args, storage = _cli.parse_job_args(build_parser(), argv)
-    run = open_run(args.labels, storage, args.config_hash)
+    run = _cli.open_run(args.labels, storage, args.config_hash)
     selection = None
     if args.selection == "auto":
-        from .review import find_selection
+        from .selection import find_selection
 
         selection = find_selection(run, storage)
         if selection is None:

@@ -23,11 +23,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.decode import decode_image
-from pipeline.formats import read_source_images
-from pipeline.sink import decode_masks
+from pipeline.outputs import LabelledRun, decode_masks, rows_with_sources
+from pipeline.store import output_folder
 
 from . import _cli, palette
-from .export import LabelledRun, _output_fs, _put, open_run, safe_name
+from .files import safe_name
 
 log = logging.getLogger("jobs.visualize")
 
@@ -106,39 +106,42 @@ def write_overlays(
     limit: int,
     alpha: float = 0.5,
     storage_options: dict | None = None,
+    progress: bool = False,
 ) -> list[str]:
     """Overlays of the first ``limit`` ok rows; returns the paths written (relative to out)."""
-    fs, root = _output_fs(out, storage_options)
+    from tqdm import tqdm
+
+    folder = output_folder(out, storage_options)
     names = run.names
     colours = class_colours(names, bool(run.metadata.get("background")))
     note = "RANDOM weights" if run.random_weights else None
     written: list[str] = []
     columns = ["image_id", "source_uri", "status", "mask_png", "confidence_png", "error"]
-    for _, batch in run.rows(columns):
-        ok = [r for r in batch if r["status"] == "ok"][: limit - len(written)]
-        if not ok:
-            continue
-        images = read_source_images(
-            [r["source_uri"] for r in ok], storage_options, run.image_column
-        )
-        for row in ok:
-            data = images.get(row["source_uri"])
-            try:
-                if data is None or isinstance(data, Exception):
-                    raise ValueError(f"cannot read the source image ({data})")
-                picture = decode_image(data, max_image_pixels=None).image
-                labels, _ = decode_masks(row)
-                drawn = overlay(picture, labels, names, colours, alpha, note)
-            except Exception as err:  # noqa: BLE001 - a spot check skips what it cannot show
-                log.warning("%s: no overlay: %s", row["image_id"], err)
-                continue
-            buf = io.BytesIO()
-            drawn.save(buf, format="PNG")
-            rel = f"overlays/{safe_name(row['image_id'])}.png"
-            _put(fs, f"{root}/{rel}", buf.getvalue())
-            written.append(rel)
-        if len(written) >= limit:
-            break
+
+    def ok_batches():
+        for _, batch in run.rows(columns):
+            if len(written) >= limit:
+                return
+            yield [r for r in batch if r["status"] == "ok"][: limit - len(written)]
+
+    with tqdm(total=limit, desc="overlays", unit="image", disable=not progress) as bar:
+        for batch in rows_with_sources(ok_batches(), storage_options, run.image_column):
+            for row, data in batch:
+                bar.update(1)
+                try:
+                    if isinstance(data, Exception):
+                        raise data
+                    picture = decode_image(data, max_image_pixels=None).image
+                    labels, _ = decode_masks(row)
+                    drawn = overlay(picture, labels, names, colours, alpha, note)
+                except Exception as err:  # noqa: BLE001 - a spot check skips what it cannot show
+                    log.warning("%s: no overlay: %s", row["image_id"], err)
+                    continue
+                buf = io.BytesIO()
+                drawn.save(buf, format="PNG")
+                rel = f"overlays/{safe_name(row['image_id'])}.png"
+                folder.put(rel, buf.getvalue())
+                written.append(rel)
     return written
 
 
@@ -215,13 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUTPUT_URI",
         help="the labelling run's output (folder or URI), or its <config_hash> prefix",
     )
-    parser.add_argument("--config-hash", default=None, help="which config-hash prefix to read")
+    parser.add_argument("--config-hash", default=None, help=_cli.CONFIG_HASH_HELP)
     parser.add_argument("--out", required=True, metavar="DIR", help="folder or URI to write")
     parser.add_argument("--limit", type=int, default=16, help="overlays to draw (default 16)")
     parser.add_argument(
         "--alpha", type=float, default=0.5, help="opacity of the class colours (default 0.5)"
     )
-    _cli.add_job_args(parser, progress=False)
+    _cli.add_job_args(parser)
     return parser
 
 
@@ -232,19 +235,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise _cli.CliError("--limit cannot be negative")
     if not 0.0 <= args.alpha <= 1.0:
         raise _cli.CliError("--alpha must be within 0..1")
-    run = open_run(args.labels, options, args.config_hash)
+    run = _cli.open_run(args.labels, options, args.config_hash)
     if run.random_weights:
         print(_cli.RANDOM_WEIGHTS_BANNER)
-    written = write_overlays(run, args.out, args.limit, args.alpha, options) if args.limit else []
+    progress = not (args.no_progress or args.quiet)
+    written = (
+        write_overlays(run, args.out, args.limit, args.alpha, options, progress) if args.limit else []
+    )
     totals, ok, errors = class_areas(run)
     names = run.names
     colours = class_colours(names, bool(run.metadata.get("background")))
     title = f"{run.metadata.get('model')} · {ok} images · config {run.metadata.get('config_hash')}"
     if run.random_weights:
         title = f"{_cli.RANDOM_WEIGHTS_BANNER}\n{title}"
-    fs, root = _output_fs(args.out, options)
-    _put(fs, f"{root}/areas.csv", areas_csv(totals, names).encode())
-    _put(fs, f"{root}/areas.png", areas_chart(totals, names, colours, title))
+    folder = output_folder(args.out, options)
+    folder.put("areas.csv", areas_csv(totals, names).encode())
+    folder.put("areas.png", areas_chart(totals, names, colours, title))
     summary = {
         "labels": run.layout.uri,
         "config_hash": run.metadata.get("config_hash"),
@@ -254,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overlays": written,
         "pixels": {n: int(p) for n, p in zip(names, totals)},
     }
-    _put(fs, f"{root}/visualize.json", json.dumps(summary, indent=2).encode())
+    folder.put("visualize.json", json.dumps(summary, indent=2).encode())
     print(
         f"wrote {len(written)} overlays, areas.png and areas.csv ({ok} images, {errors} error "
         f"rows) to {args.out}"

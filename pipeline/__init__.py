@@ -10,8 +10,9 @@ See docs/architecture.md for how sources, decoding, actors, sink and manifest fi
 from .config import FlossSpec, RunConfig, SegmentorSpec, SourceSpec, VocabularySpec
 from .formats import ImageRecord, InvalidShardError
 from .ledger import committed_shard_ids, pending_shards
+from .outputs import decode_masks, list_runs, open_run, read_rows, read_run_metadata
 from .runner import RunSummary, run
-from .sink import SCHEMA, decode_masks, read_rows, read_run_metadata
+from .sink import SCHEMA
 from .sources import Shard, list_shards, read_shard
 from .worker import ShardResult
 
@@ -29,7 +30,9 @@ __all__ = [
     "VocabularySpec",
     "committed_shard_ids",
     "decode_masks",
+    "list_runs",
     "list_shards",
+    "open_run",
     "pending_shards",
     "read_rows",
     "read_run_metadata",

@@ -50,6 +50,12 @@ def read_marker(layout: RunLayout, shard_id: str) -> dict | None:
     return None if data is None else json.loads(data)
 
 
+def committed_file(layout: RunLayout, shard_id: str, marker: dict | None = None) -> str:
+    """The path of the shard's committed file: the one its marker names."""
+    marker = marker if marker is not None else read_marker(layout, shard_id) or {}
+    return layout.shard_file(marker.get("file", f"{shard_id}.parquet"))
+
+
 # ----------------------------------------------------------------------------- folder batches
 
 

@@ -1,7 +1,8 @@
 """Pseudo-label rows to one Parquet file per input shard, committed atomically.
 
 Rows are plain Parquet (no Ray tensor extensions): masks are lossless PNG bytes, so pandas,
-pyarrow, DuckDB or Spark read them and :func:`decode_masks` turns a row back into arrays.
+pyarrow, DuckDB or Spark read them and :func:`pipeline.outputs.decode_masks` turns a row back
+into arrays (reading a run back is :mod:`pipeline.outputs`').
 """
 
 from __future__ import annotations
@@ -22,12 +23,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
-
-from cliptrase.taps import confidence_at
 
 from .layout import RunLayout
-from .ledger import committed_shard_ids, create_marker, read_marker
+from .ledger import create_marker, read_marker
 from .png import encode_png
 
 log = logging.getLogger("pipeline")
@@ -135,28 +133,6 @@ def error_row(
         "decode_ms": decode_ms,
         "segment_ms": None,
     }
-
-
-def decode_masks(row: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels (H, W) uint8/uint16, confidence (H, W) float32 in [0, 1])`` of an ok row.
-
-    The stored confidence map (processing resolution) is stretched to the labels' size with
-    the segmentor's own bilinear taps: the same array as ``SegmentationResult.confidence``.
-
-    ``row`` is anything indexable by column name: a dict from ``Table.to_pylist()``, a pandas
-    row, a ``pyarrow`` struct scalar's ``as_py()``.
-    """
-    if row["status"] != "ok":
-        raise ValueError(f"{row['image_id']} has no mask: {row['error']}")
-    with Image.open(io.BytesIO(row["mask_png"])) as im:
-        labels = np.asarray(im)
-        if im.mode.startswith("I;16"):
-            labels = labels.astype(np.uint16)
-        elif labels.dtype != np.uint8:
-            labels = labels.astype(np.uint16)
-    with Image.open(io.BytesIO(row["confidence_png"])) as im:
-        confidence = confidence_at(np.asarray(im), labels.shape)
-    return labels, confidence
 
 
 # ----------------------------------------------------------------------------- writing
@@ -507,12 +483,6 @@ def remove_uncommitted(
     return removed
 
 
-def committed_file(layout: RunLayout, shard_id: str, marker: dict | None = None) -> str:
-    """The path of the shard's committed file: the one its marker names."""
-    marker = marker if marker is not None else read_marker(layout, shard_id) or {}
-    return layout.shard_file(marker.get("file", f"{shard_id}.parquet"))
-
-
 def new_attempt() -> str:
     """``<host>-<pid>-<random>``: unique per attempt; host and pid tell a dead writer."""
     host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
@@ -536,77 +506,3 @@ def _attempt_of(name: str, shard_id: str) -> str | None:
         return None
     match = _ATTEMPT.fullmatch(name[len(shard_id) + 1 :])
     return match["attempt"] if match else None
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def resolve_layout(
-    output_uri: str, storage_options: dict | None = None, config_hash: str | None = None
-) -> RunLayout:
-    """The run root: ``output_uri`` itself if it holds ``_committed/``, else its hash prefix.
-
-    Several prefixes (runs with different configs): the one with committed shards, when only
-    one has any (a run that failed before committing anything leaves a prefix with none);
-    otherwise an error naming each prefix and its committed-shard count.
-    """
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
-    path = path.rstrip("/")
-    if config_hash:
-        return RunLayout(fs, f"{path}/{config_hash}")
-    if fs.exists(f"{path}/_committed") or fs.exists(f"{path}/manifest.json"):
-        return RunLayout(fs, path)
-    candidates = sorted(
-        p.rstrip("/").rsplit("/", 1)[-1]
-        for p in fs.ls(path, detail=False)
-        if fs.exists(f"{p.rstrip('/')}/manifest.json") or fs.exists(f"{p.rstrip('/')}/_committed")
-    )
-    if len(candidates) == 1:
-        return RunLayout(fs, f"{path}/{candidates[0]}")
-    committed = {c: len(committed_shard_ids(RunLayout(fs, f"{path}/{c}"))) for c in candidates}
-    with_shards = [c for c in candidates if committed[c]]
-    if len(with_shards) == 1:
-        return RunLayout(fs, f"{path}/{with_shards[0]}")
-    listing = ", ".join(f"{c} ({committed[c]} committed shards)" for c in candidates) or "none"
-    raise ValueError(
-        f"{len(candidates)} config-hash prefixes under {output_uri}: {listing}; pass "
-        "config_hash= (CLI: --config-hash) to choose one"
-    )
-
-
-def read_rows(
-    output_uri: str,
-    storage_options: dict | None = None,
-    config_hash: str | None = None,
-    columns: Sequence[str] | None = None,
-) -> pa.Table:
-    """All rows of committed shards (uncommitted leftovers of dead attempts are ignored)."""
-    layout = resolve_layout(output_uri, storage_options, config_hash)
-    tables = []
-    for shard_id in sorted(committed_shard_ids(layout)):
-        with layout.fs.open(committed_file(layout, shard_id), "rb") as f:
-            tables.append(pq.read_table(f, columns=list(columns) if columns else None))
-    if not tables:
-        schema = SCHEMA if not columns else pa.schema([SCHEMA.field(c) for c in columns])
-        return schema.empty_table()
-    return pa.concat_tables(tables).replace_schema_metadata(tables[0].schema.metadata)
-
-
-def read_run_metadata(
-    output_uri: str, storage_options: dict | None = None, config_hash: str | None = None
-) -> dict[str, Any]:
-    """The provenance stored in every shard's Parquet metadata (vocabulary, model, weights...)."""
-    layout = resolve_layout(output_uri, storage_options, config_hash)
-    for shard_id in sorted(committed_shard_ids(layout)):
-        with layout.fs.open(committed_file(layout, shard_id), "rb") as f:
-            meta = pq.read_schema(f).metadata or {}
-        if METADATA_KEY in meta:
-            return json.loads(meta[METADATA_KEY])
-    from .ledger import read_manifest
-
-    manifest = read_manifest(layout)
-    if manifest and manifest.get("metadata"):
-        return manifest["metadata"]
-    raise FileNotFoundError(f"no committed shard or manifest under {layout.uri}")

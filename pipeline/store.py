@@ -159,16 +159,62 @@ class Store:
         except FileNotFoundError:
             return False
 
-    def publish(self, local_file: str, path: str) -> None:
-        """Move a finished local file to ``path``: a rename locally (same filesystem, atomic),
-        an upload (s3fs: multipart above its block size) to an object store. Repeating an
-        upload whose reply was lost writes the same bytes again: harmless."""
+    def open_write(self, path: str):
+        """A file to stream into (``with store.open_write(p) as f``): written in place locally
+        (its folder made), uploaded when closed to an object store. For outputs that may be
+        seen half-written while they are being made (exports, reports), not for bookkeeping."""
         if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        return self.fs.open(path, "wb")
+
+    def publish(self, local_file: str, path: str) -> None:
+        """Move a finished local file to ``path``: a rename locally (same filesystem, atomic;
+        it gets the permissions a new file gets, not a temporary file's 0600), an upload
+        (s3fs: multipart above its block size) to an object store. Repeating an upload whose
+        reply was lost writes the same bytes again: harmless."""
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             os.replace(local_file, path)
+            os.chmod(path, 0o666 & ~_umask())
         else:
             extra_s = os.path.getsize(local_file) / UPLOAD_BYTES_PER_S
             self._call("put_file", local_file, path, extra_s=extra_s)
             os.remove(local_file)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@dataclass(frozen=True)
+class OutputFolder:
+    """A folder (local or on an object store) that a job writes its outputs into."""
+
+    store: Store
+    root: str  # no protocol, no trailing slash
+
+    def path(self, relative: str) -> str:
+        return f"{self.root}/{relative}"
+
+    def uri(self, relative: str = "") -> str:
+        return self.store.fs.unstrip_protocol(self.path(relative) if relative else self.root)
+
+    def put(self, relative: str, data: bytes) -> None:
+        self.store.put_whole(self.path(relative), data)
+
+    def open_write(self, relative: str):
+        return self.store.open_write(self.path(relative))
+
+    def publish(self, local_file: str, relative: str) -> None:
+        self.store.publish(local_file, self.path(relative))
+
+
+def output_folder(uri: str, storage_options: dict | None = None) -> OutputFolder:
+    """The :class:`OutputFolder` at ``uri``."""
+    store, path = open_store(uri, storage_options)
+    return OutputFolder(store, path.rstrip("/"))
 
 
 def open_store(

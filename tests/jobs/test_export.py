@@ -13,7 +13,8 @@ from PIL import Image
 
 import pipeline
 from jobs import _cli, export
-from jobs.export import ExportOptions, mask_dtype, safe_name
+from jobs.export import ExportOptions, mask_dtype
+from jobs.files import safe_name
 from pipeline.formats import read_source_images
 
 from .conftest import FAKE_SECRET, HOSTILE_IDS, run_job

@@ -15,7 +15,7 @@ from PIL import Image
 
 import pipeline
 from jobs import _cli, report
-from jobs.export import open_run
+from jobs._cli import open_run
 from jobs.review import ReviewOptions, review_run, write_selection
 
 from .conftest import run_job

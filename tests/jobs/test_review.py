@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jobs import _cli, review
-from jobs.export import open_run
+from jobs._cli import open_run
 from jobs.review import ReviewOptions, rare_class_order, review_run
 from tests.pipeline.conftest import VOCAB, fresh_s3fs, s3_options
 
@@ -282,7 +282,7 @@ def test_empty_missing_and_all_error_runs_are_clear_errors(tmp_path, capsys):
     assert review.main(["--labels", str(tmp_path / "empty"), "-n", "3"]) == 2
     assert "no committed shards" in capsys.readouterr().err
     assert review.main(["--labels", str(tmp_path / "missing"), "-n", "3"]) == 2
-    assert "error: no labelling output at" in capsys.readouterr().err
+    assert "error: no labelling run under" in capsys.readouterr().err
     broken = RunLayout.open(str(tmp_path / "broken"), "bbbbbbbbbbbb")
     broken.makedirs()
     rows = [

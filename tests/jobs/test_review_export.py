@@ -17,7 +17,8 @@ from PIL import Image
 
 import pipeline
 from jobs import _cli, review_export
-from jobs.export import open_run, safe_name
+from jobs._cli import open_run
+from jobs.files import safe_name
 from jobs.review import ReviewOptions, review_run, write_selection
 from jobs.review_export import CVAT_ZIP, ReviewExportOptions, export_review, mask2rle_numpy
 

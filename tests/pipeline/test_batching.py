@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline
-from pipeline import sink
+from pipeline import ledger
 from pipeline.batching import ShapePool
 from pipeline.worker import ShardLabeler
 
@@ -97,7 +97,7 @@ def label(shard, out, shape_window: int):
 
     labeler.segmentor.dense_features = counted
     result = labeler.process_shard(shard)
-    committed = labeler.layout.fs.open(sink.committed_file(labeler.layout, shard.shard_id), "rb")
+    committed = labeler.layout.fs.open(ledger.committed_file(labeler.layout, shard.shard_id), "rb")
     return result, forwards, pq.read_table(committed).to_pylist()
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 import pipeline
 import pipeline.decode as decode
 from cliptrase import InvalidImageError
-from pipeline import sink
+from pipeline import ledger
 from pipeline.decode import (
     DecodedImage,
     DeviceDecodedImage,
@@ -206,7 +206,7 @@ def decoded_shard(inputs, tmp_path_factory):
         source = pipeline.SourceSpec(gpu_decode=mode)
         labeler = ShardLabeler(tiny_config([str(root)], root / "out", source=source))
         results[mode] = labeler.process_shard(shard)
-        path = sink.committed_file(labeler.layout, shard.shard_id)
+        path = ledger.committed_file(labeler.layout, shard.shard_id)
         rows = pq.read_table(labeler.layout.fs.open(path, "rb")).to_pylist()
         tables[mode] = {row["key"].split("_", 1)[1]: row for row in rows}
         labelers[mode] = labeler

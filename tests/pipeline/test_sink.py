@@ -251,29 +251,6 @@ def test_stale_spools_of_dead_processes_are_swept(tmp_path, monkeypatch):
     assert _files(folder) == sorted([f"{os.getpid()}-mine.parquet", recent.name])
 
 
-def test_readers_pick_the_only_prefix_with_committed_shards_and_name_the_choices(tmp_path):
-    """A run that failed before committing anything left a prefix with a manifest only."""
-    row = _row(np.zeros((2, 2), np.uint8), np.ones((2, 2), np.float32), 1)
-    failed = RunLayout.open(str(tmp_path), "aaaaaaaaaaaa")
-    failed.makedirs()
-    failed.store.put_whole(failed.manifest_path, b'{"runs": []}')
-    good = RunLayout.open(str(tmp_path), "bbbbbbbbbbbb")
-    good.makedirs()
-    sink.write_shard(good, "s", [row], {"config_hash": "bbbbbbbbbbbb"})
-    assert sink.resolve_layout(str(tmp_path)).root.endswith("/bbbbbbbbbbbb")
-    assert pipeline.read_rows(str(tmp_path)).num_rows == 1
-
-    other = RunLayout.open(str(tmp_path), "cccccccccccc")
-    other.makedirs()
-    sink.write_shard(other, "s", [row, row], {"config_hash": "cccccccccccc"})
-    with pytest.raises(ValueError) as err:
-        sink.resolve_layout(str(tmp_path))
-    message = str(err.value)
-    assert "3 config-hash prefixes" in message and "--config-hash" in message
-    for name, count in (("aaaaaaaaaaaa", 0), ("bbbbbbbbbbbb", 1), ("cccccccccccc", 1)):
-        assert f"{name} ({count} committed shards)" in message
-
-
 def test_of_two_attempts_at_one_shard_only_the_first_commit_counts(tmp_path):
     """The fence: the marker is created exclusively and names its file; the loser drops its own
     file and gets the winner's marker; an attempt whose lease is gone publishes nothing."""

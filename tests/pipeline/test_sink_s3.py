@@ -10,7 +10,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sink
+from pipeline import ledger, sink
 from pipeline.layout import RunLayout
 from pipeline.ledger import committed_shard_ids
 
@@ -46,7 +46,7 @@ def test_s3_shard_is_spooled_then_uploaded_whole_on_commit(layout, storage_optio
     marker = writer.commit()
     assert not os.path.exists(spool)
     fs = fresh_s3fs(storage_options)
-    data = fs.cat_file(sink.committed_file(layout, "s", marker))
+    data = fs.cat_file(ledger.committed_file(layout, "s", marker))
     assert (marker["bytes"], marker["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
     assert json.loads(fs.cat_file(layout.marker_path("s"))) == marker
     assert (marker["rows"], marker["errors"]) == (150, sum(r["status"] == "error" for r in rows))

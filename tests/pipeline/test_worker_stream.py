@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import pipeline
-from pipeline import sink
+from pipeline import ledger, sink
 from pipeline.decode import decode_image
 from pipeline.worker import ShardLabeler
 
@@ -33,7 +33,7 @@ def _shard(path) -> pipeline.Shard:
 
 
 def _table(labeler, shard):
-    return pq.read_table(labeler.layout.fs.open(sink.committed_file(labeler.layout, shard.shard_id), "rb"))
+    return pq.read_table(labeler.layout.fs.open(ledger.committed_file(labeler.layout, shard.shard_id), "rb"))
 
 
 def test_an_image_whose_png_encoding_fails_is_an_error_row(labeler, photos, tmp_path, monkeypatch):
@@ -101,7 +101,7 @@ def test_rows_stream_to_the_writer_in_order_with_few_in_flight(
     limit = 2 * labeler.config.segmentor.batch_size
     assert max(n for n, _ in in_flight_at_write) <= limit + 1
     assert sum(not done for _, done in in_flight_at_write) > 60  # written while labelling
-    parquet = pq.ParquetFile(labeler.layout.fs.open(sink.committed_file(labeler.layout, shard.shard_id)))
+    parquet = pq.ParquetFile(labeler.layout.fs.open(ledger.committed_file(labeler.layout, shard.shard_id)))
     assert [parquet.metadata.row_group(i).num_rows for i in range(2)] == [64, 36]
     table = parquet.read()
     assert table.column("key").to_pylist() == [f"{i:03d}" for i in range(100)]
