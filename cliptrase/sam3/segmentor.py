@@ -155,6 +155,7 @@ class Sam3Segmentor:
         # One forward at a time per model: the preview swaps the ViT's RoPE tables.
         self._lock = threading.RLock()
         self._text: tuple[Sam3Vocabulary, PromptText] | None = None
+        self._vocabularies: dict[tuple, Sam3Vocabulary] = {}
         self._warned_templates = False
         self.last_run = Sam3RunStats()
         if self.method.preview_resolution is not None:
@@ -265,20 +266,28 @@ class Sam3Segmentor:
         templates: Sequence[Any] | None = None,
         synonyms: Sequence[Sequence[str]] | None = None,
     ) -> Sam3Vocabulary:
-        """Classes, background words and synonyms, every phrase one raw prompt, encoded once.
-        SAM 3 takes no prompt templates: given ones are ignored (with a warning)."""
+        """Classes, background words and synonyms, every phrase one raw prompt, encoded once
+        (and kept: the same names give the same vocabulary). SAM 3 takes no prompt templates:
+        given ones are ignored (with a warning)."""
         self._ignore_templates(templates)
+        key = (
+            tuple(classes),
+            tuple(background or ()),
+            tuple(tuple(s) for s in synonyms or ()),
+        )
         with self._lock, torch.inference_mode():
-            return compile_vocabulary(
-                self.model,
-                self.method,
-                classes,
-                background,
-                synonyms,
-                self.device,
-                self._forward,
-                self._exact,
-            )
+            if key not in self._vocabularies:
+                self._vocabularies[key] = compile_vocabulary(
+                    self.model,
+                    self.method,
+                    classes,
+                    background,
+                    synonyms,
+                    self.device,
+                    self._forward,
+                    self._exact,
+                )
+            return self._vocabularies[key]
 
     def _ignore_templates(self, templates: Sequence[Any] | None) -> None:
         if templates and not self._warned_templates:

@@ -161,7 +161,7 @@ def test_sam3_forwards_get_tf32_and_the_process_keeps_its_flags():
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("CLIPTRASE_SAM3_FULL") != "1",
-    reason="builds the 840M-parameter model (3.4 GB, ~20 s): set CLIPTRASE_SAM3_FULL=1",
+    reason="the 840M-parameter model (3.4 GB; ~2 min on one CPU core): set CLIPTRASE_SAM3_FULL=1",
 )
 def test_the_full_model_builds_and_grounds_at_1008():
     from cliptrase.sam3 import load_sam3_segmentor

@@ -61,6 +61,7 @@ def test_vocabulary_rows_are_classes_background_then_synonyms(vocab):
     assert vocab.background_label == 5
     assert vocab.features.shape == (8, 32, 32) and vocab.mask.shape == (8, 32)
     assert vocab.texts == tuple(vocab.prompts)  # no canonicalisation outside ActiveSAM
+    assert segearth.vocabulary(CLASSES, BACKGROUND, synonyms=SYNONYMS) is vocab  # compiled once
 
 
 def test_results_are_labels_at_the_original_size_with_counts(segearth, vocab, photos):
