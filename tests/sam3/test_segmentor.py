@@ -54,7 +54,7 @@ def test_the_segmentor_satisfies_the_protocol(segearth, vocab):
     ) == segearth.batch_key(segearth.prepare(np.zeros((70, 20, 3), np.uint8)))
 
 
-def test_vocabulary_rows_are_classes_background_then_synonyms(vocab):
+def test_vocabulary_rows_are_classes_background_then_synonyms(segearth, vocab):
     assert vocab.prompts == CLASSES + BACKGROUND + ["human"]
     assert vocab.row_labels == [0, 1, 2, 3, 4, 5, 5, 0]
     assert vocab.names == CLASSES + ["background"]
