@@ -281,3 +281,22 @@ def test_images_subset_of_one_image_is_a_view(segearth, photos):
         features = image_features(segearth.model, segearth._pixels([x.pixels for x in items]))
     one = images_subset(features, [1])
     assert one["backbone_fpn"][0].data_ptr() == features["backbone_fpn"][0][1].data_ptr()
+
+
+@pytest.mark.parametrize("method", [SEGEARTH, ACTIVESAM], ids=lambda m: m.name)
+def test_every_prompt_ends_with_the_geometry_token(tiny, photos, method):
+    """[32 text | memory tokens | 1 geometry CLS] as sam3's _encode_prompt builds it
+    (sam3_image.py:169-212): the CLS token is always there and always attended."""
+    from cliptrase.sam3.grounding import _find_stage, _with_text
+
+    seg = tiny.variant(method=method)
+    text = seg._prompt_text(seg.vocabulary(CLASSES, BACKGROUND, synonyms=SYNONYMS))
+    with torch.inference_mode():
+        features = image_features(seg.model, seg._pixels([seg.prepare(photos[0]).pixels]))
+        find = _find_stage(torch.zeros(3, dtype=torch.long), torch.arange(3))
+        prompt, mask, _ = seg.model._encode_prompt(
+            _with_text(features, text), find, seg.model._get_dummy_prompt(num_prompts=3)
+        )
+    memory = method.neighbour_tokens + method.hypernym_tokens
+    assert prompt.shape == (32 + memory + 1, 3, 32) and mask.shape == (3, 32 + memory + 1)
+    assert not mask[:, -1].any() and not mask[:, 32 : 32 + memory].any()
