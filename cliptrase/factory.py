@@ -23,7 +23,7 @@ def build_segmentor(
     *,
     method: Any = "cliptrase",
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str | None = None,
     config: SegmentorConfig | None = None,
     storage_options: dict | None = None,
     trust_pickle: bool = False,
@@ -35,6 +35,8 @@ def build_segmentor(
     ``model`` None and ``pretrained`` ``"default"``: the family's (ViT-B-16 with OpenAI's
     weights for the CLIP methods, SAM 3 with ``facebook/sam3`` for the SAM 3 methods);
     ``pretrained`` None: random weights from ``seed``, marked RANDOM in every output.
+    ``precision`` None: the family's default (fp32 for the CLIP methods; for the SAM 3
+    methods bf16 autocast on CUDA, as their official runs, and fp32 on the CPU).
     """
     family = method_family(method) if isinstance(method, str) else "clip"
     family_model, family_weights = FAMILY_DEFAULTS[family]
@@ -52,7 +54,7 @@ def build_segmentor(
             model,
             pretrained=pretrained,
             device=device,
-            precision=precision,
+            precision=precision or "fp32",
             method=method,
             config=config,
             storage_options=storage_options,
