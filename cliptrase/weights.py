@@ -16,6 +16,7 @@ import open_clip
 import torch
 
 from .errors import CheckpointError, UnsupportedModelError, WeightsUnavailableError
+from .hub import not_cached_message, offline_if_unreachable
 from .names import is_pretrained_tag
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -80,11 +81,14 @@ def _create_from_tag(model: str, tag: str) -> torch.nn.Module:
         )
     # OpenAI's weights were trained with QuickGELU; open_clip only warns on a mismatch.
     quick_gelu = bool(open_clip.get_pretrained_cfg(model, tag).get("quick_gelu", False))
+    offline = offline_if_unreachable()
     try:
         return open_clip.create_model(
             model, pretrained=tag, require_pretrained=True, force_quick_gelu=quick_gelu
         )
     except (OSError, RuntimeError, ValueError) as exc:  # network, hub and cache errors
+        if offline:
+            raise WeightsUnavailableError(not_cached_message(f"{model}/{tag}")) from exc
         raise WeightsUnavailableError(
             f"could not fetch open_clip weights {model}/{tag} ({type(exc).__name__}: {exc}). "
             "Offline? Download the checkpoint elsewhere and pass its local path or URI as "
@@ -218,9 +222,12 @@ def resolve_pretrained_file(model: str, tag: str) -> str:
     if not cfg:
         known = sorted(open_clip.list_pretrained_tags_by_model(model))
         raise CheckpointError(f"open_clip has no pretrained tag {tag!r} for {model!r} (known: {known})")
+    offline = offline_if_unreachable()
     try:
         path = open_clip.download_pretrained(cfg)
     except Exception as exc:  # noqa: BLE001 - network, hub and cache errors alike
+        if offline:
+            raise WeightsUnavailableError(not_cached_message(f"{model}/{tag}")) from exc
         raise WeightsUnavailableError(
             f"could not fetch open_clip weights {model}/{tag} ({type(exc).__name__}: "
             f"{_last_line(str(exc))})"
@@ -240,6 +247,6 @@ if __name__ == "__main__":  # python -m cliptrase.weights MODEL TAG: print the r
 
     try:
         print(resolve_pretrained_file(sys.argv[1], sys.argv[2]))
-    except (CheckpointError, UnsupportedModelError) as err:
+    except (CheckpointError, UnsupportedModelError, WeightsUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

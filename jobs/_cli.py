@@ -19,6 +19,7 @@ from collections.abc import Callable
 from cliptrase.classfile import ClassList, load_class_file, preset_names
 from cliptrase.config import ALL_METHOD_NAMES, FAMILY_DEFAULTS, method_family
 from cliptrase.errors import CliptraseError, VocabularyError, WeightsUnavailableError
+from cliptrase.hub import offline_if_unreachable
 
 STORAGE_OPTIONS_ENV = "CLIPTRASE_STORAGE_OPTIONS"
 RANDOM_WEIGHTS_BANNER = "RANDOM weights (plumbing check): these labels are not meaningful"
@@ -29,26 +30,15 @@ class CliError(Exception):
     """Bad input a user can fix; the entrypoint prints the message and exits with status 2."""
 
 
-HUB_HOST = ("huggingface.co", 443)
 OFFLINE_ADVICE = (
     "pass a local checkpoint with --weights PATH (or an s3:// URI), or --random-weights for a "
     "plumbing check"
 )
 
 
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether the model hub answers a TCP connection (a few seconds at most)."""
-    import socket
-
-    try:
-        with socket.create_connection(HUB_HOST, timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def resolve_weights(model: str, pretrained: str | None) -> None:
-    """Fetch an open_clip tag's weights once, on the driver, before any actor starts.
+def resolve_weights(model: str, pretrained: str | None, method: str = "cliptrase") -> None:
+    """Fetch a hub's weights once, on the driver, before any actor starts: an open_clip tag
+    for the CLIP methods, a Hugging Face id (``facebook/sam3``) for the SAM 3 methods.
 
     Runs in a short subprocess so the driver itself never imports torch. When the hub cannot
     be reached, sets ``HF_HUB_OFFLINE=1`` (here and for local actors) so the hub library
@@ -59,32 +49,36 @@ def resolve_weights(model: str, pretrained: str | None) -> None:
 
     from cliptrase.names import is_pretrained_tag
 
-    if pretrained is None or not is_pretrained_tag(pretrained):
+    if pretrained is None:
         return
+    family = method_family(method)
+    if family == "clip" and is_pretrained_tag(pretrained):
+        command = [sys.executable, "-m", "cliptrase.weights", model, pretrained]
+    elif family == "sam3" and _is_hub_id(pretrained):
+        command = [sys.executable, "-m", "cliptrase.sam3.weights", pretrained]
+    else:
+        return  # a local file or a URI: read by the actors
     offline_if_unreachable()
-    proc = subprocess.run(
-        [sys.executable, "-m", "cliptrase.weights", model, pretrained],
-        capture_output=True, text=True, env=os.environ.copy(),
-    )  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     if proc.returncode != 0:
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            reason = (
-                f"the weights {model}/{pretrained} are not in the local cache and the model hub "
-                "is offline or unreachable"
-            )
-        else:
-            lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
-            reason = lines[-1][len("error: ") :] if lines else _tail(proc.stderr)
-        raise CliError(f"{reason}: {OFFLINE_ADVICE}")
+        lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+        reason = lines[-1][len("error: ") :] if lines else _tail(proc.stderr)
+        if OFFLINE_ADVICE not in reason and "--random-weights" not in reason:
+            reason = f"{reason}: {OFFLINE_ADVICE}"
+        raise CliError(reason)
     log.info("weights %s/%s: %s", model, pretrained, proc.stdout.strip())
 
 
-def offline_if_unreachable() -> None:
-    """``HF_HUB_OFFLINE=1`` when the hub cannot be reached, so cached weights load at once and
-    missing ones fail at once (huggingface_hub would otherwise retry for ~50 s)."""
-    if "HF_HUB_OFFLINE" not in os.environ and not hub_reachable():
-        log.debug("the model hub is unreachable: using only weights already cached")
-        os.environ["HF_HUB_OFFLINE"] = "1"
+def _is_hub_id(pretrained: str) -> bool:
+    """``owner/name`` (a Hugging Face repository), not a local path or a URI."""
+    import re
+
+    return (
+        "://" not in pretrained
+        and not os.path.exists(pretrained)
+        and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", pretrained) is not None
+        and not pretrained.endswith((".pt", ".pth", ".safetensors", ".bin"))
+    )
 
 
 def _tail(text: str) -> str:
@@ -350,7 +344,7 @@ def load_segmentor(args: argparse.Namespace, options: dict | None = None, method
 
     method = method if method is not None else args.method
     model, pretrained = model_and_weights(args, method)
-    if pretrained is not None and is_pretrained_tag(pretrained):
+    if pretrained is not None and (is_pretrained_tag(pretrained) or _is_hub_id(pretrained)):
         offline_if_unreachable()
     try:
         segmentor = SegmentorSpec(

@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         raise _cli.CliError("--max-error-rate is a fraction between 0 and 1")
     _vocabulary(args, options)  # a bad vocabulary fails before Ray starts
     # Weights that cannot be had end the job here, in one line, before any actor starts.
-    _cli.resolve_weights(*_cli.model_and_weights(args))
+    _cli.resolve_weights(*_cli.model_and_weights(args), method=args.method)
     import ray
 
     # Connects to RAY_ADDRESS when set (ray job submit sets it), else starts a local Ray.

@@ -57,7 +57,7 @@ from ..result import SegmentationResult
 from .fusion import LabelAccumulator, fused_prompt_scores, kept_instances, prompt_probabilities
 from .grounding import PromptText, ground, image_features, images_subset, presence_logits
 from .images import Sam3Input, as_uint8_chw, normalised, sam3_input, squashed
-from .methods import Sam3Method, sam3_method
+from .methods import Sam3Method, method_for_dataset, sam3_method
 from .model import CONTEXT_LENGTH, Sam3Size, build_image_model, model_size
 from .preview import active_prompts, preview_needed, preview_resolution, vit_rope_for_grid
 from .tf32 import ieee_fp32, sam3_tf32
@@ -187,19 +187,31 @@ class Sam3Segmentor:
             )
 
     def variant(
-        self, *, method: str | Sam3Method | None = None, precision: str | None = None
+        self,
+        *,
+        method: str | Sam3Method | None = None,
+        dataset: str | None = None,
+        precision: str | None = None,
     ) -> Sam3Segmentor:
-        """This model and its weights under another method or precision, without a reload."""
+        """This model and its weights under another method or precision, without a reload;
+        ``dataset``: with that benchmark's official settings (:func:`method_for_dataset`)."""
+        method = self.method if method is None else method
+        if dataset is not None:
+            method = method_for_dataset(method, dataset)
         return Sam3Segmentor(
             self.model,
             self.model_name,
             self.size,
             self.weights,
-            method=self.method if method is None else method,
+            method=method,
             device=self.device,
             precision=self.precision if precision is None else precision,
             config=self.config,
         )
+
+    def evaluation_protocol(self) -> dict[str, Any]:
+        """Whole images squashed to the model's square (both papers' protocol)."""
+        return {"mode": "squash", "short_side": self.size.resolution, "crop": None, "stride": None}
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -288,6 +300,16 @@ class Sam3Segmentor:
                     self._exact,
                 )
             return self._vocabularies[key]
+
+    def vocabulary_from(self, class_list: Any) -> Sam3Vocabulary:
+        """A class file or preset (:class:`cliptrase.classfile.ClassList`): its names,
+        synonyms and background words (its templates, if any, are ignored)."""
+        return self.vocabulary(
+            list(class_list.names),
+            list(class_list.background),
+            templates=class_list.templates,
+            synonyms=class_list.synonyms,
+        )
 
     def _ignore_templates(self, templates: Sequence[Any] | None) -> None:
         if templates and not self._warned_templates:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, WeightsUnavailableError
+from ..hub import not_cached_message, offline_if_unreachable
 
 HUB_CHECKPOINT = "sam3.pt"  # model_builder.py:640-646 (download_ckpt_from_hf)
 # Checkpoint keys for modules the image model does not build (see the module docstring).
@@ -75,11 +76,12 @@ def hub_checkpoint(repo_id: str) -> str:
         from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     except ImportError as exc:  # pragma: no cover - sam3 depends on huggingface_hub
         raise WeightsUnavailableError(f"huggingface_hub is not installed. {_ADVICE}") from exc
+    offline_if_unreachable()
     try:
         return hf_hub_download(repo_id, HUB_CHECKPOINT, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - not cached (or an unreadable cache)
         if _hub_offline():
-            raise _unavailable(repo_id, exc) from exc
+            raise WeightsUnavailableError(not_cached_message(repo_id)) from exc
     try:
         get_hf_file_metadata(hf_hub_url(repo_id, HUB_CHECKPOINT), retry_on_errors=False)
         return hf_hub_download(repo_id, HUB_CHECKPOINT)
@@ -239,3 +241,13 @@ def _fetch(uri: str, path: str, storage_options: dict | None) -> str:
             f"could not read checkpoint {uri}: {type(exc).__name__}: {exc}"
         ) from exc
     return digest.hexdigest()
+
+
+if __name__ == "__main__":  # python -m cliptrase.sam3.weights REPO: fetch once, print the file
+    import sys
+
+    try:
+        print(hub_checkpoint(sys.argv[1]))
+    except WeightsUnavailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

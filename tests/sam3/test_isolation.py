@@ -18,8 +18,8 @@ from cliptrase.sam3 import build_image_model
 from cliptrase.sam3.model import SIZES
 
 PACKAGE = Path(cliptrase.sam3.__file__).parent
-# What cliptrase/sam3 may import of cliptrase: the family-neutral modules.
-ALLOWED = {"protocol", "result", "config", "errors", "names", "taps", "sam3"}
+# What cliptrase/sam3 may import of cliptrase: the family-neutral modules (hub: offline rules).
+ALLOWED = {"protocol", "result", "config", "errors", "names", "taps", "hub", "sam3"}
 CLIP_MODULES = {
     "segmentor",
     "attention",

@@ -148,22 +148,26 @@ def test_the_gated_hub_offline_fails_fast_with_advice(monkeypatch):
         load_sam3_segmentor("sam3-tiny", "facebook/sam3", device="cpu")
 
 
-def test_an_unreachable_hub_is_probed_once_without_retries(monkeypatch):
-    import huggingface_hub
+def test_an_unreachable_hub_fails_at_once_with_the_clis_message(monkeypatch, tmp_path):
+    """A hub that answers nothing (a closed port on loopback): one TCP probe, then the cache
+    only; the same line the CLI prints (cliptrase.hub), in seconds, not after retries."""
+    import socket
+    import time
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    calls = []
+    from huggingface_hub import constants
 
-    def unreachable(url, **kwargs):
-        calls.append((url, kwargs))
-        raise OSError("Name or service not known")
+    import cliptrase.hub
 
-    def cache_only(repo_id, filename, **kwargs):
-        assert kwargs.get("local_files_only"), "no download after a failed probe"
-        raise FileNotFoundError("not in the cache")
-
-    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_only)
-    with pytest.raises(WeightsUnavailableError, match="OSError: Name or service not known"):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()
+    monkeypatch.setattr(cliptrase.hub, "HUB_HOST", closed)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test, whatever we set
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    started = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as err:
         load_weights(build_image_model(SIZES["tiny"]), "facebook/sam3")
-    assert len(calls) == 1 and calls[0][1] == {"retry_on_errors": False}
+    assert time.monotonic() - started < 5.0
+    assert str(err.value) == cliptrase.hub.not_cached_message("facebook/sam3")
