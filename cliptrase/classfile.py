@@ -79,13 +79,17 @@ class ClassList:
         )
 
     @classmethod
-    def from_preset(cls, name: str) -> ClassList:
-        """A shipped benchmark class list: see :func:`preset_names`."""
+    def from_preset(cls, name: str, family: str = "clip") -> ClassList:
+        """A shipped benchmark class list: see :func:`preset_names`. ``family``: whose papers'
+        list (the SAM 3 methods prompt with SegEarth-OV3's names, where they have their own)."""
         if name not in preset_names():
             raise VocabularyError(
                 f"unknown class-list preset {name!r}; the presets are {', '.join(preset_names())}"
             )
-        text = resources.files(__package__).joinpath("presets", f"{name}.txt").read_text("utf-8")
+        folder = resources.files(__package__).joinpath("presets")
+        if family != "clip" and folder.joinpath(family, f"{name}.txt").is_file():
+            folder = folder.joinpath(family)
+        text = folder.joinpath(f"{name}.txt").read_text("utf-8")
         return parse_class_file(text, fmt="text", source=f"preset {name}")
 
     # ------------------------------------------------------------------- views

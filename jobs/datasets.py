@@ -75,8 +75,9 @@ class DatasetLayout:
     gt_suffix: str = ".png"
     split_file: str | None = None  # one key per line; images are <image_dir>/<key>.jpg
 
-    def class_list(self) -> ClassList | None:
-        return ClassList.from_preset(self.preset) if self.preset else None
+    def class_list(self, family: str = "clip") -> ClassList | None:
+        """The benchmark's class list as ``family``'s papers prompt it."""
+        return ClassList.from_preset(self.preset, family) if self.preset else None
 
     def samples(self, root: str, storage_options: dict | None = None) -> list[Sample]:
         """Every (image, GT) pair under ``root``, sorted by key."""

@@ -31,6 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from cliptrase.classfile import ClassList
+from cliptrase.config import method_family
 from cliptrase.metrics import ConfusionMatrix
 
 from . import _cli
@@ -277,9 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_classes(layout: DatasetLayout, given: ClassList | None) -> ClassList:
-    """The class list to score with: the user's, or the dataset's preset (same label count)."""
-    preset = layout.class_list()
+def resolve_classes(
+    layout: DatasetLayout, given: ClassList | None, family: str = "clip"
+) -> ClassList:
+    """The class list to score with: the user's, or the dataset's preset as ``family``'s
+    papers prompt it (same label count)."""
+    preset = layout.class_list(family)
     if given is None:
         if preset is None:
             raise _cli.CliError(
@@ -306,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if layout.name != "generic":
                 raise _cli.CliError("--reduce-zero-label is for --dataset generic only")
             layout = dataclasses.replace(layout, gt_map=reduce_zero_label)
-        classes = resolve_classes(layout, _cli.class_list(args, options))
+        given = _cli.class_list(args, options)
+        classes = resolve_classes(layout, given)
         samples = layout.samples(args.root, options)[: args.limit]
         log.info("%s: %d images under %s", layout.name, len(samples), args.root)
         meta = {
@@ -320,8 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.run:
             methods = _method_names(args.method)
             if len(methods) > 1:
-                return _compare_methods(args, options, layout, classes, samples, meta, methods)
+                return _compare_methods(args, options, layout, given, samples, meta, methods)
             base = _cli.load_segmentor(args, options, method=methods[0])
+            classes = resolve_classes(layout, given, method_family(methods[0]))
             matrix, meta = _run_method(
                 args, options, layout, classes, samples, meta, base, methods[0]
             )
@@ -394,10 +400,8 @@ def _run_method(args, options, layout, classes, samples, meta, base, name: str):
     return matrix, meta
 
 
-def _compare_methods(args, options, layout, classes, samples, meta, methods) -> int:
+def _compare_methods(args, options, layout, given, samples, meta, methods) -> int:
     """Every method under one protocol per dataset: one report each and a comparison table."""
-    from cliptrase.config import method_family
-
     rows = []
     bases = {}  # one model per family, its weights fetched once
     for name in methods:
@@ -405,6 +409,7 @@ def _compare_methods(args, options, layout, classes, samples, meta, methods) -> 
         family = method_family(name)
         if family not in bases:
             bases[family] = _cli.load_segmentor(args, options, method=name)
+        classes = resolve_classes(layout, given, family)
         try:
             matrix, method_meta = _run_method(
                 args, options, layout, classes, samples, meta, bases[family], name

@@ -408,11 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUTPUT_URI",
         help="the labelling run's output (folder or URI), or its <config_hash> prefix",
     )
-    parser.add_argument(
-        "--config-hash",
-        default=None,
-        help="which config-hash prefix to export when the output holds several",
-    )
+    parser.add_argument("--config-hash", default=None, help=_cli.CONFIG_HASH_HELP)
     parser.add_argument("--out", required=True, metavar="URI", help="folder or URI to write")
     parser.add_argument(
         "--format",

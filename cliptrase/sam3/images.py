@@ -48,7 +48,8 @@ def as_uint8_chw(image) -> torch.Tensor:
             )
         if image.shape[0] < 1 or image.shape[1] < 1:
             raise InvalidImageError(f"the image is empty ({image.shape})")
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        # torch wants a writable buffer: read-only arrays (np.asarray of a PIL image) are copied
+        return torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
     raise InvalidImageError(f"expected a PIL image or an (H, W, 3) uint8 array, got {type(image)}")
 
 

@@ -400,3 +400,26 @@ def test_a_benchmark_refuses_a_class_list_of_another_size(voc_root, tmp_path, ca
     assert "has 20 labels (without background) but the class list given has 2" in (
         capsys.readouterr().err
     )
+
+
+def test_a_sam3_method_is_scored_under_its_papers_protocol(voc_root, tmp_path):
+    """VOC21 with SegEarth-OV3's own class list (its names; 'background' is a prompt whose
+    label is background) and SegEarth's VOC21 settings, whole images squashed to the square."""
+    from cliptrase.sam3.methods import method_for_dataset
+
+    root, _ = voc_root
+    out = tmp_path / "sam3"
+    code = evaluate.main(
+        [
+            *f"--dataset voc --root {root} --run --model sam3-tiny --random-weights".split(),
+            *f"--method segearthov3 --out {out} --no-progress".split(),
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert (report["method"], report["model"], report["images"]) == ("segearthov3", "sam3-tiny", 2)
+    assert report["protocol"] == {"mode": "squash", "short_side": 168, "crop": None, "stride": None}
+    assert report["classes"][3] == "ship" and report["classes"][-1] == "background"
+    assert len(report["classes"]) == 21
+    voc = method_for_dataset("segearthov3", "voc21")
+    assert (voc.confidence_threshold, voc.prob_thd) == (0.5, 0.4)
