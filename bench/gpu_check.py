@@ -14,7 +14,10 @@ Steps (each timed, each allowed to fail without stopping the others; the report 
    from prepared 1920x1080 photos, with the GPU's busy fraction (nvidia-smi sampling);
 6. the whole pipeline (1 actor, one GPU) over a local tar of 2,000 1920x1080 JPEGs it writes
    itself: images/s, host CPU seconds per image (the actor's ``cpu_s``), busy fraction;
-7. the same with ``SourceSpec(gpu_decode=True)``: JPEGs decoded and resized on the GPU.
+7. the same with ``SourceSpec(gpu_decode=True)``: JPEGs decoded and resized on the GPU;
+8. the SAM 3 methods (full SAM 3, 1008 px, bf16 autocast): images/s of ``segearthov3`` and
+   ``activesam`` at 20 and 150 classes, peak GPU memory per configuration (the memory plan of
+   ``cliptrase/sam3/segmentor.py``), and bf16 vs fp32 label agreement.
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` under ``--out`` and exits 1 if any step failed
 (.ci/run runs ``--dry-run``, so the steps cannot rot while no GPU is lent). Random weights
@@ -286,6 +289,45 @@ def step_pipeline(args, model: str, device: torch.device, gpu_decode: bool = Fal
             "gpu_busy_whole_run": sampler.busy(), "gpu_busy_problem": sampler.why_none}
 
 
+def step_sam3(args, device: torch.device) -> dict:
+    """SAM 3's throughput and memory per method and vocabulary size, and bf16's agreement."""
+    from cliptrase.classfile import ClassList
+    from cliptrase.factory import build_segmentor
+
+    model = "sam3-tiny" if args.dry_run else "sam3"
+    ade = list(ClassList.from_preset("ade20k", "sam3").names)
+    sizes = (5,) if args.dry_run else (20, 150)
+    images = photos((640, 480))[: args.photos]
+    rows = []
+    fp32 = build_segmentor(model, None, method="segearthov3", device=str(device), precision="fp32")
+    for method in ("segearthov3", "activesam"):
+        seg = fp32.variant(method=method, precision="bf16" if device.type == "cuda" else "fp32")
+        for size in sizes:
+            vocab = seg.vocabulary(ade[:size])
+            prepared = [seg.prepare(image) for image in images]
+            seg.segment_batch(prepared[:1], vocab)  # warm-up
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            results = seg.segment_batch(prepared, vocab)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            rows.append({"method": method, "classes": size, "precision": seg.identity.precision,
+                         "images_per_s": len(prepared) / seconds, "peak_gib": peak,
+                         "labels": [r.labels.shape for r in results][:1]})
+    agreement = None
+    if device.type == "cuda":
+        low = fp32.variant(precision="bf16")
+        vocab_a, vocab_b = fp32.vocabulary(ade[:20]), low.vocabulary(ade[:20])
+        agree = [float((fp32.segment_batch([fp32.prepare(i)], vocab_a)[0].labels
+                        == low.segment_batch([low.prepare(i)], vocab_b)[0].labels).mean())
+                 for i in images[:2]]  # fmt: skip
+        agreement = min(agree)
+    return {"model": model, "rows": rows, "bf16_vs_fp32_agreement_min": agreement}
+
+
 # ------------------------------------------------------------------------------------ main
 def markdown(report: dict) -> str:
     lines = [f"# GPU check ({report['device']}, {report['date']})", "",
@@ -332,6 +374,7 @@ def main() -> None:
         "segment_batch": lambda: step_segment_batch(args, model, device),
         "pipeline": lambda: step_pipeline(args, model, device),
         "pipeline_gpu_decode": lambda: step_pipeline(args, model, device, gpu_decode=True),
+        "sam3": lambda: step_sam3(args, device),
     }
     report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (dry run)",
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
