@@ -394,6 +394,9 @@ def setup_logging(args: argparse.Namespace | None = None) -> None:
     # Third-party clients log request details (URLs, sometimes headers) at debug level.
     for noisy in ("botocore", "s3fs", "fsspec", "urllib3", "aiobotocore"):
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+    # open_clip and the hub announce every model build and download at INFO: a dozen lines
+    for chatty in ("open_clip", "root", "huggingface_hub", "timm"):
+        logging.getLogger(chatty).setLevel(max(level, logging.WARNING))
 
 
 def exit_on_user_errors(main: Callable[..., int | None]) -> Callable[..., int]:

@@ -373,14 +373,17 @@ def main(argv: list[str] | None = None) -> int:
         from . import visualize
 
         # Beside the labels when --output was given (under `ray job submit` the working dir is
-        # a temporary copy), else in outputs/sample/.
-        overlays = (
-            f"{args.output.rstrip('/')}/overlays"
+        # a temporary copy), else in outputs/sample/: overlays/ and areas.png there.
+        preview = (
+            f"{args.output.rstrip('/')}/preview"
             if args.output
-            else os.path.abspath(os.path.join(SAMPLE_ROOT, "overlays"))
+            else os.path.abspath(SAMPLE_ROOT)
         )
-        visualize.main(["--labels", summary.output, "--out", overlays, "--quiet"])
-        print(f"Overlays: {overlays}/overlays/  (areas.png: pixel area per class)", file=sys.stderr)
+        visualize.main(
+            ["--labels", summary.output, "--out", preview, "--quiet", "--no-progress"]
+        )
+        print(f"Overlays: {preview}/overlays/  (areas.png beside: pixel area per class)",
+              file=sys.stderr)  # fmt: skip
     return status
 
 

@@ -1,16 +1,19 @@
 """``python -m jobs.review``: choose which pseudo-labelled images a person should look at.
 
 Without ground truth, each labelled (ok) image of a run is scored by cheap signals read from
-its row, and one expensive one computed for a few candidates only:
+its row (the default strategies), and, when asked for, one expensive one computed for a
+budget of candidates only:
 
 * ``low-confidence``: the lowest mean confidence first;
 * ``uncertain-area``: the largest share of pixels whose confidence is under
   ``--confidence-threshold``;
 * ``disagreement``: the share of pixels whose stored label differs from the label another
   training-free method (``--compare-method``, default ``naclip``) gives with the run's own
-  CLIP model and weights (``cliptrase.Segmentor.variant``). Only ``--candidates`` images are
-  re-segmented: the least confident ones and a seeded random sample of the others, so that
-  confident-but-inconsistent labels can be found too;
+  model and weights. It re-segments images (10-40x the labelling's cost per image on a
+  CPU), so it is not a default: ask for it with ``--strategies ...,disagreement``; only
+  ``--compare-budget`` images are re-segmented (the least confident ones and a seeded random
+  sample of the others, so that confident-but-inconsistent labels can be found too), and the
+  cost is printed before it starts;
 * ``rare-class``: images showing the classes that are rarest in the run, stratified: the
   classes take turns, rarest first, so every class present gets a share of the selection;
 * ``random``: a seeded uniform sample (an unbiased audit; not in the default list).
@@ -53,7 +56,8 @@ from .selection import (
 log = logging.getLogger("jobs.review")
 
 STRATEGIES = ("low-confidence", "uncertain-area", "disagreement", "rare-class", "random")
-DEFAULT_STRATEGIES = ("low-confidence", "uncertain-area", "disagreement", "rare-class")
+# The strategies that read only the rows: re-segmenting (disagreement) is opt-in.
+DEFAULT_STRATEGIES = ("low-confidence", "uncertain-area", "rare-class")
 SCORE_COLUMNS = (
     "image_id",
     "shard_id",
@@ -466,7 +470,7 @@ class ReviewOptions:
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     confidence_threshold: float = 0.5
     compare_method: str = "naclip"
-    candidates: int | None = None  # images re-segmented for disagreement; None: max(4n, 64)
+    candidates: int | None = None  # the compare budget: images re-segmented; None: max(4n, 64)
     rare_min_share: float = 0.01
 
 
@@ -489,18 +493,25 @@ def validate_options(options: ReviewOptions) -> None:
     if not 0.0 < options.confidence_threshold <= 1.0:
         raise _cli.CliError("--confidence-threshold must be within (0, 1]")
     if options.candidates is not None and options.candidates <= 0:
-        raise _cli.CliError("--candidates must be positive")
+        raise _cli.CliError("--compare-budget must be positive")
     if not 0.0 <= options.rare_min_share < 1.0:
         raise _cli.CliError("--rare-min-share must be within [0, 1)")
     parse_strategies(options.strategies)
-    if "disagreement" in options.strategies:
-        from cliptrase.config import ALL_METHOD_NAMES
+    from cliptrase.config import ALL_METHOD_NAMES
 
-        if options.compare_method not in ALL_METHOD_NAMES:
-            raise _cli.CliError(
-                f"unknown --compare-method {options.compare_method!r}; known: "
-                f"{', '.join(ALL_METHOD_NAMES)}"
-            )
+    # checked whether or not disagreement is asked for: a typo is a typo
+    if options.compare_method not in ALL_METHOD_NAMES:
+        raise _cli.CliError(
+            f"unknown --compare-method {options.compare_method!r}; known: "
+            f"{', '.join(ALL_METHOD_NAMES)}"
+        )
+
+
+def _cost_hint(run: LabelledRun, images: int) -> str:
+    """``"; ~Xs at this run's rate"`` from the run's own summary, where it says."""
+    summary = run.store.read_json(run.layout.summary_path) or {}
+    rate = summary.get("images_per_s") or 0
+    return f" (~{images / rate:.0f}s at this run's labelling rate)" if rate else ""
 
 
 def select(
@@ -533,6 +544,13 @@ def select(
     if "disagreement" in options.strategies:
         count = options.candidates or max(4 * n, 64)
         candidates = disagreement_candidates(images, min(count, len(images)))
+        print(
+            f"disagreement: re-segmenting {len(candidates)} of {len(images)} images with "
+            f"{options.compare_method} (--compare-budget): each costs about as much as "
+            f"labelling it again{_cost_hint(run, len(candidates))}",
+            file=sys.stderr,
+            flush=True,
+        )
         segmentor = segmentor_factory()
         compared = compute_disagreement(
             scores, candidates, segmentor, storage_options, batch_size, progress
@@ -729,8 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--strategies",
         default=",".join(DEFAULT_STRATEGIES),
-        help=f"comma-separated, taking turns in this order (default {','.join(DEFAULT_STRATEGIES)}; "
-        f"also 'random', or 'all')",
+        help=f"comma-separated, taking turns in this order (default {','.join(DEFAULT_STRATEGIES)}: "
+        "the ones that read only the rows; also 'disagreement', which re-segments up to "
+        "--compare-budget images, 'random', or 'all')",
     )
     parser.add_argument(
         "--confidence-threshold",
@@ -744,10 +763,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the other method of the disagreement strategy (default naclip)",
     )
     parser.add_argument(
+        "--compare-budget",
         "--candidates",
+        dest="candidates",
         type=int,
         default=None,
-        help="images to re-segment for disagreement (default max(4n, 64))",
+        metavar="N",
+        help="disagreement: re-segment at most N images (default max(4n, 64))",
     )
     parser.add_argument(
         "--rare-min-share",

@@ -480,7 +480,7 @@ class LabelStudioWriter(_Writer):
         super().__init__(folder, run, options)
         self.tasks: list[dict] = []
         meta = run.metadata
-        version = f"cliptrase-{meta.get('method')}-{meta.get('model')}-{meta.get('config_hash')}"
+        version = f"{meta.get('method')}-{meta.get('model')}-{meta.get('config_hash')}"
         self.model_version = version + ("-RANDOM" if run.random_weights else "")
 
     def write(self, item: ReviewItem) -> None:
@@ -716,6 +716,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             else ""
         )
     )
+    if args.format == "labelstudio" and not args.image_url_prefix:
+        print(
+            "Label Studio: the tasks' image URLs are relative (images/<name>). Serve this "
+            "folder to Label Studio and pass its URL prefix with --image-url-prefix, e.g. "
+            "'/data/local-files/?d=review/labelstudio/' with local files serving "
+            "(docs/review.md, 'Label Studio')",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -22,7 +22,7 @@ COMMANDS = [
     "python -m jobs.label --sample --random-weights --model ViT-Tiny-16-test",
     "python -m jobs.export --labels outputs/sample/labels --out outputs/sample/mmseg --format folder --min-confidence 0.5",
     "python -m jobs.export --labels outputs/sample/labels --out outputs/sample/hf --format hf",
-    "python -m jobs.visualize --labels outputs/sample/labels --out outputs/sample/overlays",
+    "python -m jobs.visualize --labels outputs/sample/labels --out outputs/sample",
     "python -m jobs.review --labels outputs/sample/labels -n 50 --format cvat,labelstudio",
     "python -m jobs.review_export --labels outputs/sample/labels --selection auto --format fiftyone --out outputs/sample/review/fiftyone",
     "python -m jobs.report --labels outputs/sample/labels --out outputs/sample/report",
@@ -75,5 +75,6 @@ def test_the_readme_commands_work_as_pasted(checkout, tmp_path):
     sample = checkout / "outputs" / "sample"
     assert list(sample.glob("labels/*/shards/*.parquet"))
     assert (sample / "report" / "report.html").is_file()
-    assert list((sample / "overlays" / "overlays").rglob("*.png"))
+    assert list((sample / "overlays").rglob("*.png")) and (sample / "areas.png").is_file()
+    assert not (sample / "overlays" / "overlays").exists()
     assert list((sample / "hf").rglob("*.parquet")) and list((sample / "mmseg").rglob("*.png"))

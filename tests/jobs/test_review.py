@@ -255,6 +255,19 @@ def test_cli_writes_selection_beside_the_run_and_exports_it(planted):
     tasks = json.load(open(f"{review_dir}/labelstudio/tasks.json"))
     assert [t["data"]["image_id"] for t in tasks] == [e["image_id"] for e in doc["selected"]]
     assert _cli.RANDOM_WEIGHTS_BANNER in proc.stdout and "selected 4 of 12" in proc.stdout
+    # the re-segmentation's size and cost are said before it starts
+    assert f"disagreement: re-segmenting 12 of 12 images with {COMPARE} (--compare-budget)" in (
+        proc.stderr
+    )
+    assert "open_clip" not in proc.stderr  # no model-build chatter at INFO
+
+
+def test_the_default_strategies_read_only_the_rows():
+    from jobs.review import DEFAULT_STRATEGIES, build_parser
+
+    assert "disagreement" not in DEFAULT_STRATEGIES
+    args = build_parser().parse_args(["--labels", "x", "-n", "3", "--compare-budget", "5"])
+    assert args.strategies == "low-confidence,uncertain-area,rare-class" and args.candidates == 5
 
 
 @pytest.mark.parametrize(
