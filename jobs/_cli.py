@@ -395,8 +395,15 @@ def setup_logging(args: argparse.Namespace | None = None) -> None:
     for noisy in ("botocore", "s3fs", "fsspec", "urllib3", "aiobotocore"):
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
     # open_clip and the hub announce every model build and download at INFO: a dozen lines
-    for chatty in ("open_clip", "root", "huggingface_hub", "timm"):
+    for chatty in ("open_clip", "huggingface_hub", "timm"):
         logging.getLogger(chatty).setLevel(max(level, logging.WARNING))
+    for handler in logging.getLogger().handlers:  # open_clip logs through the root logger
+        handler.addFilter(_quiet_open_clip)
+
+
+def _quiet_open_clip(record: logging.LogRecord) -> bool:
+    from_open_clip = f"{os.sep}open_clip{os.sep}" in (record.pathname or "")
+    return not (from_open_clip and record.levelno < logging.WARNING)
 
 
 def exit_on_user_errors(main: Callable[..., int | None]) -> Callable[..., int]:

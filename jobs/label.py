@@ -256,10 +256,17 @@ def _cpus_per_actor(args: argparse.Namespace, gpus_per_actor: float, free_cpus: 
     return 1.0
 
 
-def config_from_args(args: argparse.Namespace, options: dict, free_cpus: float | None = None):
+def config_from_args(
+    args: argparse.Namespace,
+    options: dict,
+    free_cpus: float | None = None,
+    planning: bool = False,
+):
     """The pipeline's RunConfig for these arguments (Ray must be up for the GPU default).
 
-    ``free_cpus``: the free CPUs of a one-machine Ray (:func:`_free_cpus_of_one_machine`)."""
+    ``free_cpus``: the free CPUs of a one-machine Ray (:func:`_free_cpus_of_one_machine`).
+    ``planning``: without Ray, for listing what a run would do (its config hash and inputs are
+    the run's; its resources are not)."""
     from pipeline import FlossSpec, RunConfig, SegmentorSpec, SourceSpec
 
     if args.method not in ALL_METHOD_NAMES and not is_plugin_method(args.method):
@@ -278,8 +285,14 @@ def config_from_args(args: argparse.Namespace, options: dict, free_cpus: float |
 
         if inputs:
             raise _cli.CliError("--sample labels the bundled photos; give no INPUT with it")
-        image_dir = os.path.abspath(os.path.join(SAMPLE_ROOT, "images"))
-        write_sample_images(image_dir)
+        # Beside the labels when --output is given: under `ray job submit` the working
+        # directory is a temporary copy, which Ray deletes, and the rows name these files.
+        image_dir = (
+            f"{output.rstrip('/')}/_sample_images"
+            if output
+            else os.path.abspath(os.path.join(SAMPLE_ROOT, "images"))
+        )
+        write_sample_images(image_dir, options)
         inputs = [image_dir]
         output = output or os.path.abspath(os.path.join(SAMPLE_ROOT, "labels"))
     if not inputs:
@@ -323,8 +336,9 @@ def config_from_args(args: argparse.Namespace, options: dict, free_cpus: float |
             top_k=args.floss_top_k,
             seed=args.floss_seed,
         )
-        gpus_per_actor = _gpus_per_actor(args)
-        _warn_about_cpu_actors(args, gpus_per_actor)
+        gpus_per_actor = 0.0 if planning else _gpus_per_actor(args)
+        if not planning:
+            _warn_about_cpu_actors(args, gpus_per_actor)
         return RunConfig(
             inputs=tuple(inputs),
             floss=floss,
@@ -355,19 +369,29 @@ def main(argv: list[str] | None = None) -> int:
     _cli.resolve_weights(*_cli.model_and_weights(args), method=args.method)
     import ray
 
-    # Connects to RAY_ADDRESS when set (ray job submit sets it), else starts a local Ray.
-    started = not ray.is_initialized()
-    if started:
-        ray.init(logging_level=logging.WARNING, log_to_driver=True)
-    try:
-        free_cpus = _free_cpus_of_one_machine() if args.sample else None
-        config = config_from_args(args, options, free_cpus)
-        if random_weights(config):
-            log.warning("%s: %s", config.segmentor.model, _cli.RANDOM_WEIGHTS_BANNER)
-        summary = run_pipeline(config, args)
-    finally:
+    import pipeline
+
+    planning = config_from_args(args, options, planning=True)
+    check_working_dir(planning)
+    shards, pending = pipeline.plan(planning)
+    if not pending:  # a re-run with nothing new: no Ray, and the last run's summary stays
+        config = planning
+        summary = run_pipeline(config, args, shards=shards)
+    else:
+        # Connects to RAY_ADDRESS when set (ray job submit sets it), else starts a local Ray.
+        started = not ray.is_initialized()
         if started:
-            ray.shutdown()
+            where = os.environ.get("RAY_ADDRESS") or "a local Ray"
+            print(f"{len(pending)} shards to label: starting {where} ...", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        try:
+            free_cpus = _free_cpus_of_one_machine() if args.sample else None
+            config = config_from_args(args, options, free_cpus)
+            summary = run_pipeline(config, args, shards=shards)
+        finally:
+            if started:
+                ray.shutdown()
     status = report(summary, config, args.max_error_rate)
     if args.sample and status == 0:
         from . import visualize
@@ -387,12 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def run_pipeline(config, args: argparse.Namespace):
+def run_pipeline(config, args: argparse.Namespace, shards=None):
     """``pipeline.run``, with a segmentor that cannot start turned into a message to act on."""
     import pipeline
 
     try:
-        return pipeline.run(config, progress=not args.no_progress)
+        return pipeline.run(config, shards=shards, progress=not args.no_progress)
     except RuntimeError as err:
         raise _cli.CliError(_explain_run_failure(err, args)) from None
 
@@ -411,6 +435,9 @@ def report(summary, config, max_error_rate: float) -> int:
         f"({summary.images_per_s:.2f} images/s)",
         file=sys.stderr,
     )
+    if summary.nothing_to_do:
+        print(f"nothing new: all {summary.shards_total} shards were committed before",
+              file=sys.stderr)  # fmt: skip
     print(
         f"Parquet: {summary.output}/shards/  (summary.json, manifest.json beside)", file=sys.stderr
     )
@@ -427,6 +454,29 @@ def report(summary, config, max_error_rate: float) -> int:
         )
         return 1
     return 0
+
+
+def check_working_dir(config) -> None:
+    """Refuse local paths inside a Ray job's temporary working directory.
+
+    ``ray job submit --working-dir .`` runs the job in a copy of that folder, which Ray deletes
+    later: outputs written there vanish, and rows would name source images that vanish too
+    (export, review and report then "cannot read the source image"). Such paths are relative
+    ones, resolved on the cluster; give absolute paths (readable by every node) or URIs.
+    """
+    job_dir = os.path.realpath(os.getcwd())
+    if not os.environ.get("RAY_JOB_ID") and "working_dir_files" not in job_dir:
+        return
+    for flag, uri in [("INPUT", u) for u in config.inputs] + [("--output", config.output)]:
+        if "://" in uri:
+            continue
+        path = os.path.realpath(uri)
+        if path == job_dir or path.startswith(job_dir + os.sep):
+            raise _cli.CliError(
+                f"{flag} {uri} is inside this Ray job's temporary working directory "
+                f"({job_dir}), which Ray deletes after the job: give an absolute path every "
+                "node can read, or a URI such as s3://bucket/prefix/"
+            )
 
 
 def random_weights(config) -> bool:

@@ -22,14 +22,20 @@ SAMPLE_CLASSES = ("person", "cat", "cup", "rocket", "motorcycle", "camera", "fla
 SAMPLE_BACKGROUND = ("background", "sky", "wall", "floor", "grass", "tree", "building")
 
 
-def write_sample_images(directory: str) -> list[str]:
-    """Write the sample photos as JPEG files into ``directory``; return their paths (sorted)."""
-    os.makedirs(directory, exist_ok=True)
-    paths = []
+def write_sample_images(directory: str, storage_options: dict | None = None) -> list[str]:
+    """Write the sample photos as JPEG files into ``directory`` (a local folder or any fsspec
+    URI); return their URIs (sorted)."""
+    import io
+
+    from pipeline.store import output_folder
+
+    folder = output_folder(directory, storage_options)
+    uris = []
     for name, load in SAMPLE_PHOTOS.items():
-        path = os.path.join(directory, f"{name}.jpg")
-        if not os.path.exists(path):
-            pixels = np.asarray(load())
-            Image.fromarray(pixels).save(path, quality=95)
-        paths.append(path)
-    return sorted(paths)
+        relative = f"{name}.jpg"
+        if not folder.store.fs.exists(folder.path(relative)):
+            buf = io.BytesIO()
+            Image.fromarray(np.asarray(load())).save(buf, format="JPEG", quality=95)
+            folder.put(relative, buf.getvalue())
+        uris.append(folder.uri(relative) if "://" in directory else os.path.join(directory, relative))
+    return sorted(uris)

@@ -65,32 +65,47 @@ def main(argv: list[str] | None = None) -> int:
         raise _cli.CliError("--lease-ttl must be positive")
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(logging_level=logging.WARNING)
+    import pipeline
+
+    started_ray = False
     status = 0
     try:
-        config = config_from_args(args, options)
-        config = dataclasses.replace(config, lease_ttl_s=args.lease_ttl)
-        tick = 0
+        planning = dataclasses.replace(
+            config_from_args(args, options, planning=True), lease_ttl_s=args.lease_ttl
+        )
+        ticks = 0
         while True:
-            tick += 1
+            ticks += 1
             began = time.monotonic()
-            log.info("tick %d: listing %s", tick, ", ".join(config.inputs))
-            summary = run_pipeline(config, args)
-            log.info(
-                "tick %d: %d new shards labelled, %d already done, %d leased by another run",
-                tick,
-                summary.shards_done,
-                summary.shards_skipped,
-                summary.shards_leased_elsewhere,
-            )
-            status = max(status, report(summary, config, args.max_error_rate))
-            if not args.every or (args.max_ticks is not None and tick >= args.max_ticks):
+            # numbered across invocations: the runs the output's manifest records, plus one
+            tick = pipeline.runner.runs_recorded(planning) + 1
+            log.info("tick %d: listing %s", tick, ", ".join(planning.inputs))
+            shards, pending = pipeline.plan(planning)
+            if not pending:  # no Ray for nothing: recorded as an idle tick, summary untouched
+                pipeline.run(planning, shards=shards, progress=False)
+                log.info("tick %d: nothing new (%d shards, all committed)", tick, len(shards))
+            else:
+                if not ray.is_initialized():
+                    log.info("tick %d: %d new shards; starting Ray", tick, len(pending))
+                    ray.init(logging_level=logging.WARNING)
+                    started_ray = True
+                config = dataclasses.replace(
+                    config_from_args(args, options), lease_ttl_s=args.lease_ttl
+                )
+                summary = run_pipeline(config, args, shards=shards)
+                log.info(
+                    "tick %d: %d new shards labelled, %d already done, %d leased by another run",
+                    tick,
+                    summary.shards_done,
+                    summary.shards_skipped,
+                    summary.shards_leased_elsewhere,
+                )
+                status = max(status, report(summary, config, args.max_error_rate))
+            if not args.every or (args.max_ticks is not None and ticks >= args.max_ticks):
                 break
             time.sleep(max(0.0, args.every - (time.monotonic() - began)))
     finally:
-        if started:
+        if started_ray:
             ray.shutdown()
     return status
 

@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         raise _cli.CliError("--alpha must be within 0..1")
     run = _cli.open_run(args.labels, options, args.config_hash)
-    if run.random_weights:
+    if run.random_weights and not args.quiet:
         print(_cli.RANDOM_WEIGHTS_BANNER)
     progress = not (args.no_progress or args.quiet)
     written = (

@@ -11,7 +11,7 @@ from .config import FlossSpec, RunConfig, SegmentorSpec, SourceSpec, VocabularyS
 from .formats import ImageRecord, InvalidShardError
 from .ledger import committed_shard_ids, pending_shards
 from .outputs import decode_masks, list_runs, open_run, read_rows, read_run_metadata
-from .runner import RunSummary, run
+from .runner import RunSummary, plan, run
 from .sink import SCHEMA
 from .sources import Shard, list_shards, read_shard
 from .worker import ShardResult
@@ -34,6 +34,7 @@ __all__ = [
     "list_shards",
     "open_run",
     "pending_shards",
+    "plan",
     "read_rows",
     "read_run_metadata",
     "read_shard",

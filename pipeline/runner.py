@@ -53,6 +53,7 @@ class RunSummary:
     shards_skipped: int = 0  # already committed before (or by a concurrent run)
     shards_failed: int = 0
     shards_leased_elsewhere: int = 0  # a live lease of another run: left to it
+    nothing_to_do: bool = False  # every shard was committed already: no Ray, no actor
     shard_retries: int = 0  # attempts requeued after an actor died or a shard raised
     stalled_actors: int = 0  # stopped after no progress within stall_timeout_s
     images_ok: int = 0
@@ -80,8 +81,10 @@ def run(
 ) -> RunSummary:
     """Label every pending shard of ``config.inputs`` (or of ``shards``); return the summary.
 
-    Committed shards are skipped, so re-running the same config resumes; ``summary.json`` and a
-    new entry in ``manifest.json`` are written under ``<output>/<config_hash>/`` either way.
+    Committed shards are skipped, so re-running the same config resumes. Every run gets an
+    entry in ``manifest.json`` under ``<output>/<config_hash>/``; ``summary.json`` is the
+    latest run that labelled something: a run with nothing to do (a scheduler tick that found
+    no new shard) starts no Ray and is recorded as such, leaving the summary alone.
     """
     started = datetime.now(timezone.utc)
     started_at, run_id = started.isoformat(), new_run_id(started)
@@ -133,7 +136,9 @@ def run(
             if started_ray:
                 ray.shutdown()
     _finish(summary, t0)
-    with_retries(write_summary, layout, summary.to_dict())
+    summary.nothing_to_do = not pending
+    if pending:
+        with_retries(write_summary, layout, summary.to_dict())
     with_retries(
         record_run,
         layout,
@@ -147,6 +152,29 @@ def run(
         },
     )
     return summary
+
+
+def plan(config: RunConfig) -> tuple[list[Shard], list[Shard]]:
+    """``(shards, pending)`` of ``config``'s inputs, without Ray: what a run would label."""
+    layout = RunLayout.open(
+        config.output, config.config_hash(), config.storage_options, config.storage_timeout_s
+    )
+    with_retries(layout.makedirs)
+    shards = with_retries(
+        list_shards, config.inputs, config.storage_options, config.source, FolderBatchLog(layout)
+    )
+    committed = with_retries(committed_shard_ids, layout)
+    return shards, [s for s in shards if s.shard_id not in committed]
+
+
+def runs_recorded(config: RunConfig) -> int:
+    """How many runs (scheduler ticks) the output's manifest records for ``config``."""
+    from .ledger import read_manifest
+
+    layout = RunLayout.open(
+        config.output, config.config_hash(), config.storage_options, config.storage_timeout_s
+    )
+    return len((with_retries(read_manifest, layout) or {}).get("runs") or [])
 
 
 def _ensure_ray() -> bool:

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,8 +163,10 @@ class ShardLabeler:
         if limit is None or limit > (Image.MAX_IMAGE_PIXELS or 0):
             # Pillow refuses above 2x its global limit before our own check can run.
             Image.MAX_IMAGE_PIXELS = limit
-        # device "auto": a logical Ray GPU on a CPU box gives a CPU model (torch sees none)
-        self.segmentor: Segmentor = config.segmentor.build(config.storage_options)
+        # device "auto": a logical Ray GPU on a CPU box gives a CPU model (torch sees none).
+        # Random weights are announced once, by the driver: not again by every actor.
+        with _without_random_weights_notices():
+            self.segmentor: Segmentor = config.segmentor.build(config.storage_options)
         self.config_hash = config.config_hash()
         self.layout = RunLayout.open(
             config.output, self.config_hash, config.storage_options, config.storage_timeout_s
@@ -523,6 +525,27 @@ def _ok_row(
             exif_transposed=seen.exif_transposed,
             decode_ms=seen.decode_ms,
         )
+
+
+class _RandomWeightsNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "RANDOM weights" not in message and "No pretrained weights loaded" not in message
+
+
+@contextmanager
+def _without_random_weights_notices():
+    """The model libraries' own "random weights" warnings, dropped while a segmentor is built
+    in an actor (the driver says it once, in every output too)."""
+    notice = _RandomWeightsNotice()
+    loggers = [logging.getLogger(), logging.getLogger("cliptrase")]
+    for logger in loggers:
+        logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notice)
 
 
 def _done(row: dict | Future) -> bool:

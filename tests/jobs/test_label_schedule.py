@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import fsspec
 import pyarrow.parquet as pq
@@ -115,6 +118,23 @@ def test_schedule_labels_only_new_shards_tick_by_tick(s3, tmp_path):
     )
     assert [r["shards_done"] for r in manifest["runs"]] == [2, 1]
     assert manifest["committed_shards"] == 3
+
+    # A tick that finds nothing new starts no Ray, is recorded as a tick, and leaves the last
+    # labelling run's summary.json as it was; ticks are numbered across invocations.
+    root = f"corpus/labels-sched/{tick2['config_hash']}"
+    summary_before = s3["fs"].cat_file(f"{root}/summary.json")
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    try:
+        idle = run_job("jobs.schedule", *args, env={"RAY_TMPDIR": ray_tmp})
+        assert not any(Path(ray_tmp).iterdir()), "the idle tick started a Ray session"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert "tick 3: nothing new (3 shards, all committed)" in idle.stderr
+    assert summaries(idle.stdout) == []  # no run summary printed for an idle tick
+    s3["fs"].invalidate_cache()
+    assert s3["fs"].cat_file(f"{root}/summary.json") == summary_before
+    runs = json.loads(s3["fs"].cat_file(f"{root}/manifest.json"))["runs"]
+    assert [(r["shards_done"], r["nothing_to_do"]) for r in runs[2:]] == [(0, True)]
 
 
 def test_two_concurrent_ticks_label_each_shard_once(s3, tmp_path):

@@ -112,3 +112,18 @@ def test_ray_job_submit_runs_the_sample_job_with_token_auth(head, tmp_path):
     assert files, list(output.rglob("*"))
     table = pq.read_table(files[0])
     assert table.num_rows >= 1 and set(table.column("status").to_pylist()) == {"ok"}
+    # the sample photos live beside the labels, not in Ray's temporary copy of the working
+    # directory (deleted after the job): the rows' source images stay readable
+    paths = {u.removeprefix("file://") for u in table.column("source_uri").to_pylist()}
+    assert all(p.startswith(str(output / "_sample_images")) for p in paths), paths
+    assert all(Path(p).is_file() for p in paths)
+
+    relative = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+         "python", "-m", "jobs.label", "tests", "--output", "relative-labels", "--classes",
+         "cat", "--random-weights", "--model", "ViT-Tiny-16-test", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    said = relative.stdout + relative.stderr
+    assert relative.returncode != 0
+    assert "INPUT tests is inside this Ray job's temporary working directory" in said, said[-3000:]
