@@ -35,11 +35,12 @@ from pipeline.png import encode_png
 from pipeline.store import OutputFolder, output_folder
 
 from . import _cli
-from .files import safe_name, training_image
+from .files import ExportNames, training_image
 
 log = logging.getLogger("jobs.export")
 
 IGNORE_INDEX = 255
+IGNORED_WARNING = 0.25  # more ignored pixels than this gets a word: see --min-confidence
 ROWS_PER_BATCH = 64  # rows decoded at a time; also the row-group size of the HF files
 
 
@@ -104,7 +105,7 @@ class ExportOptions:
     split: str = "train"
     min_confidence: float = 0.5
     ignore_index: int = IGNORE_INDEX
-    include_images: bool = False
+    include_images: bool = True  # a trainer needs the images beside the masks
     image_format: str = "original"
 
 
@@ -335,6 +336,7 @@ def export(
             description = f"{_cli.RANDOM_WEIGHTS_BANNER}. {description}"
         writer = HfWriter(folder, options, run, description)
     columns = list(ROW_COLUMNS)
+    names = ExportNames()
     try:
         for number, shard_id in enumerate(
             tqdm(run.shard_ids, desc="export", unit="shard", disable=not progress)
@@ -351,7 +353,7 @@ def export(
                     mask, ignored = training_mask(
                         row, options.min_confidence, options.ignore_index, dtype
                     )
-                    writer.write(row, safe_name(row["image_id"]), mask, encode_png(mask), image)
+                    writer.write(row, names(row["image_id"]), mask, encode_png(mask), image)
                     summary.exported += 1
                     summary.pixels += mask.size
                     summary.ignored_pixels += ignored
@@ -434,20 +436,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--include-images",
         action="store_true",
         default=None,
-        help="also copy the source images (read from each row's source_uri); the default "
-        "for --format hf, so the dataset is trainable as exported",
+        help="copy the source images beside the masks (read from each row's source_uri; the "
+        "default, so the dataset is trainable as exported)",
     )
     images.add_argument(
         "--no-images",
         dest="include_images",
         action="store_false",
-        help="masks only (the default for --format folder)",
+        help="masks only (the images stay where the rows' source_uri say)",
     )
     parser.add_argument(
         "--image-format",
         choices=("original", "png", "jpg"),
         default="original",
-        help="with --include-images: keep the source encoding (default) or re-encode all "
+        help="the images' encoding: keep the source's (default) or re-encode all "
         "(mmsegmentation wants one image suffix per dataset)",
     )
     parser.add_argument("--split", default="train", help="split name in paths (default train)")
@@ -467,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         split=args.split,
         min_confidence=args.min_confidence,
         ignore_index=args.ignore_index,
-        include_images=args.format == "hf" if args.include_images is None else args.include_images,
+        include_images=True if args.include_images is None else args.include_images,
         image_format=args.image_format,
     )
     summary = export(
@@ -481,8 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if summary.random_weights:
         print(_cli.RANDOM_WEIGHTS_BANNER)
     print(
-        f"exported {summary.exported} images ({args.format}) to {args.out}; skipped "
-        f"{summary.skipped_error} error rows"
+        f"exported {summary.exported} images ({args.format}"
+        + (", with their source images" if export_options.include_images else ", masks only")
+        + f") to {args.out}; skipped {summary.skipped_error} error rows"
         + (
             f", {summary.skipped_no_image} unreadable source images"
             if export_options.include_images
@@ -490,6 +493,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         + f"; ignored pixels (confidence < {args.min_confidence}): {summary.ignored_fraction:.1%}"
     )
+    if summary.ignored_fraction > IGNORED_WARNING:
+        print(
+            f"warning: {summary.ignored_fraction:.0%} of the pixels are below --min-confidence "
+            f"{args.min_confidence} and carry the ignore index {args.ignore_index}: a trainer "
+            "learns nothing from them. Lower --min-confidence to keep more"
+            + (" (these are RANDOM weights: their confidence means nothing)"
+               if summary.random_weights else "")  # fmt: skip
+            + "; docs/export.md says how it is computed.",
+            file=sys.stderr,
+        )
     return 0
 
 

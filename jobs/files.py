@@ -62,3 +62,27 @@ def training_image(data: bytes, exif_transposed: bool, image_format: str = "orig
     buf = io.BytesIO()
     image.save(buf, format=target, **({"quality": 95} if target == "JPEG" else {}))
     return buf.getvalue(), _IMAGE_EXTENSIONS.get(target, f".{target.lower()}")
+
+
+class ExportNames:
+    """The file name (no extension) of each exported image: its id made safe, without the
+    image extension a loose file's key ends with (``rocket.jpg`` is exported as
+    ``rocket.jpg`` and ``rocket.png``, not ``rocket.jpg.jpg``). Two ids that would share a
+    name (``a.jpg`` and ``a.png`` in one folder) keep them apart with a hash of the id."""
+
+    def __init__(self):
+        self.taken: set[str] = set()
+
+    def __call__(self, image_id: str) -> str:
+        name = safe_name(image_id)
+        stem, dot, extension = name.rpartition(".")
+        if dot and "/" not in extension and f".{extension.lower()}" in _KEY_EXTENSIONS:
+            name = stem
+        if name in self.taken:
+            digest = hashlib.sha1(image_id.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+            name = f"{name}-{digest}"
+        self.taken.add(name)
+        return name
+
+
+_KEY_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}

@@ -231,7 +231,8 @@ def test_export_cli_reads_and_writes_s3(s3_labels, labelled):
         "--storage-options",
         json.dumps(options),
     )
-    assert "exported 9 images (hf)" in proc.stdout and _cli.RANDOM_WEIGHTS_BANNER in proc.stdout
+    assert "exported 9 images (hf, with their source images)" in proc.stdout
+    assert _cli.RANDOM_WEIGHTS_BANNER in proc.stdout
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(hf))
     assert names == sorted(
@@ -250,3 +251,14 @@ def test_export_cli_reads_and_writes_s3(s3_labels, labelled):
     assert exported == labelled["ok"]
     leaked = [p for p in fs.find(hf) if FAKE_SECRET.encode() in fs.cat_file(p)]
     assert leaked == []
+
+
+def test_export_names_drop_a_loose_files_extension_and_never_collide():
+    from jobs.files import ExportNames
+
+    names = ExportNames()
+    assert names("photos-00000-1a2b3c4d/rocket.jpg") == "photos-00000-1a2b3c4d/rocket"
+    assert names("s/000") == "s/000"  # a tar key has no extension to drop
+    same_stem = names("photos-00000-1a2b3c4d/rocket.png")
+    assert same_stem.startswith("photos-00000-1a2b3c4d/rocket-") and len(same_stem) > 30
+    assert names("s/x.tar.gz") == "s/x.tar.gz"  # not an image extension: kept
