@@ -170,3 +170,41 @@ def test_offline_pretrained_tag_says_how_to_use_a_local_file(tmp_path):
     )
     assert "UNAVAILABLE" in out.stdout, out.stderr[-2000:]
     assert "--weights" in out.stdout and "pretrained=" in out.stdout
+
+
+def test_the_library_fails_offline_as_fast_as_the_cli_with_the_clis_message(
+    monkeypatch, tmp_path
+):
+    """A hub that answers nothing (a closed port on loopback), nothing cached: one TCP probe,
+    then the cache only; no minute of retries. The CLI prints the same line (jobs._cli runs
+    cliptrase.weights and passes its message on)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from huggingface_hub import constants
+
+    import cliptrase
+    import cliptrase.hub
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()
+    monkeypatch.setattr(cliptrase.hub, "HUB_HOST", closed)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test, whatever is set
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    started = time.monotonic()
+    with pytest.raises(cliptrase.WeightsUnavailableError) as err:
+        cliptrase.load_segmentor("ViT-B-16", pretrained="openai")
+    assert time.monotonic() - started < 10.0
+    message = cliptrase.hub.not_cached_message("ViT-B-16/openai")
+    assert str(err.value) == message
+    cli = subprocess.run(
+        [sys.executable, "-m", "cliptrase.weights", "ViT-B-16", "openai"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )  # fmt: skip
+    assert cli.returncode == 2 and cli.stderr.strip() == f"error: {message}"
