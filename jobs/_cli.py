@@ -109,6 +109,18 @@ def open_run(labels: str, storage_options: dict | None = None, config_hash: str 
 
 
 # ------------------------------------------------------------------ arguments
+def default_of(spec: type, name: str):
+    """The default of a config dataclass's field: flags take their defaults from the one
+    place each lives (pipeline.config, cliptrase.config), never repeat them."""
+    import dataclasses
+
+    for field in dataclasses.fields(spec):
+        if field.name == name:
+            if field.default is not dataclasses.MISSING:
+                return field.default
+            return field.default_factory()
+    raise AttributeError(f"{spec.__name__} has no field {name!r}")
+
 def add_storage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage-options",

@@ -25,6 +25,7 @@ from cliptrase.config import ALL_METHOD_NAMES, is_plugin_method
 from pipeline.config import RunConfig
 
 from . import _cli
+from ._cli import default_of
 
 log = logging.getLogger("jobs.label")
 
@@ -57,32 +58,51 @@ def build_parser() -> argparse.ArgumentParser:
     _cli.add_model_args(parser)
     # None: SegmentorSpec's (bf16 on GPU actors, fp32 on the others), without a warning.
     parser.set_defaults(precision=None)
+    _add_method_args(parser)
+    _add_floss_args(parser)
+    _add_source_args(parser)
+    _add_execution_args(parser)
+    _cli.add_job_args(parser)
+    return parser
+
+
+def _add_method_args(parser: argparse.ArgumentParser) -> None:
+    from pipeline.config import SegmentorSpec
+
     method = parser.add_argument_group("method")
     method.add_argument(
         "--max-patches",
         type=_cli.positive_int,
-        default=1344,
-        help="above this many patches an image is labelled in sliding windows (default 1344)",
+        default=default_of(SegmentorSpec, "max_patches"),
+        help="above this many patches an image is labelled in sliding windows (default "
+        "%(default)s)",
     )
     method.add_argument(
         "--confidence-temperature",
         type=float,
-        default=1.0,
+        default=default_of(SegmentorSpec, "confidence_temperature"),
         help="softmax temperature of the per-pixel confidence (default 1: CLIP's own scale)",
     )
     method.add_argument(
         "--resize",
         choices=["torch", "pillow"],
-        default="torch",
+        default=default_of(SegmentorSpec, "resize"),
         help="the bicubic resize to the short side: 'torch' (default; torch's uint8 kernel, "
         "`prepare` ~4x cheaper on the host) or 'pillow' (Pillow's, as the official code and "
         "every run before this option: it finds their output prefixes). ~0.1-1.2%% of resized "
         "pixel values differ by 1-2 levels; labels agree on >99.9%% of pixels "
         "(docs/benchmarks.md)",
     )
-    method.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    method.add_argument(
+        "--seed", type=int, default=default_of(SegmentorSpec, "seed"), help="seed of --random-weights"
+    )
+
+
+def _add_floss_args(parser: argparse.ArgumentParser) -> None:
+    from pipeline.config import FlossSpec
+
     floss = parser.add_argument_group(
-        "FLOSS template experts (any method; docs/methods.md, section FLOSS)"
+        "FLOSS template experts (the CLIP methods; docs/methods.md, section FLOSS)"
     )
     floss.add_argument(
         "--floss",
@@ -94,28 +114,42 @@ def build_parser() -> argparse.ArgumentParser:
     floss.add_argument(
         "--floss-sample",
         type=int,
-        default=64,
+        default=default_of(FlossSpec, "sample"),
         metavar="N",
-        help="images the templates are ranked on (default 64)",
+        help="images the templates are ranked on (default %(default)s)",
     )
     floss.add_argument(
         "--floss-top-k",
         type=int,
-        default=4,
+        default=default_of(FlossSpec, "top_k"),
         metavar="K",
-        help="expert templates kept per class (default 4, as the FLOSS paper)",
+        help="expert templates kept per class (default %(default)s, as the FLOSS paper)",
     )
     floss.add_argument(
-        "--floss-seed", type=int, default=0, help="seed of the sample's draw (default 0)"
+        "--floss-seed",
+        type=int,
+        default=default_of(FlossSpec, "seed"),
+        help="seed of the sample's draw (default %(default)s)",
     )
+
+
+def _add_source_args(parser: argparse.ArgumentParser) -> None:
+    from pipeline.config import SourceSpec
+
     source = parser.add_argument_group("inputs")
-    source.add_argument("--image-column", default="image", help="Parquet inputs: image column")
-    source.add_argument("--id-column", default="id", help="Parquet inputs: id column")
+    source.add_argument(
+        "--image-column", default=default_of(SourceSpec, "image_column"),
+        help="Parquet inputs: image column",
+    )  # fmt: skip
+    source.add_argument(
+        "--id-column", default=default_of(SourceSpec, "id_column"),
+        help="Parquet inputs: id column",
+    )  # fmt: skip
     source.add_argument(
         "--images-per-shard",
         type=_cli.positive_int,
-        default=1000,
-        help="folders of loose images: this many images per output shard (default 1000)",
+        default=default_of(SourceSpec, "images_per_shard"),
+        help="folders of loose images: this many images per output shard (default %(default)s)",
     )
     source.add_argument(
         "--no-jpeg-draft",
@@ -132,9 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--max-image-pixels",
         type=int,
-        default=89_478_485,
-        help="larger images become error rows (decompression-bomb guard; Pillow's default)",
+        default=default_of(SourceSpec, "max_image_pixels"),
+        help="larger images become error rows (decompression-bomb guard; Pillow's default, "
+        "%(default)s)",
     )
+
+
+def _add_execution_args(parser: argparse.ArgumentParser) -> None:
     execution = parser.add_argument_group("execution")
     execution.add_argument(
         "--actors",
@@ -158,16 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     execution.add_argument(
         "--decode-threads",
         type=_cli.positive_int,
-        default=2,
-        help="image decoding threads per actor",
+        default=default_of(RunConfig, "decode_threads"),
+        help="image decoding threads per actor (default %(default)s)",
     )
     execution.add_argument(
-        "--max-retries", type=int, default=3, help="retries of a failed shard (default 3)"
+        "--max-retries",
+        type=int,
+        default=default_of(RunConfig, "max_retries"),
+        help="retries of a failed shard (default %(default)s)",
     )
     execution.add_argument(
         "--storage-timeout",
         type=float,
-        default=RunConfig.storage_timeout_s,
+        default=default_of(RunConfig, "storage_timeout_s"),
         metavar="SECONDS",
         help="deadline of one storage call on an object store, the client's retries included "
         "(default %(default)s; uploads get 1 s more per MiB); past it the call is retried",
@@ -175,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     execution.add_argument(
         "--stall-timeout",
         type=float,
-        default=RunConfig.stall_timeout_s,
+        default=default_of(RunConfig, "stall_timeout_s"),
         metavar="SECONDS",
         help="an actor that makes no progress for this long (a request that never returns) is "
         "stopped and its shards go to the other actors (default %(default)s)",
@@ -186,8 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="exit 1 when more than this fraction of images are error rows (default 1: never)",
     )
-    _cli.add_job_args(parser)
-    return parser
 
 
 def _vocabulary(args: argparse.Namespace, options: dict):
@@ -267,7 +306,7 @@ def config_from_args(
     ``free_cpus``: the free CPUs of a one-machine Ray (:func:`_free_cpus_of_one_machine`).
     ``planning``: without Ray, for listing what a run would do (its config hash and inputs are
     the run's; its resources are not)."""
-    from pipeline import FlossSpec, RunConfig, SegmentorSpec, SourceSpec
+    from pipeline import RunConfig
 
     if args.method not in ALL_METHOD_NAMES and not is_plugin_method(args.method):
         raise _cli.CliError(
@@ -278,6 +317,33 @@ def config_from_args(
             "jobs.label places models with --gpus-per-actor (Ray decides the device); "
             "--device is for in-process jobs"
         )
+    inputs, output = _inputs_and_output(args, options)
+    try:
+        gpus_per_actor = 0.0 if planning else _gpus_per_actor(args)
+        if not planning:
+            _warn_about_cpu_actors(args, gpus_per_actor)
+        return RunConfig(
+            inputs=tuple(inputs),
+            floss=_floss_spec(args),
+            output=output,
+            segmentor=_segmentor_spec(args),
+            vocabulary=_vocabulary(args, options),
+            source=_source_spec(args),
+            num_actors=args.actors,
+            num_gpus_per_actor=gpus_per_actor,
+            num_cpus_per_actor=_cpus_per_actor(args, gpus_per_actor, free_cpus),
+            decode_threads=args.decode_threads,
+            max_retries=args.max_retries,
+            storage_timeout_s=args.storage_timeout,
+            stall_timeout_s=args.stall_timeout,
+            storage_options=options,
+        )
+    except ValueError as err:
+        raise _cli.CliError(str(err)) from None
+
+
+def _inputs_and_output(args: argparse.Namespace, options: dict) -> tuple[list[str], str]:
+    """The INPUTs and --output; for --sample, the bundled photos written out first."""
     inputs = list(args.inputs)
     output = args.output
     if args.sample:
@@ -299,64 +365,60 @@ def config_from_args(
         raise _cli.CliError("give at least one INPUT (a shard URI, glob or folder), or --sample")
     if not output:
         raise _cli.CliError("give --output URI")
+    return inputs, output
+
+
+def _segmentor_spec(args: argparse.Namespace):
+    from pipeline import SegmentorSpec
+
     model, pretrained = _cli.model_and_weights(args)
-    try:
-        segmentor = SegmentorSpec(
-            model=model,
-            pretrained=pretrained,
-            method=args.method,
-            precision=args.precision or SegmentorSpec.precision,
-            short_side=args.short_side,
-            resolution=args.resolution,
-            resize=args.resize,
-            max_patches=args.max_patches,
-            batch_size=args.batch_size,
-            confidence_temperature=args.confidence_temperature,
-            seed=args.seed,
-            trust_pickle=args.trust_pickle,
-        )
-        segmentor.segmentor_config()  # validates sizes now, not in every actor
-        source = SourceSpec(
-            image_column=args.image_column,
-            id_column=args.id_column or None,
-            images_per_shard=args.images_per_shard,
-            max_image_pixels=args.max_image_pixels,
-            jpeg_draft=not args.no_jpeg_draft,
-            gpu_decode=args.gpu_decode,
-        )
-        floss_given = any(
-            getattr(args, name) != default
-            for name, default in (("floss_sample", 64), ("floss_top_k", 4), ("floss_seed", 0))
-        )
-        if floss_given and not args.floss:
-            raise _cli.CliError("--floss-sample, --floss-top-k and --floss-seed need --floss")
-        floss = FlossSpec(
-            enabled=args.floss,
-            sample=args.floss_sample,
-            top_k=args.floss_top_k,
-            seed=args.floss_seed,
-        )
-        gpus_per_actor = 0.0 if planning else _gpus_per_actor(args)
-        if not planning:
-            _warn_about_cpu_actors(args, gpus_per_actor)
-        return RunConfig(
-            inputs=tuple(inputs),
-            floss=floss,
-            output=output,
-            segmentor=segmentor,
-            vocabulary=_vocabulary(args, options),
-            source=source,
-            num_actors=args.actors,
-            num_gpus_per_actor=gpus_per_actor,
-            num_cpus_per_actor=_cpus_per_actor(args, gpus_per_actor, free_cpus),
-            decode_threads=args.decode_threads,
-            max_retries=args.max_retries,
-            storage_timeout_s=args.storage_timeout,
-            stall_timeout_s=args.stall_timeout,
-            storage_options=options,
-        )
-    except ValueError as err:
-        raise _cli.CliError(str(err)) from None
+    segmentor = SegmentorSpec(
+        model=model,
+        pretrained=pretrained,
+        method=args.method,
+        precision=args.precision or SegmentorSpec.precision,
+        short_side=args.short_side,
+        resolution=args.resolution,
+        resize=args.resize,
+        max_patches=args.max_patches,
+        batch_size=args.batch_size,
+        confidence_temperature=args.confidence_temperature,
+        seed=args.seed,
+        trust_pickle=args.trust_pickle,
+    )
+    segmentor.segmentor_config()  # validates sizes now, not in every actor
+    return segmentor
+
+
+def _source_spec(args: argparse.Namespace):
+    from pipeline import SourceSpec
+
+    return SourceSpec(
+        image_column=args.image_column,
+        id_column=args.id_column or None,
+        images_per_shard=args.images_per_shard,
+        max_image_pixels=args.max_image_pixels,
+        jpeg_draft=not args.no_jpeg_draft,
+        gpu_decode=args.gpu_decode,
+    )
+
+
+def _floss_spec(args: argparse.Namespace):
+    from pipeline import FlossSpec
+
+    given = [
+        name
+        for name in ("sample", "top_k", "seed")
+        if getattr(args, f"floss_{name}") != default_of(FlossSpec, name)
+    ]
+    if given and not args.floss:
+        raise _cli.CliError("--floss-sample, --floss-top-k and --floss-seed need --floss")
+    return FlossSpec(
+        enabled=args.floss,
+        sample=args.floss_sample,
+        top_k=args.floss_top_k,
+        seed=args.floss_seed,
+    )
 
 
 @_cli.exit_on_user_errors

@@ -324,7 +324,6 @@ def render_html(
     meta = run.metadata
     names = run.names
     colours = class_colours(names, bool(meta.get("background")))
-    prov = provenance(run)
     title = f"Pseudo-labels {meta.get('config_hash')} · {meta.get('model')}"
     out: list[str] = [
         "<!DOCTYPE html>",
@@ -336,6 +335,27 @@ def render_html(
     ]
     if run.random_weights:
         out.append(f'<div class="random" id="random-banner">{_e(_cli.RANDOM_WEIGHTS_BANNER)}</div>')
+    rows = _summary_rows(run, ok, errors, summary, manifest, selection)
+    out.append('<h2>Summary</h2><table class="kv" id="summary">')
+    out += [f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows]
+    out.append("</table>")
+    out += _manifest_details(manifest)
+    out.append("<h2>Class areas</h2>")
+    out.append(f"<p>Share of the labelled pixels of {ok} images per class.</p>")
+    out.append(area_chart_svg(totals, names, colours))
+    out += _gallery_section(items, selection, lut)
+    out += _errors_section(errors)
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out.append(
+        f"<p><small>Written by <code>python -m jobs.report</code> at {_e(created)}; package "
+        f"{_e(meta.get('package_version'))}.</small></p></body></html>"
+    )
+    return "\n".join(out)
+
+
+def _summary_rows(run, ok, errors, summary, manifest, selection) -> list[tuple[str, str]]:
+    """The summary table: provenance, counts, throughput, runs, the review selection."""
+    prov = provenance(run)
     rows = [
         ("labels", f"<code>{_e(prov['labels'])}</code>"),
         ("config hash", f"<code>{_e(prov['config_hash'])}</code>"),
@@ -346,7 +366,7 @@ def render_html(
             + (" <b>(RANDOM)</b>" if run.random_weights else ""),
         ),
         ("method / precision", f"{_e(prov['method'])} / {_e(prov['precision'])}"),
-        ("classes", _e(", ".join(names))),
+        ("classes", _e(", ".join(run.names))),
         (
             "images",
             f'<span id="count-ok">{ok}</span> ok, '
@@ -357,7 +377,7 @@ def render_html(
     if summary:
         rows.append(
             (
-                "throughput (latest run)",
+                "throughput (latest run that labelled)",
                 f"{summary.get('images_per_s', 0):.2f} images/s; "
                 f"{summary.get('seconds', 0):.1f} s; {summary.get('actors', '?')} actors; "
                 f"model idle {_fraction(summary.get('model_idle_fraction'))}",
@@ -377,28 +397,29 @@ def render_html(
         )
     if selection is not None:
         opts = selection.get("options", {})
+        compared = opts.get("compare_method")
         rows.append(
             (
                 "review selection",
                 f"{len(selection['selected'])} images by "
                 f"{_e(', '.join(opts.get('strategies') or []))} (seed {_e(opts.get('seed'))}"
-                + (
-                    f", compared with {_e(opts.get('compare_method'))}"
-                    if opts.get("compare_method")
-                    else ""
-                )
+                + (f", compared with {_e(compared)}" if compared else "")
                 + f"), {_e(selection.get('created'))}",
             )
         )
-    out.append('<h2>Summary</h2><table class="kv" id="summary">')
-    out += [f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows]
-    out.append("</table>")
+    return rows
+
+
+def _manifest_details(manifest: dict | None) -> list[str]:
+    """The run configuration and every run, folded away."""
+    out = []
     config = (manifest or {}).get("config")
     if config:
         out.append(
             "<details><summary>Run configuration (manifest.json)</summary><pre>"
             f"{_e(json.dumps(config, indent=2, sort_keys=True))}</pre></details>"
         )
+    runs = (manifest or {}).get("runs") or []
     if runs:
         out.append(
             "<details><summary>Runs</summary><table><tr><th>started</th><th>ok</th>"
@@ -412,41 +433,41 @@ def render_html(
                 f"<td>{_e(r.get('shards_failed'))}</td></tr>"
             )
         out.append("</table></details>")
-    out.append("<h2>Class areas</h2>")
-    out.append(f"<p>Share of the labelled pixels of {ok} images per class.</p>")
-    out.append(area_chart_svg(totals, names, colours))
+    return out
+
+
+def _gallery_section(items: list[GalleryItem], selection: dict | None, lut) -> list[str]:
     heading = (
         "in the review selection's order"
         if selection is not None
         else "lowest mean confidence first"
     )
-    out.append(f"<h2>Gallery ({len(items)} images, {heading})</h2>")
-    out.append("<p>Left: the labels over the image. Right: the confidence map.</p>")
-    out.append(colourbar_svg(lut))
-    out.append('<div class="gallery" id="gallery">')
-    for position, item in enumerate(items):
-        out.append(_gallery_item(item, position))
+    out = [
+        f"<h2>Gallery ({len(items)} images, {heading})</h2>",
+        "<p>Left: the labels over the image. Right: the confidence map.</p>",
+        colourbar_svg(lut),
+        '<div class="gallery" id="gallery">',
+    ]
+    out += [_gallery_item(item, position) for position, item in enumerate(items)]
     out.append("</div>")
+    return out
+
+
+def _errors_section(errors: list[dict]) -> list[str]:
     plural = "" if len(errors) == 1 else "s"
-    out.append(f"<h2>Errors ({len(errors)} row{plural})</h2>")
-    if errors:
-        out.append('<table id="errors"><tr><th>image id</th><th>source</th><th>reason</th></tr>')
-        for row in errors[:MAX_ERROR_ROWS]:
-            out.append(
-                f"<tr><td><code>{_e(row['image_id'])}</code></td><td><code>"
-                f"{_e(row['source_uri'])}</code></td><td>{_e(row['error'])}</td></tr>"
-            )
-        out.append("</table>")
-        if len(errors) > MAX_ERROR_ROWS:
-            out.append(f"<p>… and {len(errors) - MAX_ERROR_ROWS} more error rows.</p>")
-    else:
-        out.append("<p>None.</p>")
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    out.append(
-        f"<p><small>Written by <code>python -m jobs.report</code> at {_e(created)}; package "
-        f"{_e(meta.get('package_version'))}.</small></p></body></html>"
-    )
-    return "\n".join(out)
+    out = [f"<h2>Errors ({len(errors)} row{plural})</h2>"]
+    if not errors:
+        return [*out, "<p>None.</p>"]
+    out.append('<table id="errors"><tr><th>image id</th><th>source</th><th>reason</th></tr>')
+    for row in errors[:MAX_ERROR_ROWS]:
+        out.append(
+            f"<tr><td><code>{_e(row['image_id'])}</code></td><td><code>"
+            f"{_e(row['source_uri'])}</code></td><td>{_e(row['error'])}</td></tr>"
+        )
+    out.append("</table>")
+    if len(errors) > MAX_ERROR_ROWS:
+        out.append(f"<p>… and {len(errors) - MAX_ERROR_ROWS} more error rows.</p>")
+    return out
 
 
 def _fraction(value) -> str:

@@ -195,3 +195,52 @@ def test_a_selection_beside_the_run_orders_the_gallery(labelled, selection, tmp_
     assert page.items == [e["image_id"] for e in doc["selected"]]
     assert report.main(["--labels", str(copy), "--out", str(tmp_path / "x"), "--thumb", "3"]) == 2
     assert "--thumb must be within" in capsys.readouterr().err
+
+
+def test_ten_classes_are_drawn_in_ten_distinct_colours_in_chromium(tmp_path):
+    """A run of 10 classes and background: the class-area chart, rendered by Chromium and read
+    back from the screenshot's pixels, shows 11 different colours, background's its own."""
+    from jobs.palette import BACKGROUND
+    from pipeline import sink
+    from pipeline.layout import RunLayout
+
+    names = [f"class {i}" for i in range(10)] + ["background"]
+    layout = RunLayout.open(str(tmp_path / "labels"), "abcdefabcdef")
+    layout.makedirs()
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((44, 40, 3), np.uint8) + 90).save(photo)
+    labels = (np.arange(44 * 40).reshape(44, 40) // 160).astype(np.uint8)  # 11 bands
+    row = sink.ok_row(
+        image_id="s/0", shard_id="s", key="0", source_uri=str(photo), labels=labels,
+        confidence_map=np.full((44, 40), 200, np.uint8),
+        counts=np.bincount(labels.ravel(), minlength=11), exif_transposed=False, windows=1,
+        decode_ms=0.0, segment_ms=0.0,
+    )  # fmt: skip
+    sink.write_shard(layout, "s", [row], {"config_hash": "abcdefabcdef", "names": names,
+                                         "background": ["sky"], "random_weights": True})  # fmt: skip
+    out = tmp_path / "page"
+    assert report.main(["--labels", str(tmp_path / "labels"), "--out", str(out), "-q"]) == 0
+
+    executable = chromium_path()
+    sync_api = require("playwright.sync_api", "Playwright")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto((out / report.REPORT_FILE).resolve().as_uri(), wait_until="load")
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot), full_page=True)
+            bars = page.evaluate(
+                "() => Array.from(document.querySelectorAll('rect[height=\"15\"]')).map(r => {"
+                "const b = r.getBoundingClientRect(); return {fill: r.getAttribute('fill'), "
+                "x: b.x + window.scrollX, y: b.y + window.scrollY, w: b.width, h: b.height}})"
+            )
+        finally:
+            browser.close()
+    assert len(bars) == 11 and len({bar["fill"] for bar in bars}) == 11
+    with Image.open(shot) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    drawn = {tuple(pixels[int(b["y"] + b["h"] / 2), int(b["x"] + min(b["w"], 4) / 2)])
+             for b in bars}  # fmt: skip
+    assert len(drawn) == 11  # eleven colours on screen
+    assert tuple(BACKGROUND) in drawn  # the background bar in background's reserved colour
