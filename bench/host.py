@@ -83,8 +83,8 @@ import pipeline  # noqa: E402
 from cliptrase.segmentor import _to_host  # noqa: E402
 from pipeline import sink  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
+from pipeline.formats import read_shard  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
-from pipeline.sources import read_shard  # noqa: E402
 from pipeline.worker import ShardLabeler  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")

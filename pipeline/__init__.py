@@ -8,12 +8,12 @@ See docs/architecture.md for how sources, decoding, actors, sink and manifest fi
 """
 
 from .config import FlossSpec, RunConfig, SegmentorSpec, SourceSpec, VocabularySpec
-from .formats import ImageRecord, InvalidShardError
+from .formats import ImageRecord, InvalidShardError, Shard, read_shard
 from .ledger import committed_shard_ids, pending_shards
 from .outputs import decode_masks, list_runs, open_run, read_rows, read_run_metadata
 from .runner import RunSummary, plan, run
 from .sink import SCHEMA
-from .sources import Shard, list_shards, read_shard
+from .sources import list_shards
 from .worker import ShardResult
 
 __all__ = [

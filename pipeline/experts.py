@@ -31,11 +31,11 @@ from cliptrase.protocol import RanksTemplates, Segmentor
 
 from .config import RunConfig
 from .decode import decode_image
-from .formats import ImageRecord
+from .formats import ImageRecord, read_shard
 from .layout import RunLayout
 from .leases import new_owner
 from .retries import with_retries
-from .sources import list_shards, read_shard
+from .sources import list_shards
 from .vocabulary import DEFAULT_POLL_S, DEFAULT_STALE_S, DEFAULT_WAIT_S, _Claim, _claim_or_wait
 
 log = logging.getLogger("pipeline")

@@ -27,7 +27,18 @@ import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
     from .config import SourceSpec
-    from .sources import Shard
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work. ``uri`` is the tar/Parquet file (or the folder) with its protocol."""
+
+    shard_id: str
+    kind: str  # a key of FORMATS: "tar" | "parquet" | "files"
+    uri: str
+    path: str  # ``uri`` as its filesystem names it (protocol stripped)
+    root: str = ""  # the input prefix the shard was found under (filesystem path)
+    members: tuple[str, ...] = ()  # "files": the image paths, sorted
 
 ROWS_PER_BATCH = 64
 
@@ -45,8 +56,8 @@ def split_source_uri(uri: str) -> tuple[str, str | None]:
     ``(uri, None)`` (a ``#`` in a loose file's name stays part of it)."""
     if "#" in uri:
         container, fragment = uri.split("#", 1)
-        lower = container.lower()
-        if lower.endswith(".tar") or (lower.endswith(".parquet") and fragment.startswith("row=")):
+        kind = container_format(container)
+        if kind is not None and kind.item_key(fragment) is not None:
             return container, fragment
     return uri, None
 
@@ -400,10 +411,26 @@ class TarFormat:
     up to the first dot of its base name; ``<tar URI>#<member>``."""
 
     kind = "tar"
+    suffix = ".tar"
+
+    @classmethod
+    def claims(cls, name: str) -> bool:
+        """Whether a listed file is a shard of this kind (its name, lower-cased)."""
+        return name.lower().endswith(cls.suffix)
 
     @staticmethod
     def read_shard(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
         return _read_tar(shard, fs, source)
+
+    @staticmethod
+    def item_key(fragment: str) -> str | None:
+        """The item a source URI's fragment names (None: not this kind's grammar)."""
+        return fragment
+
+    @staticmethod
+    def items(container: str, storage_options: dict, image_column: str):
+        """``(item key, bytes or a reader)`` of every item, in order: read-back by URI."""
+        return _tar_members(container, storage_options)
 
 
 class ParquetFormat:
@@ -411,10 +438,23 @@ class ParquetFormat:
     an optional id column; ``<parquet URI>#row=<n>``."""
 
     kind = "parquet"
+    suffix = ".parquet"
+
+    @classmethod
+    def claims(cls, name: str) -> bool:
+        return name.lower().endswith(cls.suffix)
 
     @staticmethod
     def read_shard(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
         return _read_parquet(shard, fs, source)
+
+    @staticmethod
+    def item_key(fragment: str) -> int | None:
+        return int(fragment[4:]) if fragment.startswith("row=") and fragment[4:].isdigit() else None
+
+    @staticmethod
+    def items(container: str, storage_options: dict, image_column: str):
+        return _parquet_rows(container, storage_options, image_column)
 
 
 class FolderFormat:
@@ -422,6 +462,11 @@ class FolderFormat:
     image's own URI."""
 
     kind = "files"
+    suffix = None  # not a container: read back file by file
+
+    @staticmethod
+    def claims(name: str) -> bool:
+        return False  # loose files are grouped by the listing, not claimed one by one
 
     @staticmethod
     def read_shard(shard: Shard, fs, source: SourceSpec) -> Iterator[ImageRecord]:
@@ -429,6 +474,25 @@ class FolderFormat:
 
 
 FORMATS = {f.kind: f for f in (TarFormat, ParquetFormat, FolderFormat)}
+CONTAINERS = (TarFormat, ParquetFormat)  # the kinds whose files are shards of their own
+
+
+def container_format(name: str):
+    """The container format whose files ``name`` is (a path or URI), else None."""
+    return next((kind for kind in CONTAINERS if kind.claims(name)), None)
+
+
+def read_shard(shard: Shard, fs, source: SourceSpec | None = None) -> Iterator[ImageRecord]:
+    """Yield every image of a shard once: bytes, or an error saying why it has none.
+
+    Raises only when the shard itself cannot be read (:class:`InvalidShardError`, or a
+    transient storage error that the runner retries).
+    """
+    from .config import SourceSpec
+
+    if shard.kind not in FORMATS:
+        raise ValueError(f"unknown shard kind {shard.kind!r}; expected one of {tuple(FORMATS)}")
+    yield from FORMATS[shard.kind].read_shard(shard, fs, source or SourceSpec())
 
 
 # ----------------------------------------------------------------------------- read back by URI
@@ -494,7 +558,7 @@ class SourceReader:
             if fragment is None:
                 files.append(uri)
             else:
-                key = int(fragment[4:]) if container.lower().endswith(".parquet") else fragment
+                key = container_format(container).item_key(fragment)
                 containers.setdefault(container, {})[key] = uri
         found: dict[str, bytes | Exception] = {uri: self._read_file(uri) for uri in files}
         for container, wanted in containers.items():
@@ -521,11 +585,10 @@ class SourceReader:
 
     def _cursor(self, container: str) -> _Cursor:
         if container not in self._cursors:
-            if container.lower().endswith(".parquet"):
-                items = lambda: _parquet_rows(container, self.storage_options, self.image_column)  # noqa: E731
-            else:
-                items = lambda: _tar_members(container, self.storage_options)  # noqa: E731
-            self._cursors[container] = _Cursor(items)
+            kind = container_format(container)
+            self._cursors[container] = _Cursor(
+                lambda: kind.items(container, self.storage_options, self.image_column)
+            )
         return self._cursors[container]
 
     def _drop(self, container: str) -> None:

@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from .config import RunConfig
-from .formats import InvalidShardError
+from .formats import InvalidShardError, Shard
 from .layout import RunLayout
 from .leases import new_owner, release_lease, remove_committed_leases, renew_lease
 from .ledger import (
@@ -32,7 +32,7 @@ from .ledger import (
 )
 from .retries import with_retries
 from .scheduler import ActorLost, Scheduler, ShardFailed, Tally
-from .sources import Shard, list_shards
+from .sources import list_shards
 from .worker import SegmentorActor, ShardResult
 
 log = logging.getLogger("pipeline")

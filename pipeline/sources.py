@@ -13,34 +13,28 @@ import logging
 import posixpath
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 import fsspec
 
 from .config import SourceSpec
-from .formats import FORMATS, ImageRecord, redacted_uri, relative_name
+from .formats import (
+    FORMATS,
+    ImageRecord,
+    Shard,
+    container_format,
+    read_shard,
+    redacted_uri,
+    relative_name,
+)
 
 log = logging.getLogger("pipeline")
 
-KINDS = ("tar", "parquet", "files")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 # (folder URI, sorted file names relative to it) -> batches of those names, each fixed once
 # recorded; ``manifest.FolderBatchLog`` is the runner's (see ``list_shards``).
 FolderBatcher = Callable[[str, list[str]], list[list[str]]]
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One unit of work. ``uri`` is the tar/Parquet file (or the folder) with its protocol."""
-
-    shard_id: str
-    kind: str  # "tar" | "parquet" | "files"
-    uri: str
-    path: str  # ``uri`` as its filesystem names it (protocol stripped)
-    root: str = ""  # the input prefix the shard was found under (filesystem path)
-    members: tuple[str, ...] = ()  # "files": the image paths, sorted
 
 
 def shard_id_for(relative: str, full_uri: str) -> str:
@@ -86,16 +80,12 @@ def list_shards(
             name = posixpath.basename(file)
             if name.startswith((".", "_")):
                 continue
-            lower = name.lower()
-            if lower.endswith(".tar"):
-                kind = "tar"
-            elif lower.endswith(".parquet"):
-                kind = "parquet"
-            elif lower.endswith(source.extensions):
-                loose.append(file)
+            container = container_format(name)
+            if container is None:
+                if name.lower().endswith(source.extensions):
+                    loose.append(file)
                 continue
-            else:
-                continue
+            kind = container.kind
             containers += 1
             full = fs.unstrip_protocol(file)
             sid = shard_id_for(relative_name(file, root), full)
@@ -156,16 +146,4 @@ def _group_loose_files(
             yield Shard(sid, "files", root_uri, root, root, tuple(paths[start : start + per_shard]))
 
 
-# ----------------------------------------------------------------------------- reading
-
-
-def read_shard(
-    shard: Shard, fs: fsspec.AbstractFileSystem, source: SourceSpec | None = None
-) -> Iterator[ImageRecord]:
-    """Yield every image of a shard once: bytes, or an error saying why it has none.
-
-    Raises only when the shard itself cannot be opened or read (the runner retries it).
-    """
-    if shard.kind not in FORMATS:
-        raise ValueError(f"unknown shard kind {shard.kind!r}; expected one of {KINDS}")
-    yield from FORMATS[shard.kind].read_shard(shard, fs, source or SourceSpec())
+__all__ = ["FORMATS", "ImageRecord", "Shard", "list_shards", "read_shard", "shard_id_for"]

@@ -37,10 +37,9 @@ from .decode import (
     decode_jpegs_on_device,
     device_decodable,
 )
-from .formats import ImageRecord
+from .formats import ImageRecord, Shard, read_shard
 from .layout import RunLayout
 from .leases import read_lease
-from .sources import Shard, read_shard
 
 log = logging.getLogger("pipeline")
 

@@ -7,8 +7,7 @@ import fsspec
 import pytest
 
 import pipeline
-from pipeline.formats import InvalidShardError
-from pipeline.sources import read_shard
+from pipeline.formats import InvalidShardError, read_shard
 
 from .conftest import jpeg, make_parquet, make_tar
 
