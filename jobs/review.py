@@ -315,7 +315,7 @@ def load_run_segmentor(
             short_side=spec.get("short_side"),
             resolution=spec.get("resolution", "original"),
             resize=spec.get("resize", "pillow"),  # runs before the option resized with Pillow
-            max_patches=spec.get("max_patches", 1344),
+            max_patches=spec.get("max_patches", SegmentorSpec.max_patches),
             batch_size=choice.batch_size,
             confidence_temperature=spec.get("confidence_temperature", 1.0),
             seed=int(spec.get("seed", 0)),
@@ -370,32 +370,12 @@ def compute_disagreement(
     could be compared (an unreadable or changed source image is skipped with a warning)."""
     from tqdm import tqdm
 
-    from pipeline.decode import decode_image
     from pipeline.outputs import decode_masks, rows_with_sources
 
-    run = scores.run
-    images = scores.images
+    run, images = scores.run, scores.images
     by_id = {images[i].image_id: i for i in indices}
     wanted = {images[i].image_id: images[i].shard_id for i in indices}
-    spec = run_vocabulary_spec(run)
-    vocab = segmentor.vocabulary(
-        spec["classes"], spec["background"], spec["templates"], synonyms=spec["synonyms"] or None
-    )
-    if list(vocab.names) != run.names:
-        raise _cli.CliError(
-            f"the re-built vocabulary {list(vocab.names)} differs from the run's {run.names}"
-        )
-    columns = [
-        "image_id",
-        "shard_id",
-        "source_uri",
-        "status",
-        "mask_png",
-        "confidence_png",
-        "width",
-        "height",
-        "error",
-    ]
+    vocab = _run_vocabulary(segmentor, run)
     done = 0
     bar = tqdm(
         total=len(indices),
@@ -403,33 +383,10 @@ def compute_disagreement(
         unit="image",
         disable=not progress,
     )
-
-    def batches() -> Iterator[list[dict[str, Any]]]:
-        pending: list[dict[str, Any]] = []
-        for row in _rows_by_id(run, wanted, columns):
-            pending.append(row)
-            if len(pending) >= batch_size:
-                yield pending
-                pending = []
-        if pending:
-            yield pending
-
     try:
-        for batch in rows_with_sources(batches(), storage_options, run.image_column):
-            ready = []
-            for row, data in batch:
-                try:
-                    if isinstance(data, Exception):
-                        raise data
-                    picture = decode_image(data, max_image_pixels=None).image
-                    if (picture.width, picture.height) != (row["width"], row["height"]):
-                        raise ValueError(
-                            f"the source image is {picture.width}x{picture.height} now, "
-                            f"{row['width']}x{row['height']} when labelled"
-                        )
-                    ready.append((row, picture))
-                except Exception as err:  # noqa: BLE001 - one image's problem skips that image
-                    log.warning("%s: no disagreement score: %s", row["image_id"], err)
+        rows = _batched(_rows_by_id(run, wanted, DISAGREEMENT_COLUMNS), batch_size)
+        for batch in rows_with_sources(rows, storage_options, run.image_column):
+            ready = _pictures_as_labelled(batch)
             results = _segment_isolated(segmentor, [p for _, p in ready], vocab, batch_size)
             for (row, _), result in zip(ready, results):
                 if result is None:
@@ -444,6 +401,58 @@ def compute_disagreement(
     finally:
         bar.close()
     return done
+
+
+DISAGREEMENT_COLUMNS = (
+    "image_id", "shard_id", "source_uri", "status", "mask_png", "confidence_png", "width",
+    "height", "error",
+)  # fmt: skip
+
+
+def _run_vocabulary(segmentor, run: LabelledRun):
+    """The run's vocabulary compiled by ``segmentor``; it must give the run's label names."""
+    spec = run_vocabulary_spec(run)
+    vocab = segmentor.vocabulary(
+        spec["classes"], spec["background"], spec["templates"], synonyms=spec["synonyms"] or None
+    )
+    if list(vocab.names) != run.names:
+        raise _cli.CliError(
+            f"the re-built vocabulary {list(vocab.names)} differs from the run's {run.names}"
+        )
+    return vocab
+
+
+def _batched(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    pending: list[dict[str, Any]] = []
+    for row in rows:
+        pending.append(row)
+        if len(pending) >= size:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
+def _pictures_as_labelled(batch) -> list[tuple[dict, Any]]:
+    """``(row, decoded picture)`` of each row whose source image still reads as it was
+    labelled (same size); the others are skipped with a warning."""
+    from pipeline.decode import decode_image
+
+    ready = []
+    for row, data in batch:
+        try:
+            if isinstance(data, Exception):
+                raise data
+            picture = decode_image(data, max_image_pixels=None).image
+            if (picture.width, picture.height) != (row["width"], row["height"]):
+                raise ValueError(
+                    f"the source image is {picture.width}x{picture.height} now, "
+                    f"{row['width']}x{row['height']} when labelled"
+                )
+            ready.append((row, picture))
+        except Exception as err:  # noqa: BLE001 - one image's problem skips that image
+            log.warning("%s: no disagreement score: %s", row["image_id"], err)
+    return ready
 
 
 def _segment_isolated(segmentor, pictures, vocab, batch_size):
@@ -533,32 +542,52 @@ def select(
         raise _cli.CliError(
             f"no labelled images in {run.layout.uri}: all {len(scores.errors)} rows are errors"
         )
-    n = options.n
-    if n > len(images):
-        log.warning("-n %d is more than the %d labelled images: selecting all", n, len(images))
+    if options.n > len(images):
+        log.warning(
+            "-n %d is more than the %d labelled images: selecting all", options.n, len(images)
+        )
+    candidates, compared = [], 0
+    if "disagreement" in options.strategies:
+        candidates, compared = _disagreement(
+            scores, options, segmentor_factory, storage_options, batch_size, progress
+        )
+    orders, reasons = _strategy_orders(images, run.names, options)
+    if "rare-class" not in orders:  # rarity is reported for every selection
+        rare_class_order(images, run.names, options.rare_min_share)
+    selected = [
+        _selection_entry(images[index], rank, strategy, strategy_rank, reasons[strategy][index],
+                         run.names, options.rare_min_share)
+        for rank, (index, strategy, strategy_rank) in enumerate(_choose(orders, options.n), 1)
+    ]  # fmt: skip
+    return selection_document(scores, options, selected, len(candidates), compared)
+
+
+def _disagreement(scores, options, segmentor_factory, storage_options, batch_size, progress):
+    """Re-segment the compare budget's candidates; ``(candidates, how many compared)``."""
+    images, run = scores.images, scores.run
+    count = options.candidates or max(4 * options.n, 64)
+    candidates = disagreement_candidates(images, min(count, len(images)))
+    print(
+        f"disagreement: re-segmenting {len(candidates)} of {len(images)} images with "
+        f"{options.compare_method} (--compare-budget): each costs about as much as "
+        f"labelling it again{_cost_hint(run, len(candidates))}",
+        file=sys.stderr,
+        flush=True,
+    )
+    segmentor = segmentor_factory()
+    compared = compute_disagreement(
+        scores, candidates, segmentor, storage_options, batch_size, progress
+    )
+    if not compared:
+        log.warning("disagreement: none of the %d candidates could be re-segmented", len(candidates))
+    return candidates, compared
+
+
+def _strategy_orders(images, names, options) -> tuple[dict[str, list[int]], dict[str, dict]]:
+    """Each asked-for strategy's order of the images, and why each image is where it is."""
     orders: dict[str, list[int]] = {}
     reasons: dict[str, dict[int, str]] = {}
     threshold = options.confidence_threshold
-    candidates: list[int] = []
-    compared = 0
-    if "disagreement" in options.strategies:
-        count = options.candidates or max(4 * n, 64)
-        candidates = disagreement_candidates(images, min(count, len(images)))
-        print(
-            f"disagreement: re-segmenting {len(candidates)} of {len(images)} images with "
-            f"{options.compare_method} (--compare-budget): each costs about as much as "
-            f"labelling it again{_cost_hint(run, len(candidates))}",
-            file=sys.stderr,
-            flush=True,
-        )
-        segmentor = segmentor_factory()
-        compared = compute_disagreement(
-            scores, candidates, segmentor, storage_options, batch_size, progress
-        )
-        if not compared:
-            log.warning(
-                "disagreement: none of the %d candidates could be re-segmented", len(candidates)
-            )
     for strategy in options.strategies:
         if strategy == "low-confidence":
             orders[strategy] = low_confidence_order(images)
@@ -581,42 +610,37 @@ def select(
             }
         elif strategy == "rare-class":
             orders[strategy], reasons[strategy] = rare_class_order(
-                images, run.names, options.rare_min_share
+                images, names, options.rare_min_share
             )
         elif strategy == "random":
             orders[strategy] = random_order(images)
             reasons[strategy] = {
                 i: f"random sample (seed {options.seed})" for i in orders[strategy]
             }
-    if "rare-class" not in orders:  # rarity is reported for every selection
-        rare_class_order(images, run.names, options.rare_min_share)
-    chosen = _choose(orders, n)
-    selected = []
-    for rank, (index, strategy, strategy_rank) in enumerate(chosen, start=1):
-        score = images[index]
-        selected.append(
-            {
-                "rank": rank,
-                "image_id": score.image_id,
-                "shard_id": score.shard_id,
-                "source_uri": score.source_uri,
-                "width": score.width,
-                "height": score.height,
-                "chosen_by": strategy,
-                "strategy_rank": strategy_rank,
-                "reason": reasons[strategy][index],
-                "scores": strategy_scores(score),
-                "mean_confidence": score.mean_confidence,
-                "low_confidence_share": score.low_confidence_share,
-                "disagreement": score.disagreement,
-                "classes": [
-                    run.names[label] if label < len(run.names) else f"label {label}"
-                    for label, share in zip(score.class_ids, score.class_shares)
-                    if share >= options.rare_min_share
-                ],
-            }
-        )
-    return selection_document(scores, options, selected, len(candidates), compared)
+    return orders, reasons
+
+
+def _selection_entry(score, rank, strategy, strategy_rank, reason, names, min_share) -> dict:
+    return {
+        "rank": rank,
+        "image_id": score.image_id,
+        "shard_id": score.shard_id,
+        "source_uri": score.source_uri,
+        "width": score.width,
+        "height": score.height,
+        "chosen_by": strategy,
+        "strategy_rank": strategy_rank,
+        "reason": reason,
+        "scores": strategy_scores(score),
+        "mean_confidence": score.mean_confidence,
+        "low_confidence_share": score.low_confidence_share,
+        "disagreement": score.disagreement,
+        "classes": [
+            names[label] if label < len(names) else f"label {label}"
+            for label, share in zip(score.class_ids, score.class_shares)
+            if share >= min_share
+        ],
+    }
 
 
 def strategy_scores(score: ImageScore) -> dict[str, float | None]:
@@ -788,6 +812,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="labelstudio: prefix of the task image URLs (see jobs.review_export)",
     )
+    _add_compare_model_args(parser)
+    _cli.add_job_args(parser)
+    return parser
+
+
+def _add_compare_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "model of the disagreement strategy (default: the run's own model and weights)"
     )
@@ -815,8 +845,6 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--batch-size", type=_cli.positive_int, default=8, help="images per forward pass"
     )
-    _cli.add_job_args(parser)
-    return parser
 
 
 @_cli.exit_on_user_errors

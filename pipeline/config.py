@@ -22,6 +22,12 @@ from cliptrase.names import validate_names, validate_synonyms
 # 2: labels decided at the original size by default (SegmentorSpec.resolution).
 OUTPUT_FORMAT = 2
 
+# Pillow's own decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS): larger images are
+# error rows unless SourceSpec.max_image_pixels (--max-image-pixels) says otherwise.
+MAX_IMAGE_PIXELS = 89_478_485
+# The pipeline's whole-image resize (SegmentorSpec.resize): torch's uint8 bicubic kernel.
+PIPELINE_RESIZE = "torch"
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 _URI_CREDENTIALS = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
@@ -87,14 +93,18 @@ class SegmentorSpec:
     pretrained: str | None = hashed("openai")
     method: str = hashed("cliptrase")
     precision: str = hashed("bf16")  # on GPU actors; actors without a GPU run fp32
-    short_side: int | None = hashed(None)  # None: the method's (336 for cliptrase)
-    resolution: str = hashed("original")  # where labels are decided (cliptrase RESOLUTIONS)
-    # The whole-image resize (cliptrase RESIZES): torch's uint8 kernel, several times cheaper
-    # on the host than Pillow's (the runs before it existed: hashed only when not "pillow").
-    resize: str = hashed("torch", legacy="pillow")
-    max_patches: int = hashed(1344)
-    batch_size: int = 16
-    confidence_temperature: float = hashed(1.0)
+    # What the segmentor's config says of whole images: the defaults are SegmentorConfig's
+    # (one place), except the resize (below). segmentor_config() passes them on.
+    short_side: int | None = hashed(SegmentorConfig.short_side)  # None: the method's (336)
+    resolution: str = hashed(SegmentorConfig.resolution)  # cliptrase RESOLUTIONS
+    # The whole-image resize (cliptrase RESIZES). The library's default is the official code's
+    # (Pillow, for parity); the pipeline's is torch's uint8 kernel, several times cheaper on
+    # the host (labels agree on >99.9% of pixels). Runs before the option resized with Pillow:
+    # hashed only when not "pillow", so they keep their prefixes.
+    resize: str = hashed(PIPELINE_RESIZE, legacy=SegmentorConfig.resize)
+    max_patches: int = hashed(SegmentorConfig.max_patches)
+    batch_size: int = SegmentorConfig.batch_size
+    confidence_temperature: float = hashed(SegmentorConfig.confidence_temperature)
     seed: int = hashed(0)  # only matters for random weights
     trust_pickle: bool = False
 
@@ -179,7 +189,7 @@ class SourceSpec:
     id_column: str | None = hashed("id")  # Parquet: key of each row; None/missing: row index
     images_per_shard: int = hashed(1000)  # folders of loose images: sorted, grouped by this many
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
-    max_image_pixels: int | None = hashed(89_478_485)  # Pillow's decompression-bomb limit
+    max_image_pixels: int | None = hashed(MAX_IMAGE_PIXELS)
     # JPEGs decoded by libjpeg's DCT scaling (1/2, 1/4, 1/8) to no less than the segmentor's
     # short side, instead of at full size before the resize: several times cheaper for large
     # photos; changes the labels slightly (pipeline.decode.decode_image, draft_short_side).

@@ -31,6 +31,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cliptrase import InvalidImageError
 
+from .config import MAX_IMAGE_PIXELS
+
 if TYPE_CHECKING:
     import torch
 
@@ -65,7 +67,7 @@ class DecodedImage:
 
 def decode_image(
     data: bytes,
-    max_image_pixels: int | None = 89_478_485,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     draft_short_side: int | None = None,
 ) -> DecodedImage:
     """Decode any Pillow format to an upright RGB image (first frame of animations).
@@ -176,7 +178,7 @@ class DeviceDecodedImage:
         return (self.height, self.width)
 
 
-def device_decodable(data: bytes, max_image_pixels: int | None = 89_478_485) -> bool:
+def device_decodable(data: bytes, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> bool:
     """Whether torchvision can take ``data`` with the same result as :func:`decode_image`.
 
     True only for a whole baseline or progressive JPEG (one frame, not MPO) in RGB/YCbCr or
@@ -215,7 +217,7 @@ def _device_probe(data: bytes, max_image_pixels: int | None) -> tuple[int, int] 
 def decode_jpegs_on_device(
     datas: Sequence[bytes],
     device: str | torch.device,
-    max_image_pixels: int | None = 89_478_485,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     draft_short_side: int | None = None,
 ) -> list[DeviceDecodedImage | DecodedImage | InvalidImageError]:
     """Decode a batch: plain JPEGs by torchvision on ``device``, the rest by Pillow.
