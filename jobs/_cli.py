@@ -93,6 +93,19 @@ CONFIG_HASH_HELP = (
 )
 
 
+def add_run_args(parser: argparse.ArgumentParser, out: str | None = "folder or URI to write"):
+    """``--labels`` and ``--config-hash`` (which run to read), and ``--out`` unless None."""
+    parser.add_argument(
+        "--labels",
+        required=True,
+        metavar="OUTPUT_URI",
+        help="the labelling run's --output (folder or URI), or one of its config-hash prefixes",
+    )
+    parser.add_argument("--config-hash", default=None, help=CONFIG_HASH_HELP)
+    if out is not None:
+        parser.add_argument("--out", required=True, metavar="URI", help=out)
+
+
 def open_run(labels: str, storage_options: dict | None = None, config_hash: str | None = None):
     """:func:`pipeline.outputs.open_run`, its errors worded for the command line."""
     from pipeline.outputs import AmbiguousRun, OutputError, RunNotFound, open_run

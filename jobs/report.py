@@ -560,14 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A static HTML report of a labelled run: summary, class areas, a gallery "
         "of overlays and confidence maps in review priority, error rows. See docs/review.md.",
     )
-    parser.add_argument(
-        "--labels",
-        required=True,
-        metavar="OUTPUT_URI",
-        help="the labelling run's output (folder or URI), or its <config_hash> prefix",
-    )
-    parser.add_argument("--config-hash", default=None, help=_cli.CONFIG_HASH_HELP)
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder or URI to write")
+    _cli.add_run_args(parser)
     parser.add_argument(
         "--selection",
         default="auto",

@@ -753,13 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
         "classes. Writes selection.json/.csv beside the run (or to --out) and optionally "
         "exports the selection for FiftyOne, CVAT or Label Studio. See docs/review.md.",
     )
-    parser.add_argument(
-        "--labels",
-        required=True,
-        metavar="OUTPUT_URI",
-        help="the labelling run's output (folder or URI), or its <config_hash> prefix",
-    )
-    parser.add_argument("--config-hash", default=None, help=_cli.CONFIG_HASH_HELP)
+    _cli.add_run_args(parser, out=None)
     parser.add_argument(
         "--out",
         default=None,

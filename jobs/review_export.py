@@ -645,14 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(Segmentation mask 1.1 zip) or Label Studio (tasks with brush-RLE predictions). "
         "See docs/review.md.",
     )
-    parser.add_argument(
-        "--labels",
-        required=True,
-        metavar="OUTPUT_URI",
-        help="the labelling run's output (folder or URI), or its <config_hash> prefix",
-    )
-    parser.add_argument("--config-hash", default=None, help=_cli.CONFIG_HASH_HELP)
-    parser.add_argument("--out", required=True, metavar="URI", help="folder or URI to write")
+    _cli.add_run_args(parser)
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument(
         "--selection",

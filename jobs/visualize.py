@@ -212,14 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "legend) of the first images, and a per-class pixel-area bar chart + areas.csv over "
         "all rows. See docs/export.md.",
     )
-    parser.add_argument(
-        "--labels",
-        required=True,
-        metavar="OUTPUT_URI",
-        help="the labelling run's output (folder or URI), or its <config_hash> prefix",
-    )
-    parser.add_argument("--config-hash", default=None, help=_cli.CONFIG_HASH_HELP)
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder or URI to write")
+    _cli.add_run_args(parser)
     parser.add_argument("--limit", type=int, default=16, help="overlays to draw (default 16)")
     parser.add_argument(
         "--alpha", type=float, default=0.5, help="opacity of the class colours (default 0.5)"
