@@ -97,3 +97,39 @@ def test_segearthov3_labels_a_run_on_ray_over_s3_as_the_segmentor_does(s3_shard,
     )
     out.invalidate_cache()
     assert len(out.glob("sam3/export/ann_dir/train/**/*.png")) == 3
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_activesam_as_a_ray_data_stage_gives_the_segmentors_labels(local_ray):
+    """The Ray Data stage (pipeline.ray_data.label_dataset) with a SAM 3 method: one row per
+    image, labels at the original size equal to the segmentor's own."""
+    import ray.data
+
+    from cliptrase.sam3 import load_sam3_segmentor
+    from pipeline import SegmentorSpec, VocabularySpec
+    from pipeline.ray_data import label_dataset
+
+    photos = [_photo("astronaut", (80, 64)), _photo("coffee", (64, 80))]
+    ds = ray.data.from_items([{"image": _png(p), "id": f"p{i}"} for i, p in enumerate(photos)])
+    spec = SegmentorSpec(
+        model="sam3-tiny", pretrained=None, method="activesam", precision="fp32", batch_size=2
+    )
+    vocabulary = VocabularySpec(("person", "cup", "cat"), background=("sky",))
+    rows = label_dataset(ds, spec, vocabulary, id_column="id", num_cpus=1).take_all()
+    assert sorted(r["image_id"] for r in rows) == ["p0", "p1"]
+    segmentor = load_sam3_segmentor("sam3-tiny", pretrained=None, method="activesam", device="cpu")
+    vocab = segmentor.vocabulary(["person", "cup", "cat"], ["sky"])
+    for row in rows:
+        image = photos[int(row["image_id"][1:])]
+        labels, _ = pipeline.decode_masks(row)
+        expected = segmentor.segment_batch([segmentor.prepare(image)], vocab)[0].labels
+        assert labels.shape == (image.height, image.width)
+        assert np.array_equal(labels, expected)
