@@ -1,7 +1,7 @@
 """Images/s through the whole pipeline against the bare ``segment_batch`` loop, in one run.
 
-    python bench/pipeline.py                       # tiny test model and ViT-B-16 (random weights)
-    python bench/pipeline.py --models ViT-Tiny-16-test --images 256
+    python bench/pipeline_overhead.py            # tiny test model and ViT-B-16 (random weights)
+    python bench/pipeline_overhead.py --models ViT-Tiny-16-test --images 256
 
 Both sides label the same photos at the same ``short_side`` with the same batch size and the
 same CPU budget (``--cpus``, default: all cores):
