@@ -96,7 +96,11 @@ def simulated_actors(accel_ms: float):
     # Ray workers cannot import this file by name: ship its code with the actor class.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     original = pipeline.runner.SegmentorActor
-    pipeline.runner.SegmentorActor = ray.remote(simulated_labeler(accel_ms))
+    # The real actor's concurrency groups (pipeline/worker.py): progress(), which the stall
+    # watchdog asks, answers from a "monitor" group while a shard is being labelled.
+    pipeline.runner.SegmentorActor = ray.remote(concurrency_groups={"monitor": 1})(
+        simulated_labeler(accel_ms)
+    )
     try:
         yield
     finally:
