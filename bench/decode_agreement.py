@@ -4,6 +4,7 @@ decoding and resizing by Pillow.
 
     OMP_WAIT_POLICY=PASSIVE python bench/decode_agreement.py                 # tiny model
     python bench/decode_agreement.py --models ViT-Tiny-16-test ViT-B-16 --json out.json
+    python bench/decode_agreement.py --quick       # a check that it runs (no 4000x3000 images)
 
 Every image is JPEG-encoded (quality 90, Pillow's 4:2:0) and then, both ways, decoded and
 prepared (resize to the segmentor's short side + normalise) on ONE thread, and labelled at
@@ -34,19 +35,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
-import json
 import os
 import statistics
-import sys
-import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import jpeg_bytes, timed, write_json  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 import cliptrase  # noqa: E402
@@ -60,12 +56,6 @@ from pipeline.decode import (  # noqa: E402
 )
 
 SIZES = ((1920, 1080), (4000, 3000))
-
-
-def encode(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def mosaic(photos: list[Image.Image], size: tuple[int, int]) -> Image.Image:
@@ -82,15 +72,15 @@ def mosaic(photos: list[Image.Image], size: tuple[int, int]) -> Image.Image:
     return canvas
 
 
-def images() -> list[tuple[str, bytes]]:
+def images(sizes=SIZES) -> list[tuple[str, bytes]]:
     photos = {name: Image.fromarray(np.asarray(load())) for name, load in SAMPLE_PHOTOS.items()}
-    out = [(f"{name} {p.width}x{p.height}", encode(p)) for name, p in photos.items()]
-    for w, h in SIZES:
+    out = [(f"{name} {p.width}x{p.height}", jpeg_bytes(p)) for name, p in photos.items()]
+    for w, h in sizes:
         for name, p in photos.items():
             up = ImageOps.fit(p, (w, h), Image.BICUBIC)
-            out.append((f"{name} up {w}x{h}", encode(up)))
+            out.append((f"{name} up {w}x{h}", jpeg_bytes(up)))
         rgb = [p.convert("RGB") for p in photos.values()]
-        out.append((f"mosaic {w}x{h}", encode(mosaic(rgb, (w, h)))))
+        out.append((f"mosaic {w}x{h}", jpeg_bytes(mosaic(rgb, (w, h)))))
     return out
 
 
@@ -110,10 +100,10 @@ def resized_levels(seg: cliptrase.Segmentor, prepared: Prepared) -> np.ndarray:
 
 def decode_prepare(seg, data: bytes, draft: bool):
     """(decoded, prepared, ms) of one decode + prepare on this thread."""
-    start = time.perf_counter()
-    decoded = decode_image(data, draft_short_side=seg.config.short_side if draft else None)
-    prepared = prepare(seg, decoded)
-    return decoded, prepared, (time.perf_counter() - start) * 1000.0
+    with timed() as spent:
+        decoded = decode_image(data, draft_short_side=seg.config.short_side if draft else None)
+        prepared = prepare(seg, decoded)
+    return decoded, prepared, spent.wall_s * 1000.0
 
 
 def timed_both_ways(seg, data: bytes, repeats: int):
@@ -143,7 +133,12 @@ def main() -> None:
         help="e.g. naclip: a per-pixel argmax without clusters uses more labels per image "
         "with random weights, so it shows more of what the inputs change",
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="a check that it runs: up to 1080p only, once"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
     torch.set_num_threads(1)  # decode + prepare timed on one thread, as one decode thread
 
     segs = {
@@ -170,7 +165,7 @@ def main() -> None:
         m: s.variant(config=dataclasses.replace(s.config, resize="torch")) for m, s in segs.items()
     }
     rows = []
-    for name, data in images():
+    for name, data in images(SIZES[:1] if args.quick else SIZES):
         (full, p_full), (draft, p_draft), ms_full, ms_draft = timed_both_ways(
             timing, data, args.repeats
         )
@@ -246,7 +241,10 @@ def main() -> None:
             for m in args.models
         )
     )
-    summaries = (("resize_agreement", "torch resize"), ("default_agreement", "draft + torch resize"))
+    summaries = (
+        ("resize_agreement", "torch resize"),
+        ("default_agreement", "draft + torch resize"),
+    )
     for key, what in summaries:
         print(
             f"{what}, all {len(rows)} images: agreement min/mean "
@@ -257,9 +255,7 @@ def main() -> None:
             )
             + f"; resized pixel MAD max {max(r['resize_pixel_mad'] for r in rows):.3f}"
         )
-    if args.json:
-        result = {"method": args.method, "short_side": short, "rows": rows}
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, {"method": args.method, "short_side": short, "rows": rows})
 
 
 if __name__ == "__main__":

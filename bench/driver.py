@@ -2,6 +2,7 @@
 
     python bench/driver.py                           # N = 8 / 32 / 64, 30 ms per request
     python bench/driver.py --actors 64 --delay-ms 30 --seconds 20
+    python bench/driver.py --quick                   # a check that it runs
 
 The real :class:`pipeline.scheduler.Scheduler` and the real storage bookkeeping
 (:class:`pipeline.runner.StoreBookkeeping`: leases, markers) against a real S3 server (moto's
@@ -33,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
-import platform
 import queue
 import socket
 import subprocess
@@ -48,14 +47,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Run as a script this folder comes first on sys.path and would shadow ``pipeline``.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from _common import machine, print_json, print_table, write_json
 
-from pipeline.claim import Claim, claim_shard, drop_lease  # noqa: E402
-from pipeline.layout import RunLayout  # noqa: E402
-from pipeline.leases import new_owner  # noqa: E402
-from pipeline.runner import StoreBookkeeping  # noqa: E402
-from pipeline.scheduler import Scheduler  # noqa: E402
+from pipeline.claim import Claim, claim_shard, drop_lease
+from pipeline.layout import RunLayout
+from pipeline.leases import new_owner
+from pipeline.runner import StoreBookkeeping
+from pipeline.scheduler import Scheduler
 
 
 # ----------------------------------------------------------------------------- the delay line
@@ -321,7 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-ms", type=float, default=5.0, help="saturated load, per shard")
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--out", default=None, help="write the figures here as JSON")
+    parser.add_argument(
+        "--quick", action="store_true", help="a check that it runs: 8 actors, 2 s per load"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.actors, args.seconds = [8], 2.0
 
     for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench")):
         os.environ.setdefault(key, value)
@@ -353,28 +356,23 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"load": load, **measure(options, n, work_s, args.seconds, bucket, io)}
                 row["requests_per_shard"] = round((proxy.requests - before) / row["shards"], 2)
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                print_json(row)
     finally:
         proxy.close()
         server.terminate()
         server.wait(timeout=10)
-    report = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
-        "delay_ms_per_request": args.delay_ms,
-        "rows": rows,
-    }
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-    print(
-        "\n| load | actors | ms per shard | shards/s | actor idle | requests/shard | actor I/O ms |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['load']} | {r['actors']} | {r['work_ms']:.0f} | {r['shards_per_s']} | "
-            f"{100 * r['actor_idle_fraction']:.1f}% | {r['requests_per_shard']} | "
-            f"{r['actor_io_ms_per_shard']} |"
-        )
+    write_json(args.out, {**machine(), "delay_ms_per_request": args.delay_ms, "rows": rows})
+    print()
+    print_table(
+        ["load", "actors", "ms per shard", "shards/s", "actor idle", "requests/shard",
+         "actor I/O ms"],
+        (
+            [r["load"], r["actors"], f"{r['work_ms']:.0f}", r["shards_per_s"],
+             f"{100 * r['actor_idle_fraction']:.1f}%", r["requests_per_shard"],
+             r["actor_io_ms_per_shard"]]
+            for r in rows
+        ),
+    )  # fmt: skip
     return 0
 
 

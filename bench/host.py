@@ -53,30 +53,31 @@ that problem.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
-import json
 import os
-import platform
 import statistics
-import sys
-import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-# Run as a script, this file's folder comes first on sys.path and bench/pipeline.py would
-# shadow the ``pipeline`` package: drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 # Idle OpenMP threads spin by default; on a shared 2-core machine that is noise in CPU time.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
-import skimage.data  # noqa: E402
 import torch  # noqa: E402
+from _common import (  # noqa: E402
+    PHOTOS,
+    machine,
+    numbered,
+    photo,
+    photo_jpegs,
+    png_bytes,
+    print_table,
+    time_inside,
+    timed,
+    write_json,
+    write_tar,
+)
 from PIL import Image  # noqa: E402
 
 import pipeline  # noqa: E402
@@ -87,7 +88,6 @@ from pipeline.formats import read_shard  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
 from pipeline.worker import ShardLabeler  # noqa: E402
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 CLASSES = ("person", "rocket", "cat", "coffee cup", "grass", "road")
 BACKGROUND = ("sky", "wall")
 RATES = (1000, 2000)
@@ -113,46 +113,18 @@ STAGES = (
 HOST_ONLY = ("read", "decode_draft", "prepare", "copy", "fetch", "encode", "write")
 
 
-def pillow_png(array: np.ndarray) -> bytes:
-    """The encoder ``sink`` used before ``pipeline.png``: Pillow's adaptive filters, level 1."""
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 def parse_size(text: str) -> tuple[int, int]:
     width, _, height = text.lower().partition("x")
     return int(width), int(height)
 
 
-def photo_jpegs(size: tuple[int, int], distinct: int = len(PHOTOS)) -> list[bytes]:
-    """``distinct`` JPEGs (quality 90) of exactly ``size`` (width, height)."""
+def busy_masks(size: tuple[int, int], count: int = 6) -> list[np.ndarray]:
+    """Label maps with natural boundaries: the sample photos in 8 grey levels, at ``size``."""
     out = []
-    for i in range(distinct):
-        image = Image.fromarray(getattr(skimage.data, PHOTOS[i % len(PHOTOS)])()).convert("RGB")
-        buf = io.BytesIO()
-        image.resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
-def busy_masks(size: tuple[int, int], distinct: int = len(PHOTOS)) -> list[np.ndarray]:
-    """Label maps with natural boundaries: the photos in 8 grey levels, at ``size``."""
-    out = []
-    for i in range(distinct):
-        image = Image.fromarray(getattr(skimage.data, PHOTOS[i % len(PHOTOS)])()).convert("L")
+    for name in (PHOTOS * count)[:count]:
+        image = photo(name).convert("L")
         out.append((np.asarray(image.resize(size, Image.BILINEAR)) // 32).astype(np.uint8))
     return out
-
-
-def write_tar(path: Path, jpegs: list[bytes], count: int) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for i in range(count):
-            data = jpegs[i % len(jpegs)]
-            info = tarfile.TarInfo(f"{i:06d}.jpg")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 class Clock:
@@ -245,7 +217,7 @@ class SizeRun:
         clock.add("copy", cpu() - start, n)
         del pixels
         # The transformer forward: what no post-processing change removes on a CPU actor.
-        with timed_method(seg, "dense_features") as forward:
+        with time_inside(seg, "dense_features") as forward:
             start = cpu()
             results = seg.segment_batch(prepared, self.labeler.vocab)
             spent = cpu() - start
@@ -290,7 +262,7 @@ class SizeRun:
             busy = sink.encode_png(mask)
             clock.add("encode_busy", cpu() - start)
             start = cpu()
-            pillow_png(result.labels), pillow_png(result.confidence_map)
+            png_bytes(result.labels, 1), png_bytes(result.confidence_map, 1)  # sink until session 6
             clock.add("encode_pillow", cpu() - start)
             self.png_kb["mask"].append(len(row["mask_png"]) / 1024)
             self.png_kb["confidence"].append(len(row["confidence_png"]) / 1024)
@@ -309,27 +281,6 @@ class SizeRun:
         self.rows = []
 
 
-@contextlib.contextmanager
-def timed_method(obj, name: str, clock=time.process_time) -> Iterator[dict[str, float]]:
-    """``clock`` seconds spent inside ``obj.name`` while the block runs, in ``["seconds"]``:
-    the method is wrapped on the instance and unwrapped after."""
-    original = getattr(obj, name)
-    spent = {"seconds": 0.0}
-
-    def timed(*args, **kwargs):
-        start = clock()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent["seconds"] += clock() - start
-
-    setattr(obj, name, timed)
-    try:
-        yield spent
-    finally:
-        delattr(obj, name)  # the method again
-
-
 def _local_fs():
     import fsspec
 
@@ -338,7 +289,7 @@ def _local_fs():
 
 def whole_shard(labeler: ShardLabeler, shard) -> dict[str, float]:
     # The model thread's CPU inside segment_batch (torch runs 1 thread: that one).
-    with timed_method(labeler.segmentor, "segment_batch", time.thread_time) as segment:
+    with time_inside(labeler.segmentor, "segment_batch", time.thread_time) as segment:
         result = labeler.process_shard(shard)
     if getattr(result, "lost", False) or not result.ok or result.errors:
         raise RuntimeError(
@@ -361,6 +312,95 @@ def cores(host_ms: float) -> dict[str, float]:
     return {str(rate): host_ms * rate / 1000 for rate in RATES}
 
 
+def measure(args, sizes: list[tuple[int, int]], names: list[str], work: Path) -> dict:
+    """Stages and whole shards of every size (see the module docstring)."""
+    # One tar per size and whole-shard repeat: a shard is committed once (a second attempt
+    # at a committed shard is fenced off and drops its rows), so every repeat is its own.
+    tars: dict[str, list[str]] = {}
+    for name, size in zip(names, sizes):
+        jpegs = photo_jpegs(size)
+        tars[name] = []
+        for repeat in range(max(1, args.shard_repeats)):
+            folder = work / "in" / name / f"r{repeat}"
+            folder.mkdir(parents=True)
+            tars[name].append(str(write_tar(folder / "00000.tar", numbered(jpegs, args.images))))
+    spec = pipeline.SegmentorSpec(
+        model=args.model,
+        pretrained=None,
+        precision="fp32",
+        short_side=args.short_side,
+        batch_size=args.batch,
+    )
+    config = pipeline.RunConfig(
+        inputs=tuple(t for ts in tars.values() for t in ts),
+        output=str(work / "out"),
+        segmentor=spec,
+        vocabulary=pipeline.VocabularySpec(CLASSES, BACKGROUND),
+        torch_threads=args.threads,
+        decode_threads=args.decode_threads,
+    )
+    labeler = ShardLabeler(config)
+    seg = labeler.segmentor
+    shards = {name: [pipeline.list_shards(t)[0] for t in tars[name]] for name in names}
+    print(
+        f"model {args.model} (RANDOM weights: labels meaningless, timings real), method "
+        f"{seg.method.name}, short side {seg.config.short_side}, labels at "
+        f"{seg.config.resolution} size, device {seg.device}, {args.threads} torch "
+        f"thread(s), batch {args.batch}, {args.images} images per size"
+    )
+
+    # Warm-up: one small batch per size (lazy inits, first forward of each shape).
+    for name, size in zip(names, sizes):
+        warm = SizeRun(
+            labeler, shards[name][0], size, str(work / "warm" / name), busy_masks(size, 1)
+        )
+        warm.batch(2)
+        warm.write()
+
+    # Stages, batch by batch, sizes alternating.
+    runs = {
+        name: SizeRun(labeler, shards[name][0], size, str(work / "stages" / name), busy_masks(size))
+        for name, size in zip(names, sizes)
+    }
+    while not all(run.done for run in runs.values()):
+        for run in runs.values():
+            if not run.done:
+                run.batch(args.batch)
+    for run in runs.values():
+        run.write()
+    stages = {name: run.clock.summary() for name, run in runs.items()}
+    for name in names:
+        stages[name]["host_only"] = {
+            "mean_ms": sum(stages[name][s]["mean_ms"] for s in HOST_ONLY),
+            "median_ms": sum(stages[name][s]["median_ms"] for s in HOST_ONLY),
+        }
+    draft = {}
+    for name in names:
+        data = next(read_shard(shards[name][0], _local_fs())).data
+        draft[name] = decode_image(data, None, labeler.draft_short_side).draft_scale
+
+    # Whole shards through ShardLabeler.process_shard, sizes alternating.
+    whole_runs: dict[str, list[dict]] = {name: [] for name in names}
+    for repeat in range(args.shard_repeats):
+        for name in names:
+            whole_runs[name].append(whole_shard(labeler, shards[name][repeat]))
+    return {
+        "device": str(seg.device),
+        "short_side": seg.config.short_side,
+        "jpeg_draft_scale": draft,
+        "stages": stages,
+        "png_kb": {
+            name: {k: statistics.fmean(v) for k, v in run.png_kb.items()}
+            for name, run in runs.items()
+        },
+        "whole_shard": {
+            name: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+            for name, rs in whole_runs.items()
+        },
+        "whole_shard_runs": whole_runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="ViT-Tiny-16-test")
@@ -372,135 +412,41 @@ def main() -> None:
     parser.add_argument("--decode-threads", type=int, default=2, help="whole shard's pool")
     parser.add_argument("--shard-repeats", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--quick", action="store_true", help="a check that it runs: 640x480, 16 images, 1 repeat"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.images, args.shard_repeats = ["640x480"], 16, 1
     torch.set_num_threads(args.threads)
     sizes = [parse_size(s) for s in args.sizes]
     names = [f"{w}x{h}" for w, h in sizes]
     load_start = os.getloadavg()
-    wall_start, cpu_start = time.perf_counter(), time.process_time()
-
-    with tempfile.TemporaryDirectory() as work:
-        work = Path(work)
-        # One tar per size and whole-shard repeat: a shard is committed once (a second attempt
-        # at a committed shard is fenced off and drops its rows), so every repeat is its own.
-        tars: dict[str, list[str]] = {}
-        for name, size in zip(names, sizes):
-            jpegs = photo_jpegs(size)
-            tars[name] = []
-            for repeat in range(max(1, args.shard_repeats)):
-                folder = work / "in" / name / f"r{repeat}"
-                folder.mkdir(parents=True)
-                tars[name].append(str(write_tar(folder / "00000.tar", jpegs, args.images)))
-        spec = pipeline.SegmentorSpec(
-            model=args.model,
-            pretrained=None,
-            precision="fp32",
-            short_side=args.short_side,
-            batch_size=args.batch,
-        )
-        config = pipeline.RunConfig(
-            inputs=tuple(t for ts in tars.values() for t in ts),
-            output=str(work / "out"),
-            segmentor=spec,
-            vocabulary=pipeline.VocabularySpec(CLASSES, BACKGROUND),
-            torch_threads=args.threads,
-            decode_threads=args.decode_threads,
-        )
-        labeler = ShardLabeler(config)
-        seg = labeler.segmentor
-        shards = {name: [pipeline.list_shards(t)[0] for t in tars[name]] for name in names}
-        print(
-            f"model {args.model} (RANDOM weights: labels meaningless, timings real), method "
-            f"{seg.method.name}, short side {seg.config.short_side}, labels at "
-            f"{seg.config.resolution} size, device {seg.device}, {args.threads} torch "
-            f"thread(s), batch {args.batch}, {args.images} images per size"
-        )
-
-        # Warm-up: one small batch per size (lazy inits, first forward of each shape).
-        for name, size in zip(names, sizes):
-            warm = SizeRun(
-                labeler, shards[name][0], size, str(work / "warm" / name), busy_masks(size, 1)
-            )
-            warm.batch(2)
-            warm.write()
-
-        # Stages, batch by batch, sizes alternating.
-        runs = {
-            name: SizeRun(
-                labeler, shards[name][0], size, str(work / "stages" / name), busy_masks(size)
-            )
-            for name, size in zip(names, sizes)
-        }
-        while not all(run.done for run in runs.values()):
-            for run in runs.values():
-                if not run.done:
-                    run.batch(args.batch)
-        for run in runs.values():
-            run.write()
-        stages = {name: run.clock.summary() for name, run in runs.items()}
-        for name in names:
-            stages[name]["host_only"] = {
-                "mean_ms": sum(stages[name][s]["mean_ms"] for s in HOST_ONLY),
-                "median_ms": sum(stages[name][s]["median_ms"] for s in HOST_ONLY),
-            }
-        png_kb = {
-            name: {k: statistics.fmean(v) for k, v in run.png_kb.items()}
-            for name, run in runs.items()
-        }
-        draft = {}
-        for name in names:
-            data = next(read_shard(shards[name][0], _local_fs())).data
-            decoded = decode_image(data, None, labeler.draft_short_side)
-            draft[name] = decoded.draft_scale
-
-        # Whole shards through ShardLabeler.process_shard, sizes alternating.
-        whole_runs: dict[str, list[dict]] = {name: [] for name in names}
-        for repeat in range(args.shard_repeats):
-            for name in names:
-                whole_runs[name].append(whole_shard(labeler, shards[name][repeat]))
-        whole = {
-            name: {
-                key: statistics.median(r[key] for r in whole_runs[name])
-                for key in whole_runs[name][0]
-            }
-            for name in names
-        }
-
+    with tempfile.TemporaryDirectory() as work, timed() as total:
+        figures = measure(args, sizes, names, Path(work))
     load_end = os.getloadavg()
-    wall, cpu = time.perf_counter() - wall_start, time.process_time() - cpu_start
-    derived = {
-        name: {
-            "host_only_stages": cores(stages[name]["host_only"]["mean_ms"]),
-            "host_only_whole_shard": cores(whole[name]["host_only_ms"]),
-        }
-        for name in names
-    }
     report = {
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
+        **machine(),
         "model": args.model,
         "random_weights": True,
-        "device": str(seg.device),
         "torch_threads": args.threads,
-        "short_side": seg.config.short_side,
         "batch": args.batch,
         "images_per_size": args.images,
-        "jpeg_draft_scale": draft,
         "loadavg_start": [round(x, 2) for x in load_start],
         "loadavg_end": [round(x, 2) for x in load_end],
-        "process_cpu_over_wall": round(cpu / wall, 3),
-        "stages": stages,
-        "png_kb": png_kb,
-        "whole_shard": whole,
-        "whole_shard_runs": whole_runs,
-        "host_cores_per_gpu": derived,
+        "process_cpu_over_wall": round(total.cpu_s / total.wall_s, 3),
+        **figures,
+        "host_cores_per_gpu": {
+            name: {
+                "host_only_stages": cores(figures["stages"][name]["host_only"]["mean_ms"]),
+                "host_only_whole_shard": cores(figures["whole_shard"][name]["host_only_ms"]),
+            }
+            for name in names
+        },
         "goals_ms": {k: {"actor_cpu": v[0], "host_only": v[1]} for k, v in GOALS.items()},
     }
     print_tables(report, names)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    write_json(args.json, report)
 
 
 def floor(stages: dict) -> float:
@@ -518,69 +464,73 @@ def print_tables(report: dict, names: list[str]) -> None:
         + ", ".join(f"{n}: 1/{s}" for n, s in report["jpeg_draft_scale"].items())
     )
     print()
-    print("| stage (CPU ms / image, mean; median) | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
-    for key, label in (
-        *STAGES,
-        ("host_only", "**host-only (stages)**"),
-        ("segment_batch", "segment_batch (device work; CPU here)"),
-        ("forward", "  of which: transformer forward (dense_features)"),
-        ("post_processing", "  of which: everything after the forward"),
-    ):
-        cells = [
-            f"{stages[n][key]['mean_ms']:.2f}; {stages[n][key]['median_ms']:.2f}" for n in names
-        ]
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    rows = [
+        [label]
+        + [f"{stages[n][key]['mean_ms']:.2f}; {stages[n][key]['median_ms']:.2f}" for n in names]
+        for key, label in (
+            *STAGES,
+            ("host_only", "**host-only (stages)**"),
+            ("segment_batch", "segment_batch (device work; CPU here)"),
+            ("forward", "  of which: transformer forward (dense_features)"),
+            ("post_processing", "  of which: everything after the forward"),
+        )
+    ]
     kb = report["png_kb"]
-    print(
-        "| PNG kB: mask; confidence; busier mask | "
-        + " | ".join(
+    rows.append(
+        ["PNG kB: mask; confidence; busier mask"]
+        + [
             f"{kb[n]['mask']:.1f}; {kb[n]['confidence']:.1f}; {kb[n]['busy_mask']:.1f}"
             for n in names
-        )
-        + " |"
+        ]
     )
+    print_table(["stage (CPU ms / image, mean; median)", *names], rows)
     print()
-    print(
-        "| whole shard, process_shard (ms / image, median of repeats) | " + " | ".join(names) + " |"
-    )
-    print("|---|" + "---|" * len(names))
-    for key, label in (
-        ("cpu_ms", "actor CPU (cpu_s, all threads)"),
-        ("segment_batch_cpu_ms", "segment_batch CPU (model thread)"),
-        ("host_only_ms", "**host-only** = actor CPU - segment_batch CPU"),
-        ("wall_ms", "wall"),
-        ("model_wall_ms", "model wall (model_s)"),
-    ):
-        print(f"| {label} | " + " | ".join(f"{whole[n][key]:.2f}" for n in names) + " |")
-    print()
-    print("| host cores per GPU | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
-    for source, label in (
-        ("host_only_stages", "from host-only (stages)"),
-        ("host_only_whole_shard", "from host-only (whole shard)"),
-    ):
-        for rate in RATES:
-            cells = [f"{derived[n][source][str(rate)]:.1f}" for n in names]
-            print(f"| {label} at {rate:,} img/s | " + " | ".join(cells) + " |")
-    print()
-    print("| goal (ms / image) | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
-    for index, (label, value) in enumerate(
+    print_table(
+        ["whole shard, process_shard (ms / image, median of repeats)", *names],
         (
-            ("actor CPU (whole shard)", lambda n: whole[n]["cpu_ms"]),
-            ("host-only (stages)", lambda n: stages[n]["host_only"]["mean_ms"]),
-            ("host-only (whole shard)", lambda n: whole[n]["host_only_ms"]),
-            ("actor CPU floor: host-only (stages) + forward", lambda n: floor(stages[n])),
-        )
-    ):
-        cells = []
-        for n in names:
-            goal = GOALS.get(n, (None, None))[0 if index in (0, 3) else 1]
-            got = value(n)
-            verdict = "" if goal is None else (" ok" if got <= goal else " MISSED")
-            cells.append(f"{got:.1f}" + ("" if goal is None else f" / <= {goal:g}{verdict}"))
-        print(f"| {label} | " + " | ".join(cells) + " |")
+            [label] + [f"{whole[n][key]:.2f}" for n in names]
+            for key, label in (
+                ("cpu_ms", "actor CPU (cpu_s, all threads)"),
+                ("segment_batch_cpu_ms", "segment_batch CPU (model thread)"),
+                ("host_only_ms", "**host-only** = actor CPU - segment_batch CPU"),
+                ("wall_ms", "wall"),
+                ("model_wall_ms", "model wall (model_s)"),
+            )
+        ),
+    )
+    print()
+    print_table(
+        ["host cores per GPU", *names],
+        (
+            [f"{label} at {rate:,} img/s"] + [f"{derived[n][source][str(rate)]:.1f}" for n in names]
+            for source, label in (
+                ("host_only_stages", "from host-only (stages)"),
+                ("host_only_whole_shard", "from host-only (whole shard)"),
+            )
+            for rate in RATES
+        ),
+    )
+    print()
+    goals = (  # (label, figure, which goal: 0 actor CPU, 1 host-only)
+        ("actor CPU (whole shard)", lambda n: whole[n]["cpu_ms"], 0),
+        ("host-only (stages)", lambda n: stages[n]["host_only"]["mean_ms"], 1),
+        ("host-only (whole shard)", lambda n: whole[n]["host_only_ms"], 1),
+        ("actor CPU floor: host-only (stages) + forward", lambda n: floor(stages[n]), 0),
+    )
+    print_table(
+        ["goal (ms / image)", *names],
+        (
+            [label] + [_against_goal(value(n), GOALS.get(n), which) for n in names]
+            for label, value, which in goals
+        ),  # fmt: skip
+    )
+
+
+def _against_goal(got: float, goals: tuple[float, float] | None, which: int) -> str:
+    if goals is None:
+        return f"{got:.1f}"
+    goal = goals[which]
+    return f"{got:.1f} / <= {goal:g} {'ok' if got <= goal else 'MISSED'}"
 
 
 if __name__ == "__main__":

@@ -17,24 +17,17 @@ size, so the CPU column mostly says the gathering costs nothing.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import random
 import statistics
-import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and bench/pipeline.py would
-# shadow the ``pipeline`` package: drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pyarrow.parquet as pq  # noqa: E402
-import skimage.data  # noqa: E402
 import torch  # noqa: E402
+from _common import jpeg_bytes, photos, print_table, write_json, write_tar  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import pipeline  # noqa: E402
@@ -47,21 +40,20 @@ MIX = {
     (640, 480): 0.35, (480, 640): 0.15, (640, 427): 0.2, (427, 640): 0.1,
     (640, 640): 0.1, (640, 360): 0.1,
 }  # fmt: skip
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
 def mixed_tar(path: Path, count: int, seed: int = 0) -> Path:
+    """``count`` JPEGs (quality 90) of the sample photos at sizes drawn from ``MIX``."""
     rng = random.Random(seed)
     sizes = rng.choices(list(MIX), weights=list(MIX.values()), k=count)
-    photos = [Image.fromarray(getattr(skimage.data, n)()).convert("RGB") for n in PHOTOS]
-    with tarfile.open(path, "w") as tar:
-        for i, size in enumerate(sizes):
-            buf = io.BytesIO()
-            photos[i % len(photos)].resize(size, Image.BICUBIC).save(buf, "JPEG", quality=90)
-            info = tarfile.TarInfo(f"{i:06d}.jpg")
-            info.size = buf.tell()
-            tar.addfile(info, io.BytesIO(buf.getvalue()))
-    return path
+    images = photos()
+    return write_tar(
+        path,
+        (
+            (f"{i:06d}.jpg", jpeg_bytes(images[i % len(images)].resize(size, Image.BICUBIC)))
+            for i, size in enumerate(sizes)
+        ),
+    )
 
 
 def run(args, work: Path, window: int, repeat: int, tar: Path) -> dict:
@@ -86,7 +78,9 @@ def run(args, work: Path, window: int, repeat: int, tar: Path) -> dict:
     labeler.segmentor.dense_features = counted
     (shard,) = pipeline.list_shards(str(tar))
     result = labeler.process_shard(shard)
-    table = pq.read_table(labeler.layout.fs.open(ledger.committed_file(labeler.layout, shard.shard_id)))
+    table = pq.read_table(
+        labeler.layout.fs.open(ledger.committed_file(labeler.layout, shard.shard_id))
+    )
     return {
         "forwards": len(forwards),
         "images_per_forward": statistics.fmean(forwards),
@@ -104,7 +98,14 @@ def main() -> None:
     parser.add_argument("--windows", type=int, nargs="+", default=[0, 4, 8])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a check that it runs: 48 images, windows 0 and 8, once",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.windows, args.repeats = 48, [0, 8], 1
     torch.set_num_threads(1)
     reuse_freed_memory()
     with tempfile.TemporaryDirectory() as work:
@@ -135,13 +136,16 @@ def main() -> None:
         },
     }
     print(f"{report['model']}, batch {args.batch}, {args.images} JPEGs, mix {report['mix']}")
-    print("| shape_window | forwards | images / forward | actor CPU ms / image | masks = record order |")
-    print("|---|---|---|---|---|")
-    for w, r in report["windows"].items():
-        cpu = ", ".join(f"{v:.1f}" for v in r["cpu_ms"])
-        print(f"| {w} | {r['forwards']} | {r['images_per_forward']:.1f} | {cpu} | {r['masks_identical']} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    print_table(
+        ["shape_window", "forwards", "images / forward", "actor CPU ms / image",
+         "masks = record order"],
+        (
+            [w, r["forwards"], f"{r['images_per_forward']:.1f}",
+             ", ".join(f"{v:.1f}" for v in r["cpu_ms"]), r["masks_identical"]]
+            for w, r in report["windows"].items()
+        ),
+    )  # fmt: skip
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE python bench/scaling.py                 # 1, 2, 4 actors
     python bench/scaling.py --actors 1 2 4 --shards 32 --accel-ms 25
+    python bench/scaling.py --quick                                 # a check that it runs
 
 A ``ray.cluster_utils.Cluster`` on this machine: a head node without GPUs and 4 worker nodes,
 each ``num_cpus=1`` and one fake ``GPU`` resource; actors ask ``num_gpus=1``, so Ray places one
@@ -30,26 +31,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import json
 import os
-import platform
 import sys
-import tarfile
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-# Run as a script this folder comes first on sys.path and would shadow ``pipeline``.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see docs/benchmarks.md, Pipeline
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 import pipeline  # noqa: E402
 from pipeline.worker import ShardLabeler  # noqa: E402
+
+try:  # run as a script (python bench/scaling.py): this folder is first on sys.path
+    from _common import jpeg_bytes, machine, print_json, write_tar
+except ModuleNotFoundError:  # loaded by its path from the repository root (tests/scaling)
+    from bench._common import jpeg_bytes, machine, print_json, write_tar
 
 
 class _AcceleratedSegmentor:
@@ -97,7 +96,11 @@ def simulated_actors(accel_ms: float):
     # Ray workers cannot import this file by name: ship its code with the actor class.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     original = pipeline.runner.SegmentorActor
-    pipeline.runner.SegmentorActor = ray.remote(simulated_labeler(accel_ms))
+    # The real actor's concurrency groups (pipeline/worker.py): progress(), which the stall
+    # watchdog asks, answers from a "monitor" group while a shard is being labelled.
+    pipeline.runner.SegmentorActor = ray.remote(concurrency_groups={"monitor": 1})(
+        simulated_labeler(accel_ms)
+    )
     try:
         yield
     finally:
@@ -126,15 +129,14 @@ def write_shards(folder: Path, shards: int, per_shard: int) -> None:
     """Small JPEGs (96 x 64, varied content) in ``shards`` tar files."""
     rng = np.random.default_rng(0)
     for s in range(shards):
-        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
-            for i in range(per_shard):
-                pixels = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
-                buf = io.BytesIO()
-                Image.fromarray(pixels).save(buf, format="JPEG", quality=85)
-                info = tarfile.TarInfo(f"{s:05d}_{i:04d}.jpg")
-                info.size = buf.tell()
-                buf.seek(0)
-                tar.addfile(info, buf)
+        members = [
+            (
+                f"{s:05d}_{i:04d}.jpg",
+                jpeg_bytes(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8), 85),
+            )
+            for i in range(per_shard)
+        ]
+        write_tar(folder / f"{s:05d}.tar", members)
 
 
 def scheduling_config(inputs: str, output: str, actors: int, per_shard: int, short_side: int):
@@ -237,18 +239,13 @@ def main() -> None:
     parser.add_argument("--accel-ms", type=float, default=25.0)
     parser.add_argument("--short-side", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="runs per actor count, alternating")
-    args = parser.parse_args()
-    print(
-        json.dumps(
-            {
-                "machine": platform.processor() or platform.machine(),
-                "cpus": os.cpu_count(),
-                "accel_ms_per_image": args.accel_ms,
-                "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
-            }
-        ),
-        flush=True,
+    parser.add_argument(
+        "--quick", action="store_true", help="a check that it runs: 1 and 2 actors, 8 shards, once"
     )
+    args = parser.parse_args()
+    if args.quick:
+        args.actors, args.shards, args.per_shard, args.rounds = [1, 2], 8, 8, 1
+    print_json(machine(accel_ms_per_image=args.accel_ms))
     rows = defaultdict(list)
     with tempfile.TemporaryDirectory() as folder:
         write_shards(Path(folder), args.shards, args.per_shard)
@@ -256,22 +253,19 @@ def main() -> None:
             for _ in range(args.rounds):
                 for n in args.actors:
                     rows[n].append(run_once(folder, n, args.per_shard, args.short_side))
-                    print(json.dumps(rows[n][-1]), flush=True)
+                    print_json(rows[n][-1])
     base = max(r["images_per_s_per_actor"] for r in rows[min(args.actors)])
     base_span = max(max(r["span_images_per_s"]) for r in rows[min(args.actors)])
     for n in args.actors:
         best = max(rows[n], key=lambda r: r["images_per_s_per_actor"])
-        print(
-            json.dumps(
-                {
-                    "actors": n,
-                    "best_images_per_s_per_actor": best["images_per_s_per_actor"],
-                    "per_actor_vs_1": round(best["images_per_s_per_actor"] / base, 3),
-                    "slowest_actor_span_vs_1": round(min(best["span_images_per_s"]) / base_span, 3),
-                    "ideal_images_per_s_per_actor": round(1000 / args.accel_ms, 2),
-                }
-            ),
-            flush=True,
+        print_json(
+            {
+                "actors": n,
+                "best_images_per_s_per_actor": best["images_per_s_per_actor"],
+                "per_actor_vs_1": round(best["images_per_s_per_actor"] / base, 3),
+                "slowest_actor_span_vs_1": round(min(best["span_images_per_s"]) / base_span, 3),
+                "ideal_images_per_s_per_actor": round(1000 / args.accel_ms, 2),
+            }
         )
 
 

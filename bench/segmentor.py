@@ -2,6 +2,7 @@
 
     python bench/segmentor.py                      # CPU: ViT-B-16 at 224 and 336, and a real photo
     python bench/segmentor.py --gpu --batch 16     # on a GPU: images/s at bf16 too
+    python bench/segmentor.py --quick              # a check that it runs (tiny model)
 
 Random weights (no download): timings do not depend on the weights' values, but DBSCAN does
 depend on how many clusters it finds, so the figures name the weights. Bare and segmentor
@@ -11,30 +12,13 @@ calls alternate, and medians are reported, so load changes on a noisy machine hi
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import time
 
 import open_clip
-import skimage.data
 import torch
+from _common import machine, median_seconds, photo, print_json
 
 import cliptrase
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def compare_at(
@@ -49,26 +33,22 @@ def compare_at(
     vocab = seg.vocabulary(
         ["person", "rocket", "cat", "grass", "road"], background=["background", "sky"]
     )
-    photo = cliptrase.parity_transform(size, seg.mean, seg.std)(
-        __import__("PIL.Image").Image.fromarray(skimage.data.astronaut())
-    )
-    pixels = photo[None].repeat(batch, 1, 1, 1).to(seg.device)
+    tensor = cliptrase.parity_transform(size, seg.mean, seg.std)(photo("astronaut"))
+    pixels = tensor[None].repeat(batch, 1, 1, 1).to(seg.device)
     autocast = seg._autocast()
 
     def run_bare():
         with torch.inference_mode(), autocast:
             bare(pixels)
-        _sync(seg.device)
 
     def run_ours():
         seg.segment_pixels(pixels, vocab)
-        _sync(seg.device)
 
-    run_bare(), run_ours()  # warm-up
+    median_seconds(run_bare, 1, seg.device), median_seconds(run_ours, 1, seg.device)  # warm-up
     bare_times, ours_times = [], []
-    for _ in range(repeats):
-        bare_times.append(_median_seconds(run_bare, 1))
-        ours_times.append(_median_seconds(run_ours, 1))
+    for _ in range(repeats):  # alternating: load changes hit both alike
+        bare_times.append(median_seconds(run_bare, 1, seg.device))
+        ours_times.append(median_seconds(run_ours, 1, seg.device))
     bare_s, ours_s = statistics.median(bare_times), statistics.median(ours_times)
     return {
         "model": model,
@@ -86,12 +66,12 @@ def compare_at(
 def whole_image(model: str, repeats: int, device: str) -> dict:
     seg = cliptrase.load_segmentor(model, pretrained=None, device=device)
     vocab = seg.vocabulary(["person", "rocket", "flag", "grass"], background=["background", "sky"])
-    photo = skimage.data.astronaut()
-    seg.segment(photo, vocab)
-    seconds = _median_seconds(lambda: seg.segment(photo, vocab), repeats)
+    image = photo("astronaut")
+    seg.segment(image, vocab)
+    seconds = median_seconds(lambda: seg.segment(image, vocab), repeats, seg.device)
     return {
         "model": model,
-        "image": f"skimage astronaut {photo.shape[1]}x{photo.shape[0]}",
+        "image": f"skimage astronaut {image.width}x{image.height}",
         "short_side": seg.config.short_side,
         "segment_s": round(seconds, 4),
     }
@@ -105,12 +85,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--gpu", action="store_true", help="also measure bf16 on CUDA")
-    args = parser.parse_args()
-    torch.set_grad_enabled(False)
-    print(
-        f"# machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
-        f"torch {torch.__version__}, weights: random (pretrained=None)"
+    parser.add_argument(
+        "--quick", action="store_true", help="a check that it runs: the tiny test model, 3 repeats"
     )
+    args = parser.parse_args()
+    if args.quick:
+        args.model, args.repeats = "ViT-Tiny-16-test", 3
+    torch.set_grad_enabled(False)
+    print_json(machine(torch_threads=torch.get_num_threads(), weights="random (pretrained=None)"))
     rows = [
         compare_at(size, args.model, args.batch, args.repeats, "cpu", "fp32") for size in (224, 336)
     ]
@@ -120,7 +102,7 @@ def main() -> None:
             for size in (224, 336):
                 rows.append(compare_at(size, args.model, 16, args.repeats, "cuda", precision))
     for row in rows:
-        print(json.dumps(row))
+        print_json(row)
 
 
 if __name__ == "__main__":

@@ -44,36 +44,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and bench/pipeline.py would
-# shadow the ``pipeline`` package: drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+try:  # run as a script (python bench/shard_memory.py): this folder is first on sys.path
+    from _common import numbered, photo_jpegs, print_json, write_tar
+except ModuleNotFoundError:  # loaded by its path from the repository root (the memory test)
+    from bench._common import numbered, photo_jpegs, print_json, write_tar
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
-
-
-def photo_jpegs(size: tuple[int, int], distinct: int = 6) -> list[bytes]:
-    """``distinct`` JPEGs of exactly ``size`` (width, height) from scikit-image's photos."""
-    import skimage.data
-    from PIL import Image
-
-    out = []
-    for i in range(distinct):
-        image = Image.fromarray(getattr(skimage.data, PHOTOS[i % len(PHOTOS)])()).convert("RGB")
-        buf = io.BytesIO()
-        image.resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
-def write_tar(path: Path, jpegs: list[bytes], count: int) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for i in range(count):
-            data = jpegs[i % len(jpegs)]
-            info = tarfile.TarInfo(f"{i:06d}.jpg")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def child(tar: str, output: str, batch_size: int, pad_kb: int = 0) -> None:
@@ -115,17 +91,15 @@ def child(tar: str, output: str, batch_size: int, pad_kb: int = 0) -> None:
     loaded_kb = _rss_kb()
     result = labeler.process_shard(shard)
     file_bytes = labeler.layout.fs.size(ledger.committed_file(labeler.layout, shard.shard_id))
-    print(
-        json.dumps(
-            {
-                "rows": result.rows,
-                "ok": result.ok,
-                "seconds": round(result.seconds, 2),
-                "kb_per_row_in_file": round(file_bytes / 1024 / max(1, result.rows), 1),
-                "rss_after_load_mb": round(loaded_kb / 1024, 1),
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            }
-        )
+    print_json(
+        {
+            "rows": result.rows,
+            "ok": result.ok,
+            "seconds": round(result.seconds, 2),
+            "kb_per_row_in_file": round(file_bytes / 1024 / max(1, result.rows), 1),
+            "rss_after_load_mb": round(loaded_kb / 1024, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
     )
 
 
@@ -146,7 +120,7 @@ def measure(
 ) -> dict:
     """Peak RSS (and more) of a subprocess labelling one tar shard of ``count`` images."""
     folder = Path(tempfile.mkdtemp(dir=workdir))
-    tar = write_tar(folder / f"{count:05d}.tar", jpegs or photo_jpegs(size), count)
+    tar = write_tar(folder / f"{count:05d}.tar", numbered(jpegs or photo_jpegs(size), count))
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
@@ -189,7 +163,12 @@ def main() -> None:
     )
     parser.add_argument("--code", default=None, help="a git revision of pipeline/ to measure")
     parser.add_argument("--child", nargs=2, metavar=("TAR", "OUTPUT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--quick", action="store_true", help="a check that it runs: 10 and 40 images of 640x360"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.counts, args.size = [10, 40], [640, 360]
     if args.child:
         child(*args.child, batch_size=args.batch, pad_kb=args.pad_kb)
         return
@@ -210,19 +189,17 @@ def main() -> None:
             for n in args.counts
         ]
     for row in rows:
-        print(json.dumps({"code": args.code or "working tree", **row}))
-    print(
-        json.dumps(
-            {
-                "code": args.code or "working tree",
-                "peak_ratio": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3),
-                "mb_per_extra_image": round(
-                    (rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"])
-                    / max(1, rows[-1]["images"] - rows[0]["images"]),
-                    3,
-                ),
-            }
-        )
+        print_json({"code": args.code or "working tree", **row})
+    print_json(
+        {
+            "code": args.code or "working tree",
+            "peak_ratio": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3),
+            "mb_per_extra_image": round(
+                (rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"])
+                / max(1, rows[-1]["images"] - rows[0]["images"]),
+                3,
+            ),
+        }
     )
 
 

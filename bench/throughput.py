@@ -2,6 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE python bench/throughput.py --out bench/throughput.json
     python bench/throughput.py --plot bench/throughput.json docs/throughput.png
+    python bench/throughput.py --quick     # a check that it runs (tiny model, 224, b=1 and 2)
 
 Every cell is ``segment_batch`` (forward, head, cluster vote, confidence, labels back at the
 original size) on images already prepared (resized and normalised, as the pipeline's decode
@@ -23,15 +24,14 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see docs/benchmarks.md, Pipeline
 
 import numpy as np  # noqa: E402
-import skimage.data  # noqa: E402
 import torch  # noqa: E402
+from _common import machine, photo, print_json, write_json  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import cliptrase  # noqa: E402
@@ -45,10 +45,10 @@ def prepared_photos(seg: cliptrase.Segmentor, size: int, count: int) -> list:
     """``count`` different photos, each resized to ``size x size`` and prepared."""
     out = []
     for i in range(count):
-        photo = Image.fromarray(getattr(skimage.data, PHOTOS[i % len(PHOTOS)])()).convert("RGB")
+        image = photo(PHOTOS[i % len(PHOTOS)])
         if i >= len(PHOTOS):  # different pixels for every image (DBSCAN's work varies)
-            photo = photo.rotate(7 * i, resample=Image.BILINEAR)
-        out.append(seg.prepare(photo.resize((size, size), Image.BICUBIC)))
+            image = image.rotate(7 * i, resample=Image.BILINEAR)
+        out.append(seg.prepare(image.resize((size, size), Image.BICUBIC)))
     return out
 
 
@@ -95,7 +95,7 @@ def measure(model: str, sizes, batches, rounds: int, min_images: int, variants: 
                     f"speedup_vs_batch_{batches[0]}": round(base_s / sec, 3),
                 }
             )
-            print(json.dumps(rows[-1]), flush=True)
+            print_json(rows[-1])
     return rows
 
 
@@ -143,30 +143,31 @@ def main() -> None:
     parser.add_argument("--no-variants", action="store_true")
     parser.add_argument("--out", help="write all rows as JSON here")
     parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help="only plot a run")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a check that it runs: tiny model, 224, batches 1 and 2, one round, no variants",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.models, args.sizes, args.batches = ["ViT-Tiny-16-test"], [224], [1, 2]
+        args.rounds, args.min_images, args.no_variants = 1, 2, True
     if args.plot:
         with open(args.plot[0]) as f:
             plot(json.load(f)["rows"], args.plot[1])
         return
     np.seterr(all="ignore")
-    header = {
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-        "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
-    }
-    print(json.dumps(header), flush=True)
+    header = machine(
+        torch_threads=torch.get_num_threads(), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY")
+    )
+    print_json(header)
     rows = []
     for model in args.models:
         rounds = args.rounds if "Tiny" in model else max(2, args.rounds // 2)
         min_images = args.min_images if "Tiny" in model else args.min_images // 2
         rows += measure(model, args.sizes, args.batches, rounds, min_images, not args.no_variants)
     header["loadavg_1min_at_end"] = round(os.getloadavg()[0], 2)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1)
+    write_json(args.out, {"header": header, "rows": rows})
 
 
 if __name__ == "__main__":

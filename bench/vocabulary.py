@@ -1,15 +1,17 @@
-"""Vocabulary compile time: full-context ``encode_text`` (old) against the truncated tower (new).
+"""Vocabulary compile time: open_clip's full-context ``encode_text`` against our truncated tower.
 
     OMP_WAIT_POLICY=PASSIVE python bench/vocabulary.py                     # 10 and 150 classes
     python bench/vocabulary.py --classes 10,150 --repeats 3,1 --threads 2  # fewer 150-class runs
     python bench/vocabulary.py --model ViT-Tiny-16-test --device cuda
+    python bench/vocabulary.py --quick                                     # a check that it runs
 
 Compiles one embedding row per class from the 80 OpenAI ImageNet templates, as
-``Segmentor.vocabulary`` does: *old* is the previous formula (every chunk of 1024 prompts
-through ``clip.encode_text`` on the full 77-token context), *new* is
+``Segmentor.vocabulary`` does, both ways: *encode_text* runs every chunk of 1024 prompts
+through open_clip's own ``clip.encode_text`` on the full 77-token context (the formula
+``cliptrase.text`` used before truncation, on the library's live code); *ours* is
 ``cliptrase.text.class_embeddings`` (prompts sorted by length, each forward cut to its longest
-prompt). Class names are the first N of the ADE20K preset (150 classes). Old and new alternate
-in one process and medians are reported, so load changes on a noisy machine hit both alike;
+prompt). Class names are the first N of the ADE20K preset (150 classes). The two alternate in
+one process and medians are reported, so load changes on a noisy machine hit both alike;
 ``max |diff|`` is the largest difference of the unit rows. Random weights (no download): the
 cost does not depend on the weights' values.
 """
@@ -18,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see docs/benchmarks.md, Pipeline
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _common import machine, print_json, print_table, synchronize, timed  # noqa: E402
 
 import cliptrase  # noqa: E402
 from cliptrase.classfile import ClassList  # noqa: E402
@@ -33,8 +34,8 @@ from cliptrase.text import DEFAULT_TEMPLATES, class_embeddings, truncation_is_ex
 
 
 @torch.inference_mode()
-def old_class_embeddings(clip, tokenizer, names, templates, device, chunk: int = 1024):
-    """The formula before truncation: each chunk through ``encode_text`` on the full context."""
+def encode_text_embeddings(clip, tokenizer, names, templates, device, chunk: int = 1024):
+    """Each chunk of prompts through open_clip's ``encode_text`` on the full context."""
     prompts = [template(name) for name in names for template in templates]
     parts = []
     for start in range(0, len(prompts), chunk):
@@ -45,31 +46,30 @@ def old_class_embeddings(clip, tokenizer, names, templates, device, chunk: int =
 
 
 def _timed(fn, device: torch.device):
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
+    with timed() as spent:
+        out = fn()
+        synchronize(device)
+    return spent.wall_s, out
 
 
 def compare(seg, names: list[str], repeats: int) -> dict:
     templates = DEFAULT_TEMPLATES
     args = (seg.clip, seg.tokenizer, names, templates, seg.device)
-    old_times, new_times, diff = [], [], 0.0
+    full_times, ours_times, diff = [], [], 0.0
     for _ in range(repeats):
-        old_s, old = _timed(lambda: old_class_embeddings(*args), seg.device)
-        new_s, new = _timed(lambda: class_embeddings(*args), seg.device)
-        old_times.append(old_s)
-        new_times.append(new_s)
-        diff = max(diff, (old - new).abs().max().item())
-    old_s, new_s = statistics.median(old_times), statistics.median(new_times)
+        full_s, full = _timed(lambda: encode_text_embeddings(*args), seg.device)
+        ours_s, ours = _timed(lambda: class_embeddings(*args), seg.device)
+        full_times.append(full_s)
+        ours_times.append(ours_s)
+        diff = max(diff, (full - ours).abs().max().item())
+    full_s, ours_s = statistics.median(full_times), statistics.median(ours_times)
     return {
         "classes": len(names),
         "prompts": len(names) * len(templates),
         "repeats": repeats,
-        "old_s": old_s,
-        "new_s": new_s,
-        "ratio": new_s / old_s,
+        "encode_text_s": full_s,
+        "ours_s": ours_s,
+        "ratio": ours_s / full_s,
         "diff": diff,
     }
 
@@ -91,7 +91,12 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--quick", action="store_true", help="a check that it runs: tiny model, 10 classes, once"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.model, args.classes, args.repeats = "ViT-Tiny-16-test", "10", "1"
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -106,27 +111,24 @@ def main() -> None:
 
     seg = cliptrase.load_segmentor(args.model, pretrained=None, device=args.device)
     warm = preset[:1]  # first calls allocate; keep them out of the figures
-    old_class_embeddings(seg.clip, seg.tokenizer, warm, DEFAULT_TEMPLATES, seg.device)
+    encode_text_embeddings(seg.clip, seg.tokenizer, warm, DEFAULT_TEMPLATES, seg.device)
     class_embeddings(seg.clip, seg.tokenizer, warm, DEFAULT_TEMPLATES, seg.device)
 
+    print_json(machine(torch_threads=torch.get_num_threads()))
     print(
-        f"# {args.model}, random weights, {seg.device}, {len(DEFAULT_TEMPLATES)} templates, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}; truncation exact: "
-        f"{truncation_is_exact(seg.clip)}"
+        f"# {args.model}, random weights, {seg.device}, {len(DEFAULT_TEMPLATES)} templates; "
+        f"truncation exact: {truncation_is_exact(seg.clip)}"
     )
     print()
-    print(
-        "| classes | prompts | repeats | old (full context) s | new (truncated) s | new/old | max abs diff |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for count, n in zip(counts, repeats):
-        row = compare(seg, preset[:count], n)
-        print(
-            f"| {row['classes']} | {row['prompts']} | {row['repeats']} | {row['old_s']:.2f} | "
-            f"{row['new_s']:.2f} | {row['ratio']:.3f} | {row['diff']:.1e} |",
-            flush=True,
-        )
+    print_table(
+        ["classes", "prompts", "repeats", "open_clip encode_text s", "ours s",
+         "ours / encode_text", "max abs diff"],
+        (
+            [row["classes"], row["prompts"], row["repeats"], f"{row['encode_text_s']:.2f}",
+             f"{row['ours_s']:.2f}", f"{row['ratio']:.3f}", f"{row['diff']:.1e}"]
+            for row in (compare(seg, preset[:count], n) for count, n in zip(counts, repeats))
+        ),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Images/s through the whole pipeline against the bare ``segment_batch`` loop, in one run.
 
-    python bench/pipeline.py                       # tiny test model and ViT-B-16 (random weights)
-    python bench/pipeline.py --models ViT-Tiny-16-test --images 256
+    python bench/pipeline_overhead.py            # tiny test model and ViT-B-16 (random weights)
+    python bench/pipeline_overhead.py --models ViT-Tiny-16-test --images 256
+    python bench/pipeline_overhead.py --quick    # a check that it runs (a minute or two)
 
 Both sides label the same photos at the same ``short_side`` with the same batch size and the
 same CPU budget (``--cpus``, default: all cores):
@@ -20,30 +21,19 @@ little, which is why both sides label the same photos with the same weights).
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
-import platform
-import sys
-import tarfile
+import statistics
 import tempfile
-import time
-from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and its name shadows the
-# ``pipeline`` package (Ray workers would inherit that path too): drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-# Two OpenMP runtimes live in one process (torch's, scikit-learn's for DBSCAN) and by default
-# their idle threads spin; on a 2-core machine shared with other work that made the bare loop
-# 5-10x slower in some processes and not others (CPU time = wall time). Passive waiting removes
-# that noise for both sides (Ray workers inherit the driver's environment).
+# Idle OpenMP threads spin by default (torch's; scikit-learn's too while DBSCAN ran on it); on
+# a 2-core machine shared with other work that made the bare loop 5-10x slower in some
+# processes and not others (CPU time = wall time). Passive waiting removes that noise for
+# both sides (Ray workers inherit the driver's environment).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
-import skimage.data  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from _common import jpeg_bytes, machine, photo, print_json, timed, write_tar_shards  # noqa: E402
 
 import cliptrase  # noqa: E402
 import pipeline  # noqa: E402
@@ -56,23 +46,11 @@ def photo_jpegs(count: int, long_side: int) -> list[bytes]:
     """``count`` JPEGs cut from scikit-image's sample photos (varied sizes, like a real corpus)."""
     out = []
     for i in range(count):
-        array = getattr(skimage.data, PHOTOS[i % len(PHOTOS)])()
-        image = Image.fromarray(array)
+        image = photo(PHOTOS[i % len(PHOTOS)])
         scale = (long_side - 8 * (i % 5)) / max(image.size)
         image = image.resize((round(image.width * scale), round(image.height * scale)))
-        buf = io.BytesIO()
-        image.convert("RGB").save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
+        out.append(jpeg_bytes(image))
     return out
-
-
-def write_tars(jpegs: list[bytes], folder: Path, per_shard: int) -> None:
-    for shard, start in enumerate(range(0, len(jpegs), per_shard)):
-        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
-            for i, data in enumerate(jpegs[start : start + per_shard]):
-                info = tarfile.TarInfo(f"{start + i:06d}.jpg")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def bare_rate(spec: pipeline.SegmentorSpec, vocab: pipeline.VocabularySpec, jpegs, cpus: int):
@@ -88,19 +66,19 @@ def bare_rate(spec: pipeline.SegmentorSpec, vocab: pipeline.VocabularySpec, jpeg
     compiled = seg.vocabulary(vocab.classes, vocab.background)
     images = [decode_image(data).image for data in jpegs]
     seg.segment_batch(images[: spec.batch_size], compiled)  # warm-up
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for i in range(0, len(images), spec.batch_size):
-        seg.segment_batch(images[i : i + spec.batch_size], compiled)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"images_per_s": len(images) / wall, "cpu_ms_per_image": 1000 * cpu / len(images)}
+    with timed() as bare:
+        for i in range(0, len(images), spec.batch_size):
+            seg.segment_batch(images[i : i + spec.batch_size], compiled)
+    return {
+        "images_per_s": len(images) / bare.wall_s,
+        "cpu_ms_per_image": 1000 * bare.cpu_s / len(images),
+    }
 
 
 def alternating(spec, vocab, folder: str, jpegs, cpus: int, per_shard: int, rounds: int) -> dict:
     """Shard by shard, bare ``segment_batch`` and the actor's ``process_shard`` alternate in this
     process on one segmentor (same weights, same ``cpus`` torch threads), so load from other
     processes on a shared machine hits both alike. Medians of seconds per image."""
-    import statistics
-
     from pipeline.worker import ShardLabeler
 
     with tempfile.TemporaryDirectory() as out:
@@ -123,10 +101,10 @@ def alternating(spec, vocab, folder: str, jpegs, cpus: int, per_shard: int, roun
         for _ in range(rounds):
             for index, shard in enumerate(shards):
                 chunk = images[index * per_shard : (index + 1) * per_shard]
-                start = time.perf_counter()
-                for i in range(0, len(chunk), spec.batch_size):
-                    seg.segment_batch(chunk[i : i + spec.batch_size], compiled)
-                bare_s.append((time.perf_counter() - start) / len(chunk))
+                with timed() as bare:
+                    for i in range(0, len(chunk), spec.batch_size):
+                        seg.segment_batch(chunk[i : i + spec.batch_size], compiled)
+                bare_s.append(bare.wall_s / len(chunk))
                 result = labeler.process_shard(shard)
                 piped_s.append(result.seconds / result.rows)
         bare, piped = statistics.median(bare_s), statistics.median(piped_s)
@@ -176,20 +154,18 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
     parser.add_argument("--short-side", type=int, default=336)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a check that it runs: tiny model, 32 images, 1 actor, one alternating round",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.models, args.images = ["ViT-Tiny-16-test"], 32
     vocab = pipeline.VocabularySpec(
         ("person", "rocket", "cat", "grass", "road"), background=("sky", "wall")
     )
-    print(
-        json.dumps(
-            {
-                "machine": platform.processor() or platform.machine(),
-                "cpus": args.cpus,
-                "torch": torch.__version__,
-                "loadavg_1min_at_start": round(os.getloadavg()[0], 2),
-            }
-        )
-    )
+    print_json(machine(cpus=args.cpus))
     for model in args.models:
         tiny = "Tiny" in model
         count = args.images or (128 if tiny else 32)
@@ -203,7 +179,7 @@ def main() -> None:
         )
         jpegs = photo_jpegs(count, long_side=640)
         with tempfile.TemporaryDirectory() as folder:
-            write_tars(jpegs, Path(folder), per_shard)
+            write_tar_shards(folder, jpegs, per_shard)
             # Bare before and after the pipeline runs: on a shared machine, load changes would
             # otherwise favour one side. The ratio uses the faster bare figure (conservative).
             bare = [bare_rate(spec, vocab, jpegs, args.cpus)]
@@ -213,12 +189,18 @@ def main() -> None:
                 "short_side": args.short_side,
                 "batch": args.batch,
             }
-            for actors in sorted({1, args.cpus}):
+            for actors in [1] if args.quick else sorted({1, args.cpus}):
                 piped = pipeline_rate(spec, vocab, folder, args.cpus, actors, per_shard)
                 rows[f"{actors}x{max(1, args.cpus // actors)}threads"] = piped
             bare.append(bare_rate(spec, vocab, jpegs, args.cpus))
             rows["alternating_in_process"] = alternating(
-                spec, vocab, folder, jpegs, args.cpus, per_shard, rounds=2 if tiny else 1
+                spec,
+                vocab,
+                folder,
+                jpegs,
+                args.cpus,
+                per_shard,
+                rounds=2 if tiny and not args.quick else 1,
             )
             best = max(bare, key=lambda b: b["images_per_s"])
             rows["bare"] = [{k: round(v, 3) for k, v in b.items()} for b in bare]
@@ -231,7 +213,7 @@ def main() -> None:
                         best["cpu_ms_per_image"] / piped["cpu_ms_per_image"], 3
                     )
                     piped["images_per_s"] = round(piped["images_per_s"], 3)
-            print(json.dumps(rows))
+            print_json(rows)
 
 
 if __name__ == "__main__":
