@@ -4,7 +4,7 @@ glibc's malloc serves blocks above its mmap threshold (at most 32 MiB) with fres
 unmaps them on free, so every large temporary -- a batch's logits, distance matrices, upsampled
 maps, decoded images -- is faulted in page by page and zeroed by the kernel again each time it
 is allocated. On the CPU that was a quarter of the actor's CPU per image (docs/benchmarks.md,
-session 6). Raising the mmap and trim thresholds keeps freed blocks in the heap for reuse; the
+"Allocator: freed blocks kept for reuse"). Raising the mmap and trim thresholds keeps freed blocks in the heap for reuse; the
 actor's resident memory then stays at its peak working set instead of shrinking between
 batches, which is what a long-lived actor holds anyway, plus fragmentation: a few of the
 largest blocks (measured: peak RSS of a 1080p CPU actor +1-3%, flat from 100 to 1,600 images,
