@@ -9,7 +9,7 @@ paper's defaults; ``docs/methods.md`` gives the sources, and :data:`DATASET_OVER
 per-dataset knobs the papers' configs set.
 
 Methods that change more than the last block's attention (SC-CLIP, SFP, DIH-CLIP, ResCLIP) name a
-whole forward instead (``attention`` a key of :data:`attention.DENSE_FORWARDS`); their knobs are
+whole forward instead (``attention`` a key of :data:`forwards.DENSE_FORWARDS`); their knobs are
 in ``forward_options`` (:class:`CalibrationOptions`, :class:`ResidualOptions`), reachable from
 ``with_options`` by field name like the head's.
 """
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from .attention import (
-    ATTENTION_STRATEGIES,
+from .attention import ATTENTION_STRATEGIES
+from .backbone import POS_EMBED_RESIZES
+from .forwards import (
     DENSE_FORWARD_OPTIONS,
     DENSE_FORWARDS,
     CalibrationOptions,
     ResidualOptions,
 )
-from .backbone import POS_EMBED_RESIZES
 from .head import DecisionHead
 from .refine import PAMR, ClusterVote
 from .text import DEFAULT_TEMPLATES, MASKCLIP_EXTRA_TEMPLATES, Template

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from . import fullsize
 from .attention import (
     ATTENTION_STRATEGIES,
-    DENSE_FORWARDS,
     AttentionContext,
     recalibrated_correlation,
     self_correlation,
@@ -27,6 +26,7 @@ from .backbone import ClipVisionBackbone
 from .classfile import ClassList
 from .config import SegmentorConfig
 from .errors import InvalidImageError
+from .forwards import DENSE_FORWARDS
 from .fullsize import Canvas, OutputWindow
 from .head import confidence_of, decide, first_max_rows
 from .inference import SlidePlan, WholeImagePlan, whole_tile
@@ -489,7 +489,7 @@ class Segmentor:
         )
 
     def _whole_forward_features(self, pixels: torch.Tensor, vocab) -> DenseFeatures:
-        """Methods that change more than the last block(s): ``attention.DENSE_FORWARDS``."""
+        """Methods that change more than the last block(s): ``forwards.DENSE_FORWARDS``."""
         method = self.method
         b = pixels.shape[0]
         grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
