@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +29,6 @@ from .head import pool_rows
 from .inference import SlidePlan, WholeImagePlan
 from .preprocess import ImageLike, Prepared
 from .text import Template, Vocabulary, class_embeddings
-
-if TYPE_CHECKING:
-    from .segmentor import Segmentor
 
 log = logging.getLogger("cliptrase")
 
@@ -117,9 +114,12 @@ def _row_texts(
 
 @torch.inference_mode()
 def prompt_embeddings(
-    segmentor: Segmentor, rows: Sequence[str], templates: Sequence[Template]
+    segmentor: Any, rows: Sequence[str], templates: Sequence[Template]
 ) -> torch.Tensor:
-    """``(T, rows, D)`` unit embeddings of every template applied to every row phrase."""
+    """``(T, rows, D)`` unit embeddings of every template applied to every row phrase.
+
+    ``segmentor``: anything with the CLIP model's ``clip``, ``tokenizer`` and ``device`` (a
+    :class:`~cliptrase.Segmentor` or its :class:`~cliptrase.vocabulary.VocabularyCompiler`)."""
     return torch.stack(
         [
             class_embeddings(segmentor.clip, segmentor.tokenizer, rows, [t], segmentor.device)
@@ -260,7 +260,7 @@ def select_experts(
 
 
 def rank_templates(
-    segmentor: Segmentor,
+    segmentor: Any,
     images: Iterable[ImageLike | Prepared],
     classes: Sequence[str],
     templates: Sequence[Template | str] | None = None,
