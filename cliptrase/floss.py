@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .head import pool_rows
-from .inference import SlidePlan, WholeImagePlan
+from .inference import SlidePlan
 from .preprocess import ImageLike, Prepared
 from .text import Template, Vocabulary, class_embeddings
 
@@ -271,8 +271,10 @@ def rank_templates(
     """Rank ``templates`` per class by FLOSS's entropy on ``images`` (no labels) and choose.
 
     Each template alone is a classifier (every row embedded with that template only); the
-    images are scored with ``segmentor``'s method and protocol (its forward, slide or whole
-    image, PAMR), at the resolution its labels are decided at; per pixel the label
+    images are scored with ``segmentor``'s method and protocol: the tiles of its own plan
+    (``Segmentor.plan``: slide crops, or the whole image under the method's input fit and
+    whole-image limit, or owned windows), its forward, PAMR where labelling runs it, at the
+    resolution its labels are decided at; per pixel the label
     distribution is the head's (softmax over rows at the head's scale, max over a label's
     rows). Deterministic: the same images give the same experts. ``templates`` None: the
     method's (OpenAI's 80 for most). Images may be prepared (:meth:`Segmentor.prepare`).
@@ -319,20 +321,9 @@ def rank_templates(
 def _template_label_probs(segmentor, prepared: Prepared, per_prompt, default, shell):
     """``(first, probs (G, L, H, W))`` for groups of templates: each template's label
     distribution over ``prepared`` (the forward runs once per tile, shared by all groups)."""
-    mode, _, crop, stride = segmentor.protocol()
-    patch = segmentor.patch_size
-    slide = mode == "slide" and segmentor.method.refiner is None
-    if slide:
-        tiles = SlidePlan.build(prepared, patch, crop, stride).tiles
-    else:
-        tiles = WholeImagePlan.build(
-            prepared,
-            patch,
-            segmentor.config,
-            window=crop,
-            stride=stride,
-            force_windows=crop is not None,
-        ).tiles
+    # Exactly the tiles labelling runs (the method's input fit and whole-image limit included).
+    plan = segmentor.plan(prepared)
+    slide, tiles = isinstance(plan, SlidePlan), plan.tiles
     # The features depend on the image only (ResCLIP's text feedback reads the default
     # vocabulary), so each tile runs the forward once for every template.
     features = [segmentor.dense_features(tile.pixels[None], default) for tile in tiles]
@@ -365,7 +356,10 @@ def _tile_scores(segmentor, prepared, tiles, features, text, slide) -> torch.Ten
     canvas = count = None
     for tile, feats in zip(tiles, features):
         logits = segmentor.classifier_logits(feats, text)
-        size = tuple(tile.pixels.shape[-2:])
+        # Stretch fits (Method.input_fit): the grid's logits onto the image, PAMR guided by it.
+        stretch_to = getattr(tile, "stretch_to", None)
+        size = tuple(tile.pixels.shape[-2:]) if stretch_to is None else tuple(stretch_to)
+        guide = tile.pixels if stretch_to is None else tile.guide
         up = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
         if canvas is None:
             canvas = up.new_zeros((up.shape[0], h, w))
@@ -376,7 +370,7 @@ def _tile_scores(segmentor, prepared, tiles, features, text, slide) -> torch.Ten
             count[:, tile.top : tile.top + ch, tile.left : tile.left + cw] += 1
             continue
         if segmentor.method.pamr is not None:
-            up = segmentor.method.pamr(tile.pixels[None].to(up.device), up[None])[0]
+            up = segmentor.method.pamr(guide[None].to(up.device), up[None])[0]
         y0, y1, x0, x1 = tile.owns
         canvas[:, y0:y1, x0:x1] = up[
             :, y0 - tile.top : y1 - tile.top, x0 - tile.left : x1 - tile.left
