@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -362,6 +362,7 @@ def feedback_patch_labels(
     threshold: float,
     patch: int,
     fallback_row: int = 0,
+    query_order: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """SFR's semantic map, ``create_logit_temp`` + ``create_patch_matrix``: ``(B, h, w)`` rows.
 
@@ -372,15 +373,45 @@ def feedback_patch_labels(
     ``fallback_row`` is the official's query 0: the first line of its class file, which holds
     the background words on background datasets; pass our first background row there
     (``vocab.num_classes``), else 0 (the first class, as the official).
+
+    ``query_order``: our row of each official query, in the official class file's order
+    (:func:`class_file_order`). The official's argmax and ``torch.mode`` break ties by the
+    query's place in that order (the mode: a 128/128 vote of a 16 x 16 patch goes to the
+    earlier query), so both run on the rows in that order here and the modes map back to our
+    rows. None: ties go to our row order.
     """
     size = pixels.shape[-2:]
     up = F.interpolate(patch_logits.float(), size=size, mode="bilinear", align_corners=False)
     if pamr is not None:
         up = pamr(pixels, up)
     probs = torch.softmax(up * logit_scale, dim=1)
+    if query_order is not None:
+        order = list(query_order)
+        if sorted(order) != list(range(patch_logits.shape[1])):
+            raise ValueError(f"query_order must order the {patch_logits.shape[1]} rows")
+        fallback_row = order.index(fallback_row)  # the official's query number
+        probs = probs[:, order]
     top, pred = probs.max(dim=1)
     pred = torch.where(top < threshold, fallback_row, pred)
-    return tile_modes(pred, patch, patch_logits.shape[1])
+    modes = tile_modes(pred, patch, patch_logits.shape[1])
+    if query_order is None:
+        return modes
+    return torch.tensor(order, device=modes.device)[modes]
+
+
+def class_file_order(vocab) -> list[int]:
+    """Our rows (:class:`~cliptrase.text.Vocabulary`: classes, background words, then every
+    class's synonyms) in the order of the official class files (NACLIP's and ResCLIP's
+    ``get_cls_idx``): line 0 the background words, where there are any, then each class on its
+    line, its name then its synonyms."""
+    classes, background = vocab.num_classes, len(vocab.background)
+    order = list(range(classes, classes + background))
+    synonym_row = classes + background
+    for c in range(classes):
+        extra = len(vocab.synonyms[c]) if c < len(vocab.synonyms) else 0
+        order += [c, *range(synonym_row, synonym_row + extra)]
+        synonym_row += extra
+    return order
 
 
 def tile_modes(values: torch.Tensor, patch: int, bound: int) -> torch.Tensor:
@@ -591,7 +622,8 @@ def resclip_forward(backbone, pixels, method, vocab=None, logit_scale=None):
     Without a vocabulary (``dense_features(pixels)`` alone) step 2 cannot run: SFR is skipped
     and a warning logged. ``logit_scale``: the head's (40), the feedback softmax's scale.
     Unsure: the official feedback map argmaxes over queries (synonyms and background words are
-    separate rows); we keep that (rows, not labels).
+    separate rows); we keep that (rows, not labels), its ties broken in the official class
+    file's query order (:func:`class_file_order`).
     """
     o: ResidualOptions = method.forward_options
     blocks = backbone.blocks
@@ -637,6 +669,7 @@ def resclip_forward(backbone, pixels, method, vocab=None, logit_scale=None):
             o.sfr_threshold,
             backbone.patch_size,
             fallback,
+            query_order=class_file_order(vocab),
         )
         sfr = torch.stack(
             [semantic_feedback_matrix(m, method.gaussian_std, o.same_entity) for m in labels]

@@ -1,10 +1,11 @@
-"""MaskCLIP and NACLIP run as their official code runs them (issue 14), against literal references.
+"""MaskCLIP, NACLIP and ResCLIP run as their official code runs them, against literal references.
 
 The references are written from the released code's steps (chongzhou/MaskCLIP: mmseg
 ``backbones/vit.py``, ``configs/_base_/models/maskclip_vit16.py``, the mmseg dataset configs and
 ``EncoderDecoder`` whole inference; sinahmr/NACLIP: ``naclip.py`` ``forward_feature`` /
-``predict``), with explicit loops and torch functionals, sharing nothing with ``cliptrase`` but
-the model's weights (and, where named, a piece pinned by its own test).
+``predict``; yvhangyang/ResCLIP: ``clip/model.py`` ``create_patch_matrix``, ties in class-file
+order), with explicit loops and torch functionals, sharing nothing with ``cliptrase`` but the
+model's weights (and, where named, a piece pinned by its own test).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import torch
 import torch.nn.functional as F
 
 import cliptrase
-from cliptrase import METHODS, PAMR, SegmentorConfig
+from cliptrase import METHODS, PAMR, SegmentorConfig, forwards
 from cliptrase.backbone import resampled_positional_embedding
+from cliptrase.forwards import class_file_order, feedback_patch_labels
 from cliptrase.head import decide
 from cliptrase.inference import WholeImagePlan
 from cliptrase.methods import method_for_dataset
 from cliptrase.refine import pamr
+from cliptrase.text import Vocabulary
 from cliptrase.weights import WeightsInfo
 
 VOCAB = (["person", "cat", "grass"], ["sky", "wall"])
@@ -289,3 +292,53 @@ def test_maskclip_at_512_on_a_4_3_image_is_labelled_in_one_forward(tiny):
     image = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
     result = seg.segment(image, seg.vocabulary(*VOCAB))
     assert result.windows == 1 and result.labels.shape == (480, 640)
+
+
+# ----------------------------------------------------------------------------- ResCLIP
+def test_resclip_feedback_ties_follow_the_official_class_file_order():
+    """create_patch_matrix: argmax over the queries, then torch.mode (the CPU's: ties to the
+    smallest value) of each patch's pixels, over query indices in class-file order: line 0 the
+    background words, then each class with its synonyms on its line."""
+    vocab = Vocabulary(("cat", "dog"), ("sky",), torch.empty(0), (("kitty",), ()))
+    assert vocab.prompts == ["cat", "dog", "sky", "kitty"]  # our rows 0..3
+    # cls file: "sky" / "cat, kitty" / "dog": queries sky 0, cat 1, kitty 2, dog 3.
+    assert class_file_order(vocab) == [2, 0, 3, 1]
+    # Each pixel's winning row, 2 x 2 patches of 2 x 2 pixels.
+    winners = torch.tensor([[1, 1, 0, 0], [2, 2, 3, 3], [3, 3, 1, 1], [1, 1, 1, 2]])
+    logits = F.one_hot(winners, 4).permute(2, 0, 1)[None].float() * 10
+    pixels = torch.zeros(1, 3, 4, 4)
+    # top-left: dog 2, sky 2: sky (query 0) before dog (3). top-right: cat 2, kitty 2: cat (1).
+    # bottom-left: kitty 2, dog 2: kitty (2). bottom-right: dog 3, sky 1: dog.
+    expected = torch.tensor([[[2, 0], [3, 1]]])
+    order = class_file_order(vocab)
+    got = feedback_patch_labels(pixels, logits, 1.0, None, 0.0, 2, 2, query_order=order)
+    assert torch.equal(got, expected)
+    # In our row order the ties went to the smaller row: dog, cat, dog, dog.
+    ours = feedback_patch_labels(pixels, logits, 1.0, None, 0.0, 2, 2)
+    assert torch.equal(ours, torch.tensor([[[1, 0], [1, 1]]]))
+    # Below the threshold every pixel is the official's query 0 (sky): our row 2.
+    low = feedback_patch_labels(pixels, logits, 1.0, None, 1.0, 2, 2, query_order=order)
+    assert torch.all(low == 2)
+
+
+def test_class_file_order_without_background_starts_with_the_first_class():
+    vocab = Vocabulary(("a", "b", "c"), (), torch.empty(0), ((), ("b2", "b3"), ("c2",)))
+    assert vocab.prompts == ["a", "b", "c", "b2", "b3", "c2"]
+    assert class_file_order(vocab) == [0, 1, 3, 4, 2, 5]  # "a" / "b, b2, b3" / "c, c2"
+
+
+@pytest.mark.parametrize("name", ["resclip", "resclip_sclip"])
+def test_resclip_feedback_reads_the_class_file_order(monkeypatch, tiny, astronaut, name):
+    seg = tiny.variant(method=name)
+    vocab = seg.vocabulary(["person", "rocket"], ["sky", "wall"], synonyms=[["man"], []])
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append((args[6], kwargs["query_order"]))
+        return feedback_patch_labels(*args, **kwargs)
+
+    monkeypatch.setattr(forwards, "feedback_patch_labels", recording)
+    seg.dense_features(seg.prepare(astronaut[:224, :224]).pixels[None], vocab)
+    # rows person 0, rocket 1, sky 2, wall 3, man 4; cls file "sky, wall" / "person, man" /
+    # "rocket"; query 0 (the fallback) is our row 2.
+    assert seen == [(2, [2, 3, 0, 4, 1])]
