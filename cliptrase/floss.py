@@ -27,7 +27,9 @@ import torch.nn.functional as F
 
 from .head import pool_rows
 from .inference import SlidePlan
+from .original_pamr import refined_strips
 from .preprocess import ImageLike, Prepared
+from .resample import LinearAxis
 from .text import Template, Vocabulary, class_embeddings
 
 log = logging.getLogger("cliptrase")
@@ -273,8 +275,9 @@ def rank_templates(
     Each template alone is a classifier (every row embedded with that template only); the
     images are scored with ``segmentor``'s method and protocol: the tiles of its own plan
     (``Segmentor.plan``: slide crops, or the whole image under the method's input fit and
-    whole-image limit, or owned windows), its forward, PAMR where labelling runs it, at the
-    resolution its labels are decided at; per pixel the label
+    whole-image limit, or owned windows), its forward, PAMR where and at the size labelling
+    runs it (NACLIP's at the original size), at the resolution its labels are decided at;
+    per pixel the label
     distribution is the head's (softmax over rows at the head's scale, max over a label's
     rows). Deterministic: the same images give the same experts. ``templates`` None: the
     method's (OpenAI's 80 for most). Images may be prepared (:meth:`Segmentor.prepare`).
@@ -333,25 +336,42 @@ def _template_label_probs(segmentor, prepared: Prepared, per_prompt, default, sh
     original = segmentor.config.resolution == "original"
     out_h, out_w = prepared.original if original else (h, w)
     t_all, k, _ = per_prompt.shape
-    group = max(1, _SCORE_BUDGET // max(1, k * max(out_h * out_w, h * w)))
-    row_labels = shell.row_labels
+    # PAMR at the original size (NACLIP) as labelling runs it: in strips, after the canvas.
+    refined = segmentor.pamr_at_original
+    pamr = None if refined else segmentor.method.pamr
+    group = max(1, _SCORE_BUDGET // max(1, k * (h * w if refined else max(out_h * out_w, h * w))))
     for first in range(0, t_all, group):
         text = per_prompt[first : first + group].flatten(0, 1)  # (G*K, D)
-        scores = _tile_scores(segmentor, prepared, tiles, features, text, slide)  # (G*K, h, w)
+        scores = _tile_scores(segmentor, prepared, tiles, features, text, slide, pamr)
+        if refined:
+            rows = LinearAxis.build(h, out_h, scores.device)
+            cols = LinearAxis.build(w, out_w, scores.device)
+            image = prepared.pixels[None, :, :h, :w].to(scores.device)
+            strips = refined_strips(scores[None], image, rows, cols, segmentor.method.pamr)
+            for _, _, strip in strips:
+                yield first, _label_probs(strip[0], k, shell)
+            continue
         if original and (out_h, out_w) != (h, w):
             scores = F.interpolate(
                 scores[None], size=(out_h, out_w), mode="bilinear", align_corners=False
             )[0]
-        g = scores.shape[0] // k
-        probs = torch.softmax(scores.float().reshape(g, k, *scores.shape[-2:]), dim=1)
-        if len(row_labels) != shell.num_labels:
-            probs = pool_rows(probs, row_labels, shell.num_labels, "max")
-        yield first, probs
+        yield first, _label_probs(scores, k, shell)
 
 
-def _tile_scores(segmentor, prepared, tiles, features, text, slide) -> torch.Tensor:
+def _label_probs(scores: torch.Tensor, k: int, shell: Vocabulary) -> torch.Tensor:
+    """``(G, L, H, W)``: the head's label distributions of ``G`` classifiers' scaled logits
+    ``(G * K, H, W)`` (softmax over the ``K`` rows, max over a label's rows)."""
+    g = scores.shape[0] // k
+    probs = torch.softmax(scores.float().reshape(g, k, *scores.shape[-2:]), dim=1)
+    if len(shell.row_labels) != shell.num_labels:
+        probs = pool_rows(probs, shell.row_labels, shell.num_labels, "max")
+    return probs
+
+
+def _tile_scores(segmentor, prepared, tiles, features, text, slide, pamr) -> torch.Tensor:
     """Scaled logits ``(N, h, w)`` of ``text`` rows over the image, as the method's protocol
-    assembles them: crops averaged (slide) or tiles placed where they own (whole)."""
+    assembles them: crops averaged (slide) or tiles placed where they own (whole), refined by
+    ``pamr`` (the method's at the processing size, else None) where labelling runs it."""
     h, w = prepared.resized
     canvas = count = None
     for tile, feats in zip(tiles, features):
@@ -369,17 +389,17 @@ def _tile_scores(segmentor, prepared, tiles, features, text, slide) -> torch.Ten
             canvas[:, tile.top : tile.top + ch, tile.left : tile.left + cw] += up[:, :ch, :cw]
             count[:, tile.top : tile.top + ch, tile.left : tile.left + cw] += 1
             continue
-        if segmentor.method.pamr is not None:
-            up = segmentor.method.pamr(guide[None].to(up.device), up[None])[0]
+        if pamr is not None:
+            up = pamr(guide[None].to(up.device), up[None])[0]
         y0, y1, x0, x1 = tile.owns
         canvas[:, y0:y1, x0:x1] = up[
             :, y0 - tile.top : y1 - tile.top, x0 - tile.left : x1 - tile.left
         ]
         count[:, y0:y1, x0:x1] = 1
     canvas = canvas / count
-    if slide and segmentor.method.pamr is not None:
+    if slide and pamr is not None:
         image = prepared.pixels[:, :h, :w]
-        canvas = segmentor.method.pamr(image[None].to(canvas.device), canvas[None])[0]
+        canvas = pamr(image[None].to(canvas.device), canvas[None])[0]
     return canvas
 
 

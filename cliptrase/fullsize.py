@@ -80,6 +80,9 @@ class ProcessedBatch:
     maps: torch.Tensor | None  # (B, n_max, H, W) cluster maps (-inf past an image's clusters)
     clusters: torch.Tensor | None  # (B,) cluster count per image
     row_argmax: torch.Tensor | None = None  # (B, H, W) first-maximum row, for a plain head
+    # (B, rows, H, W) the logits before PAMR, kept where PAMR runs again at the original size
+    # (Method.pamr_resolution, cliptrase.original_pamr); None elsewhere.
+    raw_logits: torch.Tensor | None = None
     _region_maps: torch.Tensor | None = None
     _cluster_counts: list[int] | None = None
 
@@ -506,6 +509,9 @@ class Canvas:
         self.labels = torch.zeros(labels_size, dtype=dtype, device=device)
         self.rows = LinearAxis.build(resized[0], original[0], device)
         self.cols = LinearAxis.build(resized[1], original[1], device)
+        # (K, h, w) processing-size scores, for labels decided from them later as a whole
+        # (PAMR at the original size, cliptrase.original_pamr); None otherwise.
+        self.scores: torch.Tensor | None = None
 
     def window(self, owns: tuple[int, int, int, int], top: int, left: int) -> OutputWindow:
         return OutputWindow.of_tile(self.rows, self.cols, owns, top, left)
@@ -513,6 +519,13 @@ class Canvas:
     def place_confidence(self, owns, top: int, left: int, confidence: torch.Tensor) -> None:
         y0, y1, x0, x1 = owns
         self.confidence[y0:y1, x0:x1] = confidence[y0 - top : y1 - top, x0 - left : x1 - left]
+
+    def place_scores(self, owns, top: int, left: int, scores: torch.Tensor) -> None:
+        """A tile's processing-size scores ``(K, th, tw)`` over the region it owns."""
+        if self.scores is None:
+            self.scores = scores.new_empty((scores.shape[0], *self.resized))
+        y0, y1, x0, x1 = owns
+        self.scores[:, y0:y1, x0:x1] = scores[:, y0 - top : y1 - top, x0 - left : x1 - left]
 
     def place_processing_labels(self, owns, top: int, left: int, labels: torch.Tensor) -> None:
         y0, y1, x0, x1 = owns

@@ -21,7 +21,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from . import fullsize, inference
+from . import fullsize, inference, original_pamr
 from .attention import (
     ATTENTION_STRATEGIES,
     AttentionContext,
@@ -466,7 +466,8 @@ class Segmentor:
         logits = F.interpolate(
             self._scaled_logits(feats, vocab), size=size, mode="bilinear", align_corners=False
         )
-        if self.method.pamr is not None:
+        raw = logits if self.pamr_at_original else None
+        if self.method.pamr is not None:  # at the processing size too: the confidence's
             image = pixels if guide is None else guide
             logits = self.method.pamr(image.to(logits.device), logits)
         maps = clusters = None
@@ -477,7 +478,7 @@ class Segmentor:
         if not self.method.head.needs_probabilities(vocab.background_label):
             row_argmax = first_max_rows(logits)  # also the full-size first prediction's
         pred = self._decide(logits, vocab, row_argmax)
-        return ProcessedBatch(logits, pred, maps, clusters, row_argmax)
+        return ProcessedBatch(logits, pred, maps, clusters, row_argmax, raw_logits=raw)
 
     def _processing_labels(self, processed: ProcessedBatch, vocab: Vocabulary) -> torch.Tensor:
         """``(B, H, W)`` final labels at the processing resolution: the vote per image."""
@@ -638,19 +639,52 @@ class Segmentor:
             prepared.resized, prepared.original, self.config.resolution, num_labels, self.device
         )
 
+    @property
+    def pamr_at_original(self) -> bool:
+        """Whether PAMR refines the logits at the original size before the head decides there
+        (``Method.pamr_resolution``, where labels are decided at the original size)."""
+        return (
+            self.method.pamr is not None
+            and self.method.pamr_resolution == "original"
+            and self.config.resolution == "original"
+        )
+
     @torch.inference_mode()
     def _segment_tiles(self, prepared, vocab, batch_size):
-        """Whole images or owned windows, each tile labelled completely on its own."""
+        """Whole images or owned windows, each tile labelled completely on its own (but for
+        PAMR at the original size, which refines each image as a whole once its tiles are in)."""
         plans = [self.plan(item) for item in prepared]
         canvases = [self._canvas(item, vocab.num_labels) for item in prepared]
         rule = self._rule(vocab)
+        pending = [len(plan.tiles) for plan in plans]
         for chunk, pixels, stretch_to, guides in inference.batches(plans, batch_size, self.device):
             processed = self._process(pixels, vocab, stretch_to, guides)
             final = self._processing_labels(processed, vocab)
             confidence = self._confidence(processed.logits, final, vocab)
             placed = [(canvases[p], plans[p].tiles[u]) for p, u in chunk]
-            fullsize.place(processed, final, confidence, placed, rule)
+            if not self.pamr_at_original:
+                fullsize.place(processed, final, confidence, placed, rule)
+                continue
+            self._place_scores(placed, confidence, processed.raw_logits)
+            for p, _ in chunk:
+                pending[p] -= 1
+            ready = sorted({p for p, _ in chunk if pending[p] == 0})
+            self._refine_at_original([canvases[p] for p in ready], [prepared[p] for p in ready], rule)
         return [(*c.finish(), len(plan.tiles)) for c, plan in zip(canvases, plans)]
+
+    @staticmethod
+    def _place_scores(placed, confidence: torch.Tensor, scores: torch.Tensor) -> None:
+        """Confidence and processing-size scores of batch entry ``b`` on its canvas, over the
+        region its tile owns (``placed[b]``: canvas, tile), for labels decided later."""
+        for b, (canvas, tile) in enumerate(placed):
+            canvas.place_confidence(tile.owns, tile.top, tile.left, confidence[b])
+            canvas.place_scores(tile.owns, tile.top, tile.left, scores[b])
+
+    def _refine_at_original(self, canvases, prepared: list[Prepared], rule: LabelRule) -> None:
+        """The canvases' labels from their scores, PAMR at the original size guided by each
+        image (normalised, unpadded): :func:`cliptrase.original_pamr.refine_canvases`."""
+        images = [p.pixels[:, : p.resized[0], : p.resized[1]] for p in prepared]
+        original_pamr.refine_canvases(canvases, images, self.method.pamr, rule)
 
     @torch.inference_mode()
     def _segment_sliding(self, prepared, vocab, batch_size):
@@ -667,12 +701,18 @@ class Segmentor:
             logits = torch.stack([plans[p].averaged() for p in group])
             for p in group:
                 plans[p].logits = plans[p].count = None  # summed: the stack is all that is left
-            if self.method.pamr is not None:
+            raw = logits
+            if self.method.pamr is not None:  # at the processing size too: the confidence's
                 image = torch.stack([plans[p].image() for p in group])
                 logits = self.method.pamr(image.to(logits.device), logits)
             pred = self._decide(logits, vocab)
             confidence = self._confidence(logits, pred, vocab)
             placed = [(canvases[p], whole_tile(plans[p].prepared, self.patch_size)) for p in group]
+            if self.pamr_at_original:
+                self._place_scores(placed, confidence, raw)
+                members = [plans[p].prepared for p in group]
+                self._refine_at_original([canvases[p] for p in group], members, rule)
+                continue
             fullsize.place(ProcessedBatch(logits, pred, None, None), pred, confidence, placed, rule)
         return [(*c.finish(), len(plan.tiles)) for c, plan in zip(canvases, plans)]
 

@@ -147,18 +147,19 @@ def test_most_pixels_never_touch_their_logits(tiny, astronaut):
 def test_slide_methods_decide_at_the_original_size_as_the_official_code(
     tiny, chelsea, name, device
 ):
-    """Crop logits averaged at the processing size, upsampled to the original, then the head."""
+    """Crop logits averaged at the processing size, upsampled to the original, PAMR there
+    (NACLIP's, on the normalised image upsampled alike), then the head."""
     seg = tiny.variant(method=name)
     vocab = seg.vocabulary(["cat", "grass", "floor"], ["background", "wall"])
     prepared = seg.prepare(chelsea)  # 300 x 451 -> 336 x 505
     h, w = prepared.resized
     _, _, crop, stride = seg.protocol()
-    logits = _ref_slide_logits(
-        seg, prepared.pixels[None, :, :h, :w], vocab, crop, stride, seg.logit_scale_used
-    )
-    if seg.method.pamr is not None:
-        logits = seg.method.pamr(prepared.pixels[None, :, :h, :w], logits)
+    image = prepared.pixels[None, :, :h, :w]
+    logits = _ref_slide_logits(seg, image, vocab, crop, stride, seg.logit_scale_used)
     logits = F.interpolate(logits, size=chelsea.shape[:2], mode="bilinear")
+    if seg.method.pamr is not None:
+        image = F.interpolate(image, size=chelsea.shape[:2], mode="bilinear")
+        logits = seg.method.pamr(image, logits)
     expected = decide(
         logits, vocab.row_labels, vocab.num_labels, vocab.background_label, seg.method.head
     )[0].numpy()
