@@ -151,16 +151,7 @@ class Segmentor:
             self.clip, self.tokenizer, model_name, weights.identity, self.device,
             self.method.templates,
         )  # fmt: skip
-        _, _, crop, stride = self.protocol()
-        self.tiling = Tiling(
-            self.patch_size,
-            sliding=self.protocol()[0] == "slide" and self.method.refiner is None,
-            crop=crop,
-            stride=stride,
-            config=config,
-            input_fit=self.method.input_fit,
-            max_patches=self.whole_patch_limit,
-        )
+        self.tiling = self._tiling()
         if weights.random:
             log.warning(
                 "cliptrase: %s has RANDOM weights (%s); its labels are not meaningful",
@@ -622,6 +613,21 @@ class Segmentor:
                 )
             )
         return results
+
+    def _tiling(self) -> Tiling:
+        """This segmentor's protocol as a :class:`~cliptrase.inference.Tiling`: the
+        SCLIP-lineage sliding window (crops averaged) in slide mode without a cluster vote,
+        else whole images, or owned windows each clustered on its own."""
+        mode, _, crop, stride = self.protocol()
+        return Tiling(
+            self.patch_size,
+            sliding=mode == "slide" and self.method.refiner is None,
+            crop=crop,
+            stride=stride,
+            config=self.config,
+            input_fit=self.method.input_fit,
+            max_patches=self.whole_patch_limit,
+        )
 
     def plan(self, prepared: Prepared) -> WholeImagePlan | SlidePlan:
         """How one image is cut into the tiles (or crops) its forwards run on: this
