@@ -131,4 +131,6 @@ class SegmentorConfig:
 # (``pipeline.RunConfig``) moves with them; a method not listed is at revision 0 and hashes as
 # before. 1: MaskCLIP's and NACLIP's official protocols (issue 14: tower, normalisation,
 # position-embedding resize, input fit, PAMR on, whole images up to the official resize).
-METHOD_REVISIONS: dict[str, int] = {"maskclip": 1, "naclip": 1}
+# Issue 31: NACLIP 2, PAMR at the original size as its predict() runs it; ResCLIP 1 (both
+# bases), the feedback map's patch votes tied in the official class file's query order.
+METHOD_REVISIONS: dict[str, int] = {"maskclip": 1, "naclip": 2, "resclip": 1, "resclip_sclip": 1}

@@ -20,18 +20,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .head import pool_rows
-from .inference import SlidePlan, WholeImagePlan
+from .inference import SlidePlan
+from .original_pamr import refined_strips
 from .preprocess import ImageLike, Prepared
+from .resample import LinearAxis
 from .text import Template, Vocabulary, class_embeddings
-
-if TYPE_CHECKING:
-    from .segmentor import Segmentor
 
 log = logging.getLogger("cliptrase")
 
@@ -117,9 +116,12 @@ def _row_texts(
 
 @torch.inference_mode()
 def prompt_embeddings(
-    segmentor: Segmentor, rows: Sequence[str], templates: Sequence[Template]
+    segmentor: Any, rows: Sequence[str], templates: Sequence[Template]
 ) -> torch.Tensor:
-    """``(T, rows, D)`` unit embeddings of every template applied to every row phrase."""
+    """``(T, rows, D)`` unit embeddings of every template applied to every row phrase.
+
+    ``segmentor``: anything with the CLIP model's ``clip``, ``tokenizer`` and ``device`` (a
+    :class:`~cliptrase.Segmentor` or its :class:`~cliptrase.vocabulary.VocabularyCompiler`)."""
     return torch.stack(
         [
             class_embeddings(segmentor.clip, segmentor.tokenizer, rows, [t], segmentor.device)
@@ -260,7 +262,7 @@ def select_experts(
 
 
 def rank_templates(
-    segmentor: Segmentor,
+    segmentor: Any,
     images: Iterable[ImageLike | Prepared],
     classes: Sequence[str],
     templates: Sequence[Template | str] | None = None,
@@ -271,8 +273,11 @@ def rank_templates(
     """Rank ``templates`` per class by FLOSS's entropy on ``images`` (no labels) and choose.
 
     Each template alone is a classifier (every row embedded with that template only); the
-    images are scored with ``segmentor``'s method and protocol (its forward, slide or whole
-    image, PAMR), at the resolution its labels are decided at; per pixel the label
+    images are scored with ``segmentor``'s method and protocol: the tiles of its own plan
+    (``Segmentor.plan``: slide crops, or the whole image under the method's input fit and
+    whole-image limit, or owned windows), its forward, PAMR where and at the size labelling
+    runs it (NACLIP's at the original size), at the resolution its labels are decided at;
+    per pixel the label
     distribution is the head's (softmax over rows at the head's scale, max over a label's
     rows). Deterministic: the same images give the same experts. ``templates`` None: the
     method's (OpenAI's 80 for most). Images may be prepared (:meth:`Segmentor.prepare`).
@@ -319,20 +324,9 @@ def rank_templates(
 def _template_label_probs(segmentor, prepared: Prepared, per_prompt, default, shell):
     """``(first, probs (G, L, H, W))`` for groups of templates: each template's label
     distribution over ``prepared`` (the forward runs once per tile, shared by all groups)."""
-    mode, _, crop, stride = segmentor.protocol()
-    patch = segmentor.patch_size
-    slide = mode == "slide" and segmentor.method.refiner is None
-    if slide:
-        tiles = SlidePlan.build(prepared, patch, crop, stride).tiles
-    else:
-        tiles = WholeImagePlan.build(
-            prepared,
-            patch,
-            segmentor.config,
-            window=crop,
-            stride=stride,
-            force_windows=crop is not None,
-        ).tiles
+    # Exactly the tiles labelling runs (the method's input fit and whole-image limit included).
+    plan = segmentor.plan(prepared)
+    slide, tiles = isinstance(plan, SlidePlan), plan.tiles
     # The features depend on the image only (ResCLIP's text feedback reads the default
     # vocabulary), so each tile runs the forward once for every template.
     features = [segmentor.dense_features(tile.pixels[None], default) for tile in tiles]
@@ -342,30 +336,50 @@ def _template_label_probs(segmentor, prepared: Prepared, per_prompt, default, sh
     original = segmentor.config.resolution == "original"
     out_h, out_w = prepared.original if original else (h, w)
     t_all, k, _ = per_prompt.shape
-    group = max(1, _SCORE_BUDGET // max(1, k * max(out_h * out_w, h * w)))
-    row_labels = shell.row_labels
+    # PAMR at the original size (NACLIP) as labelling runs it: in strips, after the canvas.
+    refined = segmentor.pamr_at_original
+    pamr = None if refined else segmentor.method.pamr
+    group = max(1, _SCORE_BUDGET // max(1, k * (h * w if refined else max(out_h * out_w, h * w))))
     for first in range(0, t_all, group):
         text = per_prompt[first : first + group].flatten(0, 1)  # (G*K, D)
-        scores = _tile_scores(segmentor, prepared, tiles, features, text, slide)  # (G*K, h, w)
+        scores = _tile_scores(segmentor, prepared, tiles, features, text, slide, pamr)
+        if refined:
+            rows = LinearAxis.build(h, out_h, scores.device)
+            cols = LinearAxis.build(w, out_w, scores.device)
+            image = prepared.pixels[None, :, :h, :w].to(scores.device)
+            strips = refined_strips(scores[None], image, rows, cols, segmentor.method.pamr)
+            for _, _, strip in strips:
+                yield first, _label_probs(strip[0], k, shell)
+            continue
         if original and (out_h, out_w) != (h, w):
             scores = F.interpolate(
                 scores[None], size=(out_h, out_w), mode="bilinear", align_corners=False
             )[0]
-        g = scores.shape[0] // k
-        probs = torch.softmax(scores.float().reshape(g, k, *scores.shape[-2:]), dim=1)
-        if len(row_labels) != shell.num_labels:
-            probs = pool_rows(probs, row_labels, shell.num_labels, "max")
-        yield first, probs
+        yield first, _label_probs(scores, k, shell)
 
 
-def _tile_scores(segmentor, prepared, tiles, features, text, slide) -> torch.Tensor:
+def _label_probs(scores: torch.Tensor, k: int, shell: Vocabulary) -> torch.Tensor:
+    """``(G, L, H, W)``: the head's label distributions of ``G`` classifiers' scaled logits
+    ``(G * K, H, W)`` (softmax over the ``K`` rows, max over a label's rows)."""
+    g = scores.shape[0] // k
+    probs = torch.softmax(scores.float().reshape(g, k, *scores.shape[-2:]), dim=1)
+    if len(shell.row_labels) != shell.num_labels:
+        probs = pool_rows(probs, shell.row_labels, shell.num_labels, "max")
+    return probs
+
+
+def _tile_scores(segmentor, prepared, tiles, features, text, slide, pamr) -> torch.Tensor:
     """Scaled logits ``(N, h, w)`` of ``text`` rows over the image, as the method's protocol
-    assembles them: crops averaged (slide) or tiles placed where they own (whole)."""
+    assembles them: crops averaged (slide) or tiles placed where they own (whole), refined by
+    ``pamr`` (the method's at the processing size, else None) where labelling runs it."""
     h, w = prepared.resized
     canvas = count = None
     for tile, feats in zip(tiles, features):
         logits = segmentor.classifier_logits(feats, text)
-        size = tuple(tile.pixels.shape[-2:])
+        # Stretch fits (Method.input_fit): the grid's logits onto the image, PAMR guided by it.
+        stretch_to = getattr(tile, "stretch_to", None)
+        size = tuple(tile.pixels.shape[-2:]) if stretch_to is None else tuple(stretch_to)
+        guide = tile.pixels if stretch_to is None else tile.guide
         up = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
         if canvas is None:
             canvas = up.new_zeros((up.shape[0], h, w))
@@ -375,17 +389,17 @@ def _tile_scores(segmentor, prepared, tiles, features, text, slide) -> torch.Ten
             canvas[:, tile.top : tile.top + ch, tile.left : tile.left + cw] += up[:, :ch, :cw]
             count[:, tile.top : tile.top + ch, tile.left : tile.left + cw] += 1
             continue
-        if segmentor.method.pamr is not None:
-            up = segmentor.method.pamr(tile.pixels[None].to(up.device), up[None])[0]
+        if pamr is not None:
+            up = pamr(guide[None].to(up.device), up[None])[0]
         y0, y1, x0, x1 = tile.owns
         canvas[:, y0:y1, x0:x1] = up[
             :, y0 - tile.top : y1 - tile.top, x0 - tile.left : x1 - tile.left
         ]
         count[:, y0:y1, x0:x1] = 1
     canvas = canvas / count
-    if slide and segmentor.method.pamr is not None:
+    if slide and pamr is not None:
         image = prepared.pixels[:, :h, :w]
-        canvas = segmentor.method.pamr(image[None].to(canvas.device), canvas[None])[0]
+        canvas = pamr(image[None].to(canvas.device), canvas[None])[0]
     return canvas
 
 

@@ -27,6 +27,9 @@ are decided as one tall map, one below another (:meth:`OutputWindow.stacked`): e
 above is then one set of kernels and host synchronisations per stack, not per image, which
 is what keeps a GPU fed (``bench/launches.py``). Per pixel the arithmetic is the same, so
 are the labels.
+
+:func:`place` puts a processed batch (:class:`ProcessedBatch`) on its images' canvases this way
+(:func:`stack_key` says which tiles stack, :func:`original_labels` decides a stack).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 
 from .head import DecisionHead, decide, kept_labels_from_counts
-from .refine import region_logit_sums
+from .refine import ClusterVote, region_logit_sums
 from .resample import (
     Boundary,
     LinearAxis,
@@ -54,6 +57,50 @@ from .resample import (
 # Output pixels per stacked map (OutputWindow.stacked): bounds the full-size integer maps and
 # boundary indices a stack holds at once, while small images still stack dozens to a map.
 STACK_PIXELS = 1 << 24
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """What turns one vocabulary's scores into labels: the label of each row (on the scores'
+    device), the label count, the background label, the method's head and cluster vote."""
+
+    row_labels: torch.Tensor  # (rows,) int64
+    num_labels: int
+    background_label: int | None
+    head: DecisionHead
+    refiner: ClusterVote | None = None
+
+
+@dataclass
+class ProcessedBatch:
+    """A batch of same-size inputs at the processing resolution, on the device."""
+
+    logits: torch.Tensor  # (B, rows, H, W) scaled, upsampled to the input size, after PAMR
+    pred: torch.Tensor  # (B, H, W) int64: the head's labels before the refiner
+    maps: torch.Tensor | None  # (B, n_max, H, W) cluster maps (-inf past an image's clusters)
+    clusters: torch.Tensor | None  # (B,) cluster count per image
+    row_argmax: torch.Tensor | None = None  # (B, H, W) first-maximum row, for a plain head
+    # (B, rows, H, W) the logits before PAMR, kept where PAMR runs again at the original size
+    # (Method.pamr_resolution, cliptrase.original_pamr); None elsewhere.
+    raw_logits: torch.Tensor | None = None
+    _region_maps: torch.Tensor | None = None
+    _cluster_counts: list[int] | None = None
+
+    def cluster_count(self, b: int) -> int:
+        """Input ``b``'s cluster count; the counts cross to the host once per batch (one
+        device sync, not one per input)."""
+        if self._cluster_counts is None:
+            self._cluster_counts = self.clusters.tolist()
+        return self._cluster_counts[b]
+
+    def region_maps(self) -> torch.Tensor:
+        """``(B, H, W)`` cluster of each pixel: the first maximum over its image's real maps
+        (the ``-inf`` maps past them never win), for the whole batch at once, and once for
+        the processing-resolution vote and the full-size one. Meaningless for an image
+        without clusters."""
+        if self._region_maps is None:
+            self._region_maps = self.maps.max(dim=1).indices
+        return self._region_maps
 
 
 @dataclass
@@ -462,6 +509,9 @@ class Canvas:
         self.labels = torch.zeros(labels_size, dtype=dtype, device=device)
         self.rows = LinearAxis.build(resized[0], original[0], device)
         self.cols = LinearAxis.build(resized[1], original[1], device)
+        # (K, h, w) processing-size scores, for labels decided from them later as a whole
+        # (PAMR at the original size, cliptrase.original_pamr); None otherwise.
+        self.scores: torch.Tensor | None = None
 
     def window(self, owns: tuple[int, int, int, int], top: int, left: int) -> OutputWindow:
         return OutputWindow.of_tile(self.rows, self.cols, owns, top, left)
@@ -469,6 +519,13 @@ class Canvas:
     def place_confidence(self, owns, top: int, left: int, confidence: torch.Tensor) -> None:
         y0, y1, x0, x1 = owns
         self.confidence[y0:y1, x0:x1] = confidence[y0 - top : y1 - top, x0 - left : x1 - left]
+
+    def place_scores(self, owns, top: int, left: int, scores: torch.Tensor) -> None:
+        """A tile's processing-size scores ``(K, th, tw)`` over the region it owns."""
+        if self.scores is None:
+            self.scores = scores.new_empty((scores.shape[0], *self.resized))
+        y0, y1, x0, x1 = owns
+        self.scores[:, y0:y1, x0:x1] = scores[:, y0 - top : y1 - top, x0 - left : x1 - left]
 
     def place_processing_labels(self, owns, top: int, left: int, labels: torch.Tensor) -> None:
         y0, y1, x0, x1 = owns
@@ -487,3 +544,83 @@ class Canvas:
             )[0, 0].to(labels.dtype)
         counts = torch.bincount(labels.reshape(-1), minlength=self.num_labels)
         return labels, quantised(self.confidence), counts
+
+
+# ------------------------------------------------------------------------------ placement
+def place(
+    processed: ProcessedBatch,
+    final: torch.Tensor,
+    confidence: torch.Tensor,
+    placed: list[tuple[Canvas, object]],
+    rule: LabelRule,
+) -> None:
+    """Put batch entry ``b``'s outputs on its canvas over the region its tile owns
+    (``placed[b]``: canvas, tile): the confidence, and the labels at the canvas's resolution
+    (``final``: the processing resolution's), the original size's decided in stacks of alike
+    tiles (:func:`stack_key`, :func:`original_labels`)."""
+    stacks: dict[tuple, list[int]] = {}
+    for b, (canvas, tile) in enumerate(placed):
+        canvas.place_confidence(tile.owns, tile.top, tile.left, confidence[b])
+        if canvas.resolution != "original":
+            canvas.place_processing_labels(tile.owns, tile.top, tile.left, final[b])
+            continue
+        stacks.setdefault(stack_key(processed, b, canvas, tile, rule), []).append(b)
+    for alike in stacks.values():
+        canvas, tile = placed[alike[0]]
+        window = canvas.window(tile.owns, tile.top, tile.left)
+        per_stack = max(1, STACK_PIXELS // max(1, window.pixels))
+        for start in range(0, len(alike), per_stack):
+            members = alike[start : start + per_stack]
+            labels = original_labels(processed, members, window, rule)
+            for b, own in zip(members, labels.view(len(members), *window.shape)):
+                placed[b][0].place_labels(window, own)
+
+
+def stack_key(processed: ProcessedBatch, b: int, canvas: Canvas, tile, rule: LabelRule) -> tuple:
+    """Tiles of a batch with equal keys get their full-size labels as one stacked map
+    (:meth:`OutputWindow.stacked`): the same taps and owned pixels, and alike in whether the
+    cluster vote runs. ``area_thd`` counts per image: no stacking."""
+    if rule.head.area_thd is not None:
+        return (b,)
+    voted = rule.refiner is not None and processed.cluster_count(b) > 0
+    return (canvas.resized, canvas.original, tile.owns, tile.top, tile.left, voted)
+
+
+def original_labels(
+    processed: ProcessedBatch, members: list[int], window: OutputWindow, rule: LabelRule
+) -> torch.Tensor:
+    """The labels of tiles ``members`` over the output pixels each owns (the same window),
+    decided at the original size: ``(len(members) * H, W)``, the tiles one below another."""
+    pick = picker(members)
+    logits = processed.logits[pick]
+    window = window.stacked(len(members), logits.shape[-2])
+    first = first_prediction(
+        logits,
+        window,
+        rule.row_labels,
+        rule.num_labels,
+        rule.background_label,
+        rule.head,
+        None if processed.row_argmax is None else processed.row_argmax[pick],
+    )
+    n = 0 if rule.refiner is None else max(processed.cluster_count(b) for b in members)
+    if n == 0:
+        return first.full(window)
+    return vote(
+        first,
+        processed.maps[pick, :n],
+        logits,
+        window,
+        rule.row_labels,
+        rule.num_labels,
+        rule.refiner.vote,
+        cluster_argmax=processed.region_maps()[pick],
+    )
+
+
+def picker(members: list[int]) -> slice | list[int]:
+    """An index for ``members`` of a batch: a slice (a view) when they are consecutive."""
+    first = members[0]
+    if members == list(range(first, first + len(members))):
+        return slice(first, first + len(members))
+    return members

@@ -15,15 +15,25 @@ share one forward):
   every ``stride`` pixels, the last aligned to the image's end; each crop's logits upsampled to
   the crop; overlapping logits averaged; then the head and refiners once on the whole image.
   Costs ``K x H x W`` floats per image in flight (K = vocabulary rows).
+
+:class:`Tiling` is a segmentor's protocol as data: which plan an image gets. The helpers at the
+end gather the tiles of many plans into batches (one forward per shape) and the sliding
+plans into groups of one size (one PAMR and head per group).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .preprocess import Prepared
+
+# Averaged logits per group of sliding-window images (64 MB of float32): PAMR's temporaries
+# are ~30x that, so a group stays within a few GB however many classes.
+SLIDE_TAIL_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -167,3 +177,95 @@ class SlidePlan:
         """The normalised image ``(3, H, W)`` without padding (PAMR's guide)."""
         h, w = self.prepared.resized
         return self.prepared.pixels[:, :h, :w]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a segmentor cuts each prepared image into the tiles its forwards run on.
+
+    ``sliding``: the SCLIP-lineage protocol (:class:`SlidePlan`: ``crop`` x ``crop`` crops
+    every ``stride``, averaged); else whole images or owned windows (:class:`WholeImagePlan`:
+    windows of ``crop`` every ``stride`` when a crop is given, as a cluster-vote method in slide
+    mode runs; else the whole image under ``input_fit`` up to ``max_patches``, the config's
+    fallback window above). ``config``: the :class:`~cliptrase.SegmentorConfig` (fallback
+    window, stride and short side; ``max_patches`` when ``max_patches`` is None).
+    """
+
+    patch_size: int
+    sliding: bool
+    crop: int | None
+    stride: int | None
+    config: Any
+    input_fit: str = "pad_crop"
+    max_patches: int | None = None
+
+    def plan(self, prepared: Prepared) -> WholeImagePlan | SlidePlan:
+        """The tiles (or crops) one image's forwards run on."""
+        if self.sliding:
+            return SlidePlan.build(prepared, self.patch_size, self.crop, self.stride)
+        return WholeImagePlan.build(
+            prepared,
+            self.patch_size,
+            self.config,
+            window=self.crop,
+            stride=self.stride,
+            force_windows=self.crop is not None,
+            input_fit=self.input_fit,
+            max_patches=self.max_patches,
+        )
+
+    def batch_key(self, prepared: Prepared) -> frozenset:
+        """The input shapes of an image's forwards: images with equal keys share them."""
+        return frozenset(forward_shape(tile) for tile in self.plan(prepared).tiles)
+
+
+def forward_shape(tile: Tile | Crop) -> tuple:
+    """What tiles must share to run in one forward: their shape, device and stretch size.
+    Tiles prepared on the device (GPU-decoded JPEGs) and on the host (Pillow's fallbacks) of
+    one shape batch apart: one stack cannot hold both."""
+    return (tuple(tile.pixels.shape), tile.pixels.device, getattr(tile, "stretch_to", None))
+
+
+def staged(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The tensors stacked on ``device``; host tensors bound for CUDA are stacked straight into
+    one pinned buffer (one host copy, not a stack and a pin) and copied asynchronously."""
+    if device.type != "cuda" or tensors[0].device.type == "cuda":  # or prepared there
+        return torch.stack(tensors)
+    pinned = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float32, pin_memory=True)
+    torch.stack([t.float() for t in tensors], out=pinned)
+    return pinned.to(device, non_blocking=True)
+
+
+def batches(
+    plans: list, batch_size: int, device: torch.device
+) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor, tuple | None, torch.Tensor | None]]:
+    """``(chunk, pixels, stretch_to, guides)``: ``(plan, tile)`` indices whose tiles share one
+    :func:`forward_shape`, at most ``batch_size``, their pixels stacked on ``device``
+    (:func:`staged`: on CUDA the copy overlaps the previous batch's kernels), and the stretch
+    size and PAMR guides of stretch fits (else None, None)."""
+    by_shape: dict[tuple, list[tuple[int, int]]] = {}
+    for p, plan in enumerate(plans):
+        for u, tile in enumerate(plan.tiles):
+            by_shape.setdefault(forward_shape(tile), []).append((p, u))
+    for (_, _, stretch_to), members in by_shape.items():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
+            tiles = [plans[p].tiles[u] for p, u in chunk]
+            pixels = staged([tile.pixels for tile in tiles], device)
+            guides = None
+            if stretch_to is not None:
+                guides = staged([tile.guide for tile in tiles], device)
+            yield chunk, pixels, stretch_to, guides
+
+
+def alike_plans(plans: list[SlidePlan], batch_size: int) -> Iterator[list[int]]:
+    """Indices of sliding plans of one processing size, at most ``batch_size`` and
+    :data:`SLIDE_TAIL_ELEMENTS` logits at a time: PAMR, the head and the full-size labels
+    then run once per group (per-pixel work, the same arithmetic as one image at a time)."""
+    by_size: dict[tuple, list[int]] = {}
+    for p, plan in enumerate(plans):
+        by_size.setdefault(tuple(plan.logits.shape), []).append(p)
+    for (k, h, w), members in by_size.items():
+        step = max(1, min(batch_size, SLIDE_TAIL_ELEMENTS // (k * h * w)))
+        for start in range(0, len(members), step):
+            yield members[start : start + step]

@@ -9,7 +9,7 @@ paper's defaults; ``docs/methods.md`` gives the sources, and :data:`DATASET_OVER
 per-dataset knobs the papers' configs set.
 
 Methods that change more than the last block's attention (SC-CLIP, SFP, DIH-CLIP, ResCLIP) name a
-whole forward instead (``attention`` a key of :data:`attention.DENSE_FORWARDS`); their knobs are
+whole forward instead (``attention`` a key of :data:`forwards.DENSE_FORWARDS`); their knobs are
 in ``forward_options`` (:class:`CalibrationOptions`, :class:`ResidualOptions`), reachable from
 ``with_options`` by field name like the head's.
 """
@@ -18,20 +18,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from .attention import (
-    ATTENTION_STRATEGIES,
+from .attention import ATTENTION_STRATEGIES
+from .backbone import POS_EMBED_RESIZES
+from .forwards import (
     DENSE_FORWARD_OPTIONS,
     DENSE_FORWARDS,
     CalibrationOptions,
     ResidualOptions,
 )
-from .backbone import POS_EMBED_RESIZES
 from .head import DecisionHead
 from .refine import PAMR, ClusterVote
 from .text import DEFAULT_TEMPLATES, MASKCLIP_EXTRA_TEMPLATES, Template
 from .tower import ACTIVATIONS
 
 INPUT_FITS = ("pad_crop", "pad_stretch", "drop_stretch")
+PAMR_RESOLUTIONS = ("processing", "original")
 # Pixel mean/std by name; "model" is resolved from the weights' preprocess config.
 NORMALISATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "model": None,
@@ -54,6 +55,11 @@ class Method:
     correlation_block: int | None = -2
     refiner: ClusterVote | None = field(default_factory=ClusterVote)
     pamr: PAMR | None = None  # on the logits, before the head (SCLIP/NACLIP)
+    # Where PAMR runs (PAMR_RESOLUTIONS): "processing", on the logits as they come out at the
+    # input's size; "original", on the logits stretched to the image's original size, guided by
+    # the normalised image stretched alike, as the SCLIP lineage's predict() does (only where
+    # labels are decided at the original size: SegmentorConfig.resolution="original").
+    pamr_resolution: str = "processing"
     head: DecisionHead = field(default_factory=DecisionHead)
     # Weight patch logits by the [CLS] logits (the CLIPtrase authors' VOC-without-background).
     cls_weighting: bool = False
@@ -133,6 +139,13 @@ class Method:
             raise ValueError(f"pos_embed_resize must be one of {POS_EMBED_RESIZES}")
         if self.input_fit not in INPUT_FITS:
             raise ValueError(f"input_fit must be one of {INPUT_FITS}")
+        if self.pamr_resolution not in PAMR_RESOLUTIONS:
+            raise ValueError(f"pamr_resolution must be one of {PAMR_RESOLUTIONS}")
+        if self.pamr_resolution == "original" and self.refiner is not None:
+            raise ValueError(
+                "pamr_resolution='original' decides from PAMR's full-size logits; a cluster "
+                "vote (refiner) votes on the processing-size ones: pass refiner=None"
+            )
         if self.long_side_cap is not None and self.long_side_cap < self.short_side:
             raise ValueError("long_side_cap must be at least short_side")
 
@@ -224,9 +237,10 @@ METHODS: dict[str, Method] = {
     # arXiv 2404.08181, naclip.py: softmax(s kk^T + Gaussian(std 5)), no residual, no FFN
     # (arch "reduced"); SCLIP's protocol; logit scale 40; prob_thd 0.1 on background datasets.
     # The released default runs PAMR(10, (8, 16)) (NACLIP's pamr_steps=10; its README's main
-    # results pass "on"); the paper's no-PAMR numbers: with_options(pamr=None). Whole images
-    # (VOC) go through the patch conv unpadded: the remainder pixels are dropped and the floor
-    # grid's logits stretched onto the image; mmseg Resize (2048, 336).
+    # results pass "on"); the paper's no-PAMR numbers: with_options(pamr=None). PAMR runs at
+    # the original size, on the averaged logits and the normalised image both resized there
+    # (predict). Whole images (VOC) go through the patch conv unpadded: the remainder pixels
+    # are dropped and the floor grid's logits stretched onto the image; mmseg Resize (2048, 336).
     "naclip": Method(
         "naclip",
         attention="kk+gaussian",
@@ -235,6 +249,7 @@ METHODS: dict[str, Method] = {
         correlation_block=None,
         refiner=None,
         pamr=PAMR(),
+        pamr_resolution="original",
         head=DecisionHead(logit_scale=40.0, prob_thd=0.1),
         input_fit="drop_stretch",
         long_side_cap=2048,
@@ -271,7 +286,8 @@ METHODS: dict[str, Method] = {
     # on NACLIP (arch wo_resi, attn "resclip" = kk + Gaussian, std 5): RCS (mean q-k attention
     # of blocks 5..8 mixed after the softmax) and SFR (a feedback pass's segmentation as an
     # attention prior before it); SCLIP's protocol, scale 40; weights per dataset (defaults:
-    # COCO-Stuff's); prob_thd 0.1 on background datasets.
+    # COCO-Stuff's); prob_thd 0.1 on background datasets. Output PAMR off (pamr_steps=0); turned
+    # on, it runs at the original size, as its predict() runs it.
     "resclip": Method(
         "resclip",
         attention="resclip",
@@ -279,6 +295,7 @@ METHODS: dict[str, Method] = {
         keep_ffn=False,
         correlation_block=None,
         refiner=None,
+        pamr_resolution="original",
         head=DecisionHead(logit_scale=40.0, prob_thd=0.1),
         **SCLIP_PROTOCOL,
     ),
@@ -290,6 +307,7 @@ METHODS: dict[str, Method] = {
         forward_options=ResidualOptions(base="qq+kk"),
         correlation_block=None,
         refiner=None,
+        pamr_resolution="original",
         head=DecisionHead(logit_scale=40.0, prob_thd=0.1),
         **SCLIP_PROTOCOL,
     ),

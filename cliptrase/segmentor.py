@@ -1,4 +1,11 @@
-"""The segmentor: composes backbone, attention strategy, text classifier, head and refiner."""
+"""The segmentor: composes backbone, attention strategy, text classifier, head and refiner.
+
+:class:`Segmentor` assembles the model (the method's image tower over shared CLIP weights),
+runs the modified forward and the head on batches of tiles, and composes the rest: its text
+side is a :class:`~cliptrase.vocabulary.VocabularyCompiler`, its images are cut by a
+:class:`~cliptrase.inference.Tiling` and batched by :mod:`cliptrase.inference`, and its outputs
+are placed at the original size by :mod:`cliptrase.fullsize`.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +14,16 @@ import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 
-from . import fullsize
+from . import fullsize, inference, original_pamr
 from .attention import (
     ATTENTION_STRATEGIES,
-    DENSE_FORWARDS,
     AttentionContext,
     recalibrated_correlation,
     self_correlation,
@@ -27,11 +33,12 @@ from .backbone import ClipVisionBackbone
 from .classfile import ClassList
 from .config import SegmentorConfig
 from .errors import InvalidImageError
-from .fullsize import Canvas, OutputWindow
+from .floss import fuse_expert_logits, rank_templates
+from .forwards import DENSE_FORWARDS
+from .fullsize import Canvas, LabelRule, ProcessedBatch
 from .head import confidence_of, decide, first_max_rows
-from .inference import SlidePlan, WholeImagePlan, whole_tile
+from .inference import SlidePlan, Tiling, WholeImagePlan, whole_tile
 from .methods import NORMALISATIONS, Method, method_preset
-from .names import validate_names, validate_synonyms
 from .preprocess import (
     ImageLike,
     Prepared,
@@ -43,31 +50,14 @@ from .preprocess import (
 from .protocol import SegmentorIdentity
 from .refine import region_logit_sums, vote_winners
 from .result import SegmentationResult
-from .text import (
-    DEFAULT_TEMPLATES,
-    Template,
-    Vocabulary,
-    as_template,
-    class_embeddings,
-    serialise_template,
-)
+from .text import Template, Vocabulary
 from .tower import tower_with_overrides
+from .vocabulary import VocabularyCompiler, VocabularyOnDevice
 from .weights import WeightsInfo, create_clip_model
-
-if TYPE_CHECKING:
-    from .floss import TemplateExperts
 
 log = logging.getLogger("cliptrase")
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class _VocabularyOnDevice:
-    """A vocabulary's label tensors on the segmentor's device (see ``_device_vocab``)."""
-
-    row_labels: torch.Tensor  # (rows,) int64, Vocabulary.row_labels
-    expert_labels: torch.Tensor  # (E,) int64, Vocabulary.expert_labels
 
 
 @dataclass
@@ -96,35 +86,6 @@ class DenseFeatures:
     def cls_logits(self, vocab: Vocabulary) -> torch.Tensor:
         """``<t_c, f_0>`` per image: ``(B, C + B_bg)``."""
         return self.cls_features @ vocab.embeddings.to(self.cls_features.device, torch.float32).T
-
-
-@dataclass
-class _Processed:
-    """A batch of same-size inputs at the processing resolution, on the device."""
-
-    logits: torch.Tensor  # (B, rows, H, W) scaled, upsampled to the input size, after PAMR
-    pred: torch.Tensor  # (B, H, W) int64: the head's labels before the refiner
-    maps: torch.Tensor | None  # (B, n_max, H, W) cluster maps (-inf past an image's clusters)
-    clusters: torch.Tensor | None  # (B,) cluster count per image
-    row_argmax: torch.Tensor | None = None  # (B, H, W) first-maximum row, for a plain head
-    _region_maps: torch.Tensor | None = None
-    _cluster_counts: list[int] | None = None
-
-    def cluster_count(self, b: int) -> int:
-        """Input ``b``'s cluster count; the counts cross to the host once per batch (one
-        device sync, not one per input)."""
-        if self._cluster_counts is None:
-            self._cluster_counts = self.clusters.tolist()
-        return self._cluster_counts[b]
-
-    def region_maps(self) -> torch.Tensor:
-        """``(B, H, W)`` cluster of each pixel: the first maximum over its image's real maps
-        (the ``-inf`` maps past them never win), for the whole batch at once, and once for
-        the processing-resolution vote and the full-size one. Meaningless for an image
-        without clusters."""
-        if self._region_maps is None:
-            self._region_maps = self.maps.max(dim=1).indices
-        return self._region_maps
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -186,8 +147,11 @@ class Segmentor:
         if NORMALISATIONS[self.method.normalisation] is not None:
             self.mean, self.std = NORMALISATIONS[self.method.normalisation]
         self.logit_scale = float(self.clip.logit_scale.exp())
-        self._on_device: tuple[Vocabulary, _VocabularyOnDevice] | None = None  # _device_vocab
-        self._vocab_cache: dict[tuple, Vocabulary] = {}
+        self.compiler = VocabularyCompiler(
+            self.clip, self.tokenizer, model_name, weights.identity, self.device,
+            self.method.templates,
+        )  # fmt: skip
+        self.tiling = self._tiling()
         if weights.random:
             log.warning(
                 "cliptrase: %s has RANDOM weights (%s); its labels are not meaningful",
@@ -217,25 +181,15 @@ class Segmentor:
         to it, never below."""
         return self.config.short_side
 
+    # ----------------------------------------------------------------- text side
     def vocabulary_fingerprint(self, templates: Sequence[Template | str] | None = None) -> dict:
-        """Model, weights, the templates actually used (rendered on fixed probe names, so
-        callables count by what they produce), and the device type and dtype the text tower
-        runs in (float rounding differs between a CPU and a GPU)."""
-        try:
-            dtype = str(next(self.clip.parameters()).dtype)
-        except (StopIteration, AttributeError, TypeError):
-            dtype = "unknown"
-        return {
-            "model": self.model_name,
-            "weights": self.weights.identity,
-            "templates": [serialise_template(t) for t in self.templates(templates)],
-            "device": self.device.type,
-            "dtype": dtype,
-        }
+        """What a compiled vocabulary depends on besides its names
+        (:meth:`VocabularyCompiler.fingerprint`)."""
+        return self.compiler.fingerprint(templates)
 
     def vocabulary_tensors(self, vocab: Vocabulary) -> dict[str, torch.Tensor]:
         """The text classifier's rows, one per prompt: what a run's cache stores."""
-        return {"embeddings": vocab.embeddings}
+        return self.compiler.tensors(vocab)
 
     def vocabulary_from_tensors(
         self,
@@ -245,34 +199,39 @@ class Segmentor:
         templates: Sequence[Template | str] | None,
         tensors: dict[str, torch.Tensor],
     ) -> Vocabulary:
-        classes, background = validate_names(classes, background or ())
-        synonyms = validate_synonyms(classes, background, synonyms)
-        if set(tensors) != {"embeddings"}:
-            raise ValueError(f"tensors {sorted(tensors)}, expected ['embeddings']")
-        embeddings = tensors["embeddings"]
-        rows = len(Vocabulary(classes, background, torch.empty(0), synonyms).prompts)
-        width = self.embedding_width
-        if embeddings.ndim != 2 or embeddings.shape[0] != rows or (
-            width is not None and embeddings.shape[1] != width
-        ):
-            raise ValueError(
-                f"shape {tuple(embeddings.shape)}, expected ({rows}, {width or 'width'})"
-            )
-        return Vocabulary(classes, background, embeddings.to(self.device), synonyms)
+        """:meth:`vocabulary` from its cached tensors (:meth:`VocabularyCompiler.from_tensors`)."""
+        return self.compiler.from_tensors(classes, background, synonyms, tensors)
 
     @property
     def embedding_width(self) -> int | None:
         """The joint embedding width (a text row's length), or None where the model does not
         say."""
-        width = getattr(getattr(self.clip, "visual", None), "output_dim", None)
-        if isinstance(width, int):
-            return width
-        projection = getattr(self.clip, "text_projection", None)
-        if isinstance(projection, torch.nn.Linear):
-            return projection.out_features
-        if isinstance(projection, torch.Tensor) and projection.ndim == 2:
-            return int(projection.shape[1])
-        return None
+        return self.compiler.embedding_width
+
+    def vocabulary(
+        self,
+        classes: Sequence[str],
+        background: Sequence[str] | None = None,
+        templates: Sequence[Template | str] | None = None,
+        synonyms: Sequence[Sequence[str]] | None = None,
+        class_templates: Sequence[Sequence[Template | str] | None] | None = None,
+        experts: Any = None,
+    ) -> Vocabulary:
+        """Class names (and optional background words) compiled into a cached
+        :class:`Vocabulary` (:meth:`VocabularyCompiler.vocabulary`: synonyms, per-class
+        templates, and FLOSS's ``experts``, which the segmentor fuses, any method)."""
+        return self.compiler.vocabulary(
+            classes, background, templates, synonyms, class_templates, experts
+        )
+
+    def templates(self, templates: Sequence[Template | str] | None = None) -> tuple[Template, ...]:
+        """The prompt templates a vocabulary uses: ``templates``, else the method's, else
+        OpenAI's 80, each as a callable."""
+        return self.compiler.templates(templates)
+
+    def vocabulary_from(self, class_list: ClassList) -> Vocabulary:
+        """A :class:`Vocabulary` from a class file (synonyms and per-class templates scored)."""
+        return self.compiler.vocabulary_from(class_list)
 
     def rank_templates(
         self,
@@ -283,11 +242,9 @@ class Segmentor:
         top_k: int,
         background: Sequence[str] = (),
         synonyms: Sequence[Sequence[str]] | None = None,
-    ) -> TemplateExperts:
-        """FLOSS: each class's expert templates, ranked on ``prepared`` images
-        (:func:`cliptrase.floss.rank_templates`)."""
-        from .floss import rank_templates
-
+    ) -> Any:
+        """FLOSS: each class's expert templates (a :class:`~cliptrase.floss.TemplateExperts`),
+        ranked on ``prepared`` images (:func:`cliptrase.floss.rank_templates`)."""
         return rank_templates(
             self, prepared, classes, templates, top_k=top_k, background=background,
             synonyms=synonyms,
@@ -328,90 +285,6 @@ class Segmentor:
     def evaluation_protocol(self) -> dict:
         mode, short_side, crop, stride = self.protocol()
         return {"mode": mode, "short_side": short_side, "crop": crop, "stride": stride}
-
-    # ----------------------------------------------------------------- text side
-    def vocabulary(
-        self,
-        classes: Sequence[str],
-        background: Sequence[str] | None = None,
-        templates: Sequence[Template | str] | None = None,
-        synonyms: Sequence[Sequence[str]] | None = None,
-        class_templates: Sequence[Sequence[Template | str] | None] | None = None,
-        experts: TemplateExperts | None = None,
-    ) -> Vocabulary:
-        """Compile class names (and optional background words) into a cached :class:`Vocabulary`.
-
-        ``synonyms[i]``: extra phrases of class ``i``, each its own row; the head scores the
-        class by the max over its rows. ``templates`` None: the method's (OpenAI's 80 for most).
-        ``class_templates[i]`` (optional) replaces ``templates`` for class ``i`` and its synonyms.
-        ``experts``: FLOSS's template experts (:func:`cliptrase.floss.rank_templates`, ranked
-        over these ``templates``): the vocabulary then carries one expert classifier per class
-        and the segmentor fuses them (any method).
-        """
-        if experts is not None:
-            if class_templates is not None:
-                raise ValueError("experts and class_templates cannot be combined")
-            return self._expert_vocabulary(classes, background, templates, synonyms, experts)
-        classes, background = validate_names(classes, background or ())
-        synonyms = validate_synonyms(classes, background, synonyms)
-        templates = self.templates(templates)
-        per_class = tuple(
-            None if t is None else tuple(as_template(x) for x in t)
-            for t in (class_templates or (None,) * len(classes))
-        )
-        if len(per_class) != len(classes):
-            raise ValueError("class_templates: give one entry (or None) per class")
-        if all(t is None for t in per_class):
-            per_class = ()
-        key = (classes, background, templates, synonyms, per_class)
-        if key not in self._vocab_cache:
-            vocab = Vocabulary(classes, background, torch.empty(0), synonyms)
-            rows = vocab.prompts
-            row_templates = [
-                per_class[label] if per_class and label < len(classes) else None
-                for label in vocab.row_labels.tolist()
-            ]
-            row_templates = [templates if t is None else t for t in row_templates]
-            embeddings = [None] * len(rows)
-            for group in dict.fromkeys(row_templates):
-                index = [i for i, t in enumerate(row_templates) if t == group]
-                group_rows = class_embeddings(
-                    self.clip, self.tokenizer, [rows[i] for i in index], group, self.device
-                )
-                for i, row in zip(index, group_rows):
-                    embeddings[i] = row
-            self._vocab_cache[key] = Vocabulary(
-                classes, background, torch.stack(embeddings), synonyms
-            )
-        return self._vocab_cache[key]
-
-    def templates(self, templates: Sequence[Template | str] | None = None) -> tuple[Template, ...]:
-        """The prompt templates a vocabulary uses: ``templates``, else the method's, else
-        OpenAI's 80, each as a callable."""
-        return tuple(
-            as_template(t) for t in (templates or self.method.templates or DEFAULT_TEMPLATES)
-        )
-
-    def _expert_vocabulary(self, classes, background, templates, synonyms, experts) -> Vocabulary:
-        from .floss import expert_vocabulary, prompt_embeddings
-
-        base = self.vocabulary(classes, background, templates, synonyms)
-        chosen = self.templates(templates)
-        key = ("floss", base.classes, base.background, chosen, base.synonyms, experts.experts)
-        if key not in self._vocab_cache:
-            per_prompt = prompt_embeddings(self, base.prompts, chosen)
-            self._vocab_cache[key] = expert_vocabulary(base, per_prompt, chosen, experts)
-        return self._vocab_cache[key]
-
-    def vocabulary_from(self, class_list: ClassList) -> Vocabulary:
-        """A :class:`Vocabulary` from a class file (synonyms and per-class templates scored)."""
-        return self.vocabulary(
-            list(class_list.names),
-            list(class_list.background),
-            templates=list(class_list.templates) if class_list.templates is not None else None,
-            synonyms=class_list.synonyms,
-            class_templates=class_list.class_templates,
-        )
 
     # --------------------------------------------------------------- image side
     def _autocast(self):
@@ -489,7 +362,7 @@ class Segmentor:
         )
 
     def _whole_forward_features(self, pixels: torch.Tensor, vocab) -> DenseFeatures:
-        """Methods that change more than the last block(s): ``attention.DENSE_FORWARDS``."""
+        """Methods that change more than the last block(s): ``forwards.DENSE_FORWARDS``."""
         method = self.method
         b = pixels.shape[0]
         grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
@@ -553,8 +426,6 @@ class Segmentor:
         logits = self.classifier_logits(feats, vocab.embeddings)
         if vocab.expert_embeddings is None:
             return logits
-        from .floss import fuse_expert_logits
-
         experts = vocab.expert_embeddings
         expert_logits = self.classifier_logits(feats, experts.flatten(0, 1))
         expert_logits = expert_logits.reshape(
@@ -575,7 +446,7 @@ class Segmentor:
         vocab: Vocabulary,
         stretch_to: tuple[int, int] | None = None,
         guide: torch.Tensor | None = None,
-    ) -> _Processed:
+    ) -> ProcessedBatch:
         """Forward, logits at the input size, PAMR, the head's labels and the cluster maps.
 
         ``stretch_to``: the size the grid's logits are stretched onto instead (the image's,
@@ -586,7 +457,8 @@ class Segmentor:
         logits = F.interpolate(
             self._scaled_logits(feats, vocab), size=size, mode="bilinear", align_corners=False
         )
-        if self.method.pamr is not None:
+        raw = logits if self.pamr_at_original else None
+        if self.method.pamr is not None:  # at the processing size too: the confidence's
             image = pixels if guide is None else guide
             logits = self.method.pamr(image.to(logits.device), logits)
         maps = clusters = None
@@ -596,9 +468,10 @@ class Segmentor:
         row_argmax = None
         if not self.method.head.needs_probabilities(vocab.background_label):
             row_argmax = first_max_rows(logits)  # also the full-size first prediction's
-        return _Processed(logits, self._decide(logits, vocab, row_argmax), maps, clusters, row_argmax)
+        pred = self._decide(logits, vocab, row_argmax)
+        return ProcessedBatch(logits, pred, maps, clusters, row_argmax, raw_logits=raw)
 
-    def _processing_labels(self, processed: _Processed, vocab: Vocabulary) -> torch.Tensor:
+    def _processing_labels(self, processed: ProcessedBatch, vocab: Vocabulary) -> torch.Tensor:
         """``(B, H, W)`` final labels at the processing resolution: the vote per image."""
         pred = processed.pred
         refiner = self.method.refiner
@@ -622,20 +495,22 @@ class Segmentor:
             out[i] = self._device_row_labels(vocab)[winners][regions]
         return out
 
-    def _device_vocab(self, vocab: Vocabulary) -> _VocabularyOnDevice:
-        """``vocab``'s label tensors on the segmentor's device, copied once per vocabulary:
-        every host-to-device copy of a pageable tensor synchronises the stream."""
-        cached = self._on_device  # read once: a cache another call replaces stays whole
-        if cached is None or cached[0] is not vocab:
-            on_device = _VocabularyOnDevice(
-                vocab.row_labels.to(self.device),
-                torch.tensor(vocab.expert_labels, dtype=torch.int64, device=self.device),
-            )
-            cached = self._on_device = (vocab, on_device)
-        return cached[1]
+    def _device_vocab(self, vocab: Vocabulary) -> VocabularyOnDevice:
+        """``vocab``'s label tensors on the device, copied once per vocabulary."""
+        return self.compiler.on_device(vocab)
 
     def _device_row_labels(self, vocab: Vocabulary) -> torch.Tensor:
         return self._device_vocab(vocab).row_labels
+
+    def _rule(self, vocab: Vocabulary) -> LabelRule:
+        """How ``vocab``'s scores become labels on this device, under this method."""
+        return LabelRule(
+            self._device_row_labels(vocab),
+            vocab.num_labels,
+            vocab.background_label,
+            self.method.head,
+            self.method.refiner,
+        )
 
     def _decide(
         self, logits: torch.Tensor, vocab: Vocabulary, row_argmax: torch.Tensor | None = None
@@ -715,7 +590,7 @@ class Segmentor:
         prepared = [
             image if isinstance(image, Prepared) else self.prepare(image) for image in images
         ]
-        if self._sliding():
+        if self.tiling.sliding:
             outputs = self._segment_sliding(prepared, vocab, batch_size)
         else:  # whole images, or owned windows (each clustered on its own)
             outputs = self._segment_tiles(prepared, vocab, batch_size)
@@ -739,179 +614,113 @@ class Segmentor:
             )
         return results
 
-    def _batches(self, plans, batch_size: int):
-        """Chunks of ``(plan, tile)`` indices whose tiles share one shape, device and stretch size,
-        their pixels, and the stretch size and PAMR guides of stretch fits (else None, None).
-
-        On CUDA the stacked batch is staged in pinned (page-locked) host memory and copied
-        asynchronously: the copy overlaps the previous batch's kernels still in the queue.
-        """
-        by_shape: dict[tuple, list[tuple[int, int]]] = {}
-        for p, plan in enumerate(plans):
-            for u, tile in enumerate(plan.tiles):
-                by_shape.setdefault(_forward_shape(tile), []).append((p, u))
-        for (_, _, stretch_to), members in by_shape.items():
-            for start in range(0, len(members), batch_size):
-                chunk = members[start : start + batch_size]
-                tiles = [plans[p].tiles[u] for p, u in chunk]
-                pixels = self._staged([tile.pixels for tile in tiles])
-                guides = None
-                if stretch_to is not None:
-                    guides = self._staged([tile.guide for tile in tiles])
-                yield chunk, pixels, stretch_to, guides
-
-    def _staged(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The tensors stacked on the segmentor's device; host tensors bound for CUDA are
-        stacked straight into one pinned buffer (one host copy, not a stack and a pin)."""
-        if self.device.type != "cuda" or tensors[0].device.type == "cuda":  # or prepared there
-            return torch.stack(tensors)
-        staged = torch.empty(
-            (len(tensors), *tensors[0].shape), dtype=torch.float32, pin_memory=True
+    def _tiling(self) -> Tiling:
+        """This segmentor's protocol as a :class:`~cliptrase.inference.Tiling`: the
+        SCLIP-lineage sliding window (crops averaged) in slide mode without a cluster vote,
+        else whole images, or owned windows each clustered on its own."""
+        mode, _, crop, stride = self.protocol()
+        return Tiling(
+            self.patch_size,
+            sliding=mode == "slide" and self.method.refiner is None,
+            crop=crop,
+            stride=stride,
+            config=self.config,
+            input_fit=self.method.input_fit,
+            max_patches=self.whole_patch_limit,
         )
-        torch.stack([t.float() for t in tensors], out=staged)
-        return staged.to(self.device, non_blocking=True)
+
+    def plan(self, prepared: Prepared) -> WholeImagePlan | SlidePlan:
+        """How one image is cut into the tiles (or crops) its forwards run on: this
+        segmentor's :class:`~cliptrase.inference.Tiling`. FLOSS ranks templates on it too."""
+        return self.tiling.plan(prepared)
+
+    def batch_key(self, prepared: Prepared) -> frozenset:
+        """The input shapes of an image's forwards. :meth:`segment_batch` runs the tiles of
+        one shape together, so images with equal keys fill each other's batches; callers
+        with images of many sizes gather them by key to keep the batches full."""
+        return self.tiling.batch_key(prepared)
 
     def _canvas(self, prepared: Prepared, num_labels: int) -> Canvas:
         return Canvas(
             prepared.resized, prepared.original, self.config.resolution, num_labels, self.device
         )
 
-    def _sliding(self) -> bool:
-        """Whether images take the SCLIP-lineage sliding window (else whole images or owned
-        windows, each clustered on its own)."""
-        return self.protocol()[0] == "slide" and self.method.refiner is None
-
-    def _plan(self, prepared: Prepared) -> WholeImagePlan | SlidePlan:
-        """How one image is cut into the tiles (or crops) its forwards run on."""
-        _, _, crop, stride = self.protocol()
-        if self._sliding():
-            return SlidePlan.build(prepared, self.patch_size, crop, stride)
-        return WholeImagePlan.build(
-            prepared,
-            self.patch_size,
-            self.config,
-            window=crop,
-            stride=stride,
-            force_windows=crop is not None,
-            input_fit=self.method.input_fit,
-            max_patches=self.whole_patch_limit,
+    @property
+    def pamr_at_original(self) -> bool:
+        """Whether PAMR refines the logits at the original size before the head decides there
+        (``Method.pamr_resolution``, where labels are decided at the original size)."""
+        return (
+            self.method.pamr is not None
+            and self.method.pamr_resolution == "original"
+            and self.config.resolution == "original"
         )
-
-    def batch_key(self, prepared: Prepared) -> frozenset:
-        """The input shapes of an image's forwards. :meth:`segment_batch` runs the tiles of
-        one shape together, so images with equal keys fill each other's batches; callers
-        with images of many sizes gather them by key to keep the batches full."""
-        return frozenset(_forward_shape(tile) for tile in self._plan(prepared).tiles)
 
     @torch.inference_mode()
     def _segment_tiles(self, prepared, vocab, batch_size):
-        plans = [self._plan(item) for item in prepared]
+        """Whole images or owned windows, each tile labelled completely on its own (but for
+        PAMR at the original size, which refines each image as a whole once its tiles are in)."""
+        plans = [self.plan(item) for item in prepared]
         canvases = [self._canvas(item, vocab.num_labels) for item in prepared]
-        for chunk, pixels, stretch_to, guides in self._batches(plans, batch_size):
+        rule = self._rule(vocab)
+        pending = [len(plan.tiles) for plan in plans]
+        for chunk, pixels, stretch_to, guides in inference.batches(plans, batch_size, self.device):
             processed = self._process(pixels, vocab, stretch_to, guides)
             final = self._processing_labels(processed, vocab)
             confidence = self._confidence(processed.logits, final, vocab)
             placed = [(canvases[p], plans[p].tiles[u]) for p, u in chunk]
-            self._place(processed, final, confidence, placed, vocab)
+            if not self.pamr_at_original:
+                fullsize.place(processed, final, confidence, placed, rule)
+                continue
+            self._place_scores(placed, confidence, processed.raw_logits)
+            for p, _ in chunk:
+                pending[p] -= 1
+            ready = sorted({p for p, _ in chunk if pending[p] == 0})
+            self._refine_at_original([canvases[p] for p in ready], [prepared[p] for p in ready], rule)
         return [(*c.finish(), len(plan.tiles)) for c, plan in zip(canvases, plans)]
 
-    def _place(self, processed: _Processed, final, confidence, placed, vocab: Vocabulary) -> None:
-        """Put batch entry ``b``'s outputs on its canvas over the region its tile owns
-        (``placed[b]``: canvas, tile): the confidence, and the labels at the canvas's
-        resolution, the original size's decided in stacks of alike tiles."""
-        stacks: dict[tuple, list[int]] = {}
+    @staticmethod
+    def _place_scores(placed, confidence: torch.Tensor, scores: torch.Tensor) -> None:
+        """Confidence and processing-size scores of batch entry ``b`` on its canvas, over the
+        region its tile owns (``placed[b]``: canvas, tile), for labels decided later."""
         for b, (canvas, tile) in enumerate(placed):
             canvas.place_confidence(tile.owns, tile.top, tile.left, confidence[b])
-            if canvas.resolution != "original":
-                canvas.place_processing_labels(tile.owns, tile.top, tile.left, final[b])
-                continue
-            stacks.setdefault(self._stack_key(processed, b, canvas, tile), []).append(b)
-        for alike in stacks.values():
-            canvas, tile = placed[alike[0]]
-            window = canvas.window(tile.owns, tile.top, tile.left)
-            per_stack = max(1, fullsize.STACK_PIXELS // max(1, window.pixels))
-            for start in range(0, len(alike), per_stack):
-                members = alike[start : start + per_stack]
-                labels = self._original_labels(processed, members, window, vocab)
-                for b, own in zip(members, labels.view(len(members), *window.shape)):
-                    placed[b][0].place_labels(window, own)
+            canvas.place_scores(tile.owns, tile.top, tile.left, scores[b])
 
-    def _stack_key(self, processed: _Processed, b: int, canvas: Canvas, tile) -> tuple:
-        """Tiles of a batch with equal keys get their full-size labels as one stacked map
-        (:meth:`fullsize.OutputWindow.stacked`): the same taps and owned pixels, and alike
-        in whether the cluster vote runs. ``area_thd`` counts per image: no stacking."""
-        if self.method.head.area_thd is not None:
-            return (b,)
-        voted = self.method.refiner is not None and processed.cluster_count(b) > 0
-        return (canvas.resized, canvas.original, tile.owns, tile.top, tile.left, voted)
-
-    def _original_labels(
-        self, processed: _Processed, members: list[int], window: OutputWindow, vocab: Vocabulary
-    ) -> torch.Tensor:
-        """The labels of tiles ``members`` over the output pixels each owns (the same window),
-        decided at the original size: ``(len(members) * H, W)``, the tiles one below another."""
-        pick = _picker(members)
-        logits = processed.logits[pick]
-        window = window.stacked(len(members), logits.shape[-2])
-        first = fullsize.first_prediction(
-            logits,
-            window,
-            self._device_row_labels(vocab),
-            vocab.num_labels,
-            vocab.background_label,
-            self.method.head,
-            None if processed.row_argmax is None else processed.row_argmax[pick],
-        )
-        refiner = self.method.refiner
-        n = 0 if refiner is None else max(processed.cluster_count(b) for b in members)
-        if n == 0:
-            return first.full(window)
-        return fullsize.vote(
-            first,
-            processed.maps[pick, :n],
-            logits,
-            window,
-            self._device_row_labels(vocab),
-            vocab.num_labels,
-            refiner.vote,
-            cluster_argmax=processed.region_maps()[pick],
-        )
+    def _refine_at_original(self, canvases, prepared: list[Prepared], rule: LabelRule) -> None:
+        """The canvases' labels from their scores, PAMR at the original size guided by each
+        image (normalised, unpadded): :func:`cliptrase.original_pamr.refine_canvases`."""
+        images = [p.pixels[:, : p.resized[0], : p.resized[1]] for p in prepared]
+        original_pamr.refine_canvases(canvases, images, self.method.pamr, rule)
 
     @torch.inference_mode()
     def _segment_sliding(self, prepared, vocab, batch_size):
         """The SCLIP-lineage protocol: crop logits averaged, then PAMR and the head per image."""
-        plans = [self._plan(item) for item in prepared]
-        for chunk, pixels, _, _ in self._batches(plans, batch_size):
+        plans = [self.plan(item) for item in prepared]
+        for chunk, pixels, _, _ in inference.batches(plans, batch_size, self.device):
             logits = self._scaled_logits(self.dense_features(pixels, vocab), vocab)
             up = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
             for (p, u), crop_logits in zip(chunk, up):
                 plans[p].add(u, crop_logits)
         canvases = [self._canvas(plan.prepared, vocab.num_labels) for plan in plans]
-        for group in self._alike_plans(plans, batch_size):
+        rule = self._rule(vocab)
+        for group in inference.alike_plans(plans, batch_size):
             logits = torch.stack([plans[p].averaged() for p in group])
             for p in group:
                 plans[p].logits = plans[p].count = None  # summed: the stack is all that is left
-            if self.method.pamr is not None:
+            raw = logits
+            if self.method.pamr is not None:  # at the processing size too: the confidence's
                 image = torch.stack([plans[p].image() for p in group])
                 logits = self.method.pamr(image.to(logits.device), logits)
             pred = self._decide(logits, vocab)
             confidence = self._confidence(logits, pred, vocab)
             placed = [(canvases[p], whole_tile(plans[p].prepared, self.patch_size)) for p in group]
-            self._place(_Processed(logits, pred, None, None), pred, confidence, placed, vocab)
+            if self.pamr_at_original:
+                self._place_scores(placed, confidence, raw)
+                members = [plans[p].prepared for p in group]
+                self._refine_at_original([canvases[p] for p in group], members, rule)
+                continue
+            fullsize.place(ProcessedBatch(logits, pred, None, None), pred, confidence, placed, rule)
         return [(*c.finish(), len(plan.tiles)) for c, plan in zip(canvases, plans)]
-
-    @staticmethod
-    def _alike_plans(plans: list[SlidePlan], batch_size: int) -> Iterator[list[int]]:
-        """Plans of one processing size, at most ``batch_size`` and ``SLIDE_TAIL_ELEMENTS``
-        logits at a time: PAMR, the head and the full-size labels then run once per group
-        (per-pixel work, the same arithmetic as one image at a time)."""
-        by_size: dict[tuple, list[int]] = {}
-        for p, plan in enumerate(plans):
-            by_size.setdefault(tuple(plan.logits.shape), []).append(p)
-        for (k, h, w), members in by_size.items():
-            step = max(1, min(batch_size, SLIDE_TAIL_ELEMENTS // (k * h * w)))
-            for start in range(0, len(members), step):
-                yield members[start : start + step]
 
     def prepare(self, image: ImageLike, original_size: tuple[int, int] | None = None) -> Prepared:
         """Validate, resize and normalise one image (CPU work; safe to run in a worker thread).
@@ -988,26 +797,6 @@ def full_fp32_convolutions() -> Iterator[None]:
         yield
     finally:
         conv.fp32_precision = previous
-
-
-# Averaged logits per group of sliding-window images (64 MB of float32): PAMR's temporaries
-# are ~30x that, so a group stays within a few GB however many classes.
-SLIDE_TAIL_ELEMENTS = 1 << 24
-
-
-def _forward_shape(tile) -> tuple:
-    """What tiles must share to run in one forward: their shape, device and stretch size.
-    Tiles prepared on the device (GPU-decoded JPEGs) and on the host (Pillow's fallbacks) of
-    one shape batch apart: one stack cannot hold both."""
-    return (tuple(tile.pixels.shape), tile.pixels.device, getattr(tile, "stretch_to", None))
-
-
-def _picker(members: list[int]) -> slice | list[int]:
-    """An index for ``members`` of a batch: a slice (a view) when they are consecutive."""
-    first = members[0]
-    if members == list(range(first, first + len(members))):
-        return slice(first, first + len(members))
-    return members
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

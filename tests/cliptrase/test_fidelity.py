@@ -1,10 +1,12 @@
-"""MaskCLIP and NACLIP run as their official code runs them (issue 14), against literal references.
+"""MaskCLIP, NACLIP and ResCLIP run as their official code runs them, against literal references.
 
 The references are written from the released code's steps (chongzhou/MaskCLIP: mmseg
 ``backbones/vit.py``, ``configs/_base_/models/maskclip_vit16.py``, the mmseg dataset configs and
 ``EncoderDecoder`` whole inference; sinahmr/NACLIP: ``naclip.py`` ``forward_feature`` /
-``predict``), with explicit loops and torch functionals, sharing nothing with ``cliptrase`` but
-the model's weights (and, where named, a piece pinned by its own test).
+``forward_slide`` / ``predict``, PAMR at the original size; yvhangyang/ResCLIP: ``clip/model.py``
+``create_patch_matrix``, ties in class-file order), with explicit loops and torch functionals,
+sharing nothing with ``cliptrase`` but the model's weights (and, where named, a piece pinned by
+its own test).
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ import torch
 import torch.nn.functional as F
 
 import cliptrase
-from cliptrase import METHODS, PAMR, SegmentorConfig
+from cliptrase import METHODS, PAMR, DecisionHead, SegmentorConfig, forwards, original_pamr
 from cliptrase.backbone import resampled_positional_embedding
+from cliptrase.forwards import class_file_order, feedback_patch_labels
+from cliptrase.fullsize import LabelRule
 from cliptrase.head import decide
 from cliptrase.inference import WholeImagePlan
 from cliptrase.methods import method_for_dataset
 from cliptrase.refine import pamr
+from cliptrase.resample import LinearAxis
+from cliptrase.text import Vocabulary
 from cliptrase.weights import WeightsInfo
 
 VOCAB = (["person", "cat", "grass"], ["sky", "wall"])
@@ -239,6 +245,105 @@ def test_naclip_whole_image_drops_the_remainder_and_stretches(tiny, astronaut, w
     assert (padded.segment(image, vocab).labels != expected).mean() > 0.005
 
 
+@pytest.mark.parametrize("with_pamr", [True, False])
+def test_naclip_whole_image_runs_pamr_at_the_original_size(tiny, astronaut, with_pamr):
+    """naclip.py predict on a photo larger than the processing size: the logits and the
+    normalised image resized to the original size, PAMR there, the head there."""
+    method = method_for_dataset("naclip", "voc21")
+    if not with_pamr:
+        method = method.with_options(pamr=None)
+    seg = tiny.variant(method=method)
+    vocab = seg.vocabulary(*VOCAB)
+    image = np.ascontiguousarray(astronaut[:420, :500])  # 336 x 400 processing, 5:4 up
+    assert seg.prepare(image).resized == (336, 400)
+    expected = _ref_naclip_whole_predict(seg, vocab, image, with_pamr)
+    result = seg.segment(image, vocab)
+    assert result.labels.shape == image.shape[:2] and len(np.unique(expected)) > 1
+    assert (result.labels == expected).mean() > 0.9999
+    if with_pamr:  # PAMR at the processing size (before) labels otherwise
+        before = seg.variant(method=seg.method.with_options(pamr_resolution="processing"))
+        assert (before.segment(image, vocab).labels != expected).mean() > 0.001
+
+
+def _ref_naclip_slide_predict(seg, vocab, image):
+    """naclip.py forward_slide (224/112 crops of the resized image, each crop's logits resized
+    to the crop, summed, divided by the counts), then predict: the averaged logits and the
+    normalised image resized bilinearly to the original size, PAMR(10, (8, 16)) there, the
+    head."""
+    prepared = seg.prepare(image)
+    h, w = prepared.resized
+    pixels = prepared.pixels[None, :, :h, :w]
+    logits = torch.zeros(1, len(vocab.prompts), h, w)
+    count = torch.zeros(1, 1, h, w)
+    for hi in range(max(h - 224 + 111, 0) // 112 + 1):
+        for wi in range(max(w - 224 + 111, 0) // 112 + 1):
+            y2, x2 = min(hi * 112 + 224, h), min(wi * 112 + 224, w)
+            y1, x1 = max(y2 - 224, 0), max(x2 - 224, 0)
+            crop = pixels[:, :, y1:y2, x1:x2]
+            crop_logits = seg.dense_features(crop).patch_logits(vocab, 40.0)
+            logits[:, :, y1:y2, x1:x2] += _bilinear(crop_logits, crop.shape[-2:])
+            count[:, :, y1:y2, x1:x2] += 1
+    original = image.shape[:2]
+    logits = pamr(_bilinear(pixels, original), _bilinear(logits / count, original), 10, (8, 16))
+    return decide(
+        logits, vocab.row_labels, vocab.num_labels, vocab.background_label, seg.method.head
+    )[0].numpy()
+
+
+def test_naclip_sliding_windows_run_pamr_at_the_original_size(tiny, astronaut):
+    seg = tiny.variant(method="naclip")
+    vocab = seg.vocabulary(*VOCAB)
+    image = np.ascontiguousarray(astronaut[:380, :475])  # 336 x 420: 2 x 3 crops
+    expected = _ref_naclip_slide_predict(seg, vocab, image)
+    result = seg.segment(image, vocab)
+    assert result.windows == 6 and len(np.unique(expected)) > 1
+    assert (result.labels == expected).mean() > 0.9999
+    before = seg.variant(method=seg.method.with_options(pamr_resolution="processing"))
+    assert (before.segment(image, vocab).labels != expected).mean() > 0.001
+    # The product's old behaviour (labels decided at the processing size) keeps its PAMR there.
+    old = seg.variant(config=SegmentorConfig(resolution="processing"))
+    assert not old.pamr_at_original and seg.pamr_at_original
+
+
+def test_pamr_at_the_original_size_in_strips_is_one_pamr_over_the_whole_image(monkeypatch):
+    """Strips with PAMR's reach of extra rows, and channels a few at a time, give what one PAMR
+    over the whole stretched map gives, and the head's labels on it (``area_thd`` counted over
+    each whole image first)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 20, 30, generator=generator) * 3
+    image = torch.randn(2, 3, 20, 30, generator=generator)
+    refine = PAMR(3, (1, 2))  # reach 6 rows
+    original = (47, 61)
+    rows, cols = LinearAxis.build(20, 47, "cpu"), LinearAxis.build(30, 61, "cpu")
+    whole = refine(_bilinear(image, original), _bilinear(logits, original))
+    monkeypatch.setattr(original_pamr, "REFINED_STRIP_ELEMENTS", 2 * 5 * 61 * 9)  # 9 rows
+    monkeypatch.setattr(original_pamr, "PAMR_CHUNK_ELEMENTS", 2 * 2 * 61 * 21)  # 2 channels
+    strips = list(original_pamr.refined_strips(logits, image, rows, cols, refine))
+    assert len(strips) == 6 and all(s.shape[:2] == (2, 5) for *_, s in strips)
+    torch.testing.assert_close(torch.cat([s for *_, s in strips], dim=2), whole, atol=1e-5, rtol=0)
+    head = DecisionHead(prob_thd=0.4, area_thd=0.2)
+    row_labels = torch.tensor([0, 1, 2, 3, 3])  # two background rows: label 3
+    rule = LabelRule(row_labels, 4, 3, head)
+    labels = original_pamr.refined_labels(logits, image, rows, cols, refine, rule)
+    got = torch.cat([part for *_, part in labels], dim=1)
+    expected = decide(whole, row_labels, 4, 3, head)
+    assert torch.equal(got, expected)
+    assert len(expected.unique()) > 2
+
+
+def test_naclip_labels_are_the_same_in_strips_of_any_size(monkeypatch, tiny, astronaut):
+    seg = tiny.variant(method=method_for_dataset("naclip", "voc21"))
+    vocab = seg.vocabulary(*VOCAB)
+    images = [np.ascontiguousarray(astronaut[:420, :500]), astronaut[:380, :450].copy()]
+    whole = seg.segment_batch(images, vocab)
+    monkeypatch.setattr(original_pamr, "REFINED_STRIP_ELEMENTS", len(vocab.prompts) * 500 * 64)
+    monkeypatch.setattr(original_pamr, "PAMR_CHUNK_ELEMENTS", 3 * 500 * 400)
+    strips = seg.segment_batch(images, vocab)
+    for a, b in zip(whole, strips):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.confidence_map, b.confidence_map)
+
+
 def test_naclip_runs_pamr_by_default_and_the_papers_numbers_without(tiny, astronaut):
     assert METHODS["naclip"].pamr == PAMR(steps=10, dilations=(8, 16))
     assert METHODS["naclip"].with_options(pamr=None).pamr is None
@@ -289,3 +394,53 @@ def test_maskclip_at_512_on_a_4_3_image_is_labelled_in_one_forward(tiny):
     image = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
     result = seg.segment(image, seg.vocabulary(*VOCAB))
     assert result.windows == 1 and result.labels.shape == (480, 640)
+
+
+# ----------------------------------------------------------------------------- ResCLIP
+def test_resclip_feedback_ties_follow_the_official_class_file_order():
+    """create_patch_matrix: argmax over the queries, then torch.mode (the CPU's: ties to the
+    smallest value) of each patch's pixels, over query indices in class-file order: line 0 the
+    background words, then each class with its synonyms on its line."""
+    vocab = Vocabulary(("cat", "dog"), ("sky",), torch.empty(0), (("kitty",), ()))
+    assert vocab.prompts == ["cat", "dog", "sky", "kitty"]  # our rows 0..3
+    # cls file: "sky" / "cat, kitty" / "dog": queries sky 0, cat 1, kitty 2, dog 3.
+    assert class_file_order(vocab) == [2, 0, 3, 1]
+    # Each pixel's winning row, 2 x 2 patches of 2 x 2 pixels.
+    winners = torch.tensor([[1, 1, 0, 0], [2, 2, 3, 3], [3, 3, 1, 1], [1, 1, 1, 2]])
+    logits = F.one_hot(winners, 4).permute(2, 0, 1)[None].float() * 10
+    pixels = torch.zeros(1, 3, 4, 4)
+    # top-left: dog 2, sky 2: sky (query 0) before dog (3). top-right: cat 2, kitty 2: cat (1).
+    # bottom-left: kitty 2, dog 2: kitty (2). bottom-right: dog 3, sky 1: dog.
+    expected = torch.tensor([[[2, 0], [3, 1]]])
+    order = class_file_order(vocab)
+    got = feedback_patch_labels(pixels, logits, 1.0, None, 0.0, 2, 2, query_order=order)
+    assert torch.equal(got, expected)
+    # In our row order the ties went to the smaller row: dog, cat, dog, dog.
+    ours = feedback_patch_labels(pixels, logits, 1.0, None, 0.0, 2, 2)
+    assert torch.equal(ours, torch.tensor([[[1, 0], [1, 1]]]))
+    # Below the threshold every pixel is the official's query 0 (sky): our row 2.
+    low = feedback_patch_labels(pixels, logits, 1.0, None, 1.0, 2, 2, query_order=order)
+    assert torch.all(low == 2)
+
+
+def test_class_file_order_without_background_starts_with_the_first_class():
+    vocab = Vocabulary(("a", "b", "c"), (), torch.empty(0), ((), ("b2", "b3"), ("c2",)))
+    assert vocab.prompts == ["a", "b", "c", "b2", "b3", "c2"]
+    assert class_file_order(vocab) == [0, 1, 3, 4, 2, 5]  # "a" / "b, b2, b3" / "c, c2"
+
+
+@pytest.mark.parametrize("name", ["resclip", "resclip_sclip"])
+def test_resclip_feedback_reads_the_class_file_order(monkeypatch, tiny, astronaut, name):
+    seg = tiny.variant(method=name)
+    vocab = seg.vocabulary(["person", "rocket"], ["sky", "wall"], synonyms=[["man"], []])
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append((args[6], kwargs["query_order"]))
+        return feedback_patch_labels(*args, **kwargs)
+
+    monkeypatch.setattr(forwards, "feedback_patch_labels", recording)
+    seg.dense_features(seg.prepare(astronaut[:224, :224]).pixels[None], vocab)
+    # rows person 0, rocket 1, sky 2, wall 3, man 4; cls file "sky, wall" / "person, man" /
+    # "rocket"; query 0 (the fallback) is our row 2.
+    assert seen == [(2, [2, 3, 0, 4, 1])]

@@ -263,3 +263,42 @@ def test_ranked_experts_change_the_labels_and_round_trip(tiny):
     assert any((a.labels != b.labels).any() for a, b in zip(fused, plain))
     with pytest.raises(ValueError, match="top_k"):
         floss.rank_templates(seg, images, CLASSES, TEMPLATES, top_k=0)
+
+
+def _image_of(short: int, long: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(skimage.data.astronaut()).resize((long, short)))
+
+
+# MaskCLIP at 512 on a 4:3 photo: 512 x 682 (1376 patches, above max_patches' 1344, whole
+# under its official protocol) padded and stretched. NACLIP on VOC (whole image): 336 x 505,
+# the remainder columns dropped and the floor grid stretched. NACLIP's slide: averaged crops.
+@pytest.mark.parametrize(
+    "method, dataset, image",
+    [("maskclip", None, (480, 640)), ("naclip", "voc21", (333, 500)), ("naclip", None, (333, 500))],
+)
+def test_floss_scores_the_tiles_labelling_runs(tiny, method, dataset, image):
+    """FLOSS ranks each template on the forwards labelling runs (the method's plan: its input
+    fit and its whole-image limit), decided as labelling decides: a template's predicted
+    pixels per class are those of the image labelled with that template alone."""
+    seg = tiny.variant(method=method, dataset=dataset)
+    photo = _image_of(*image)
+    shapes = {"floss": [], "labels": []}
+    forward = seg.dense_features
+    seen = shapes["floss"]
+
+    def recording(pixels, vocab=None):
+        seen.extend([tuple(pixels.shape[-2:])] * pixels.shape[0])  # one per tile
+        return forward(pixels, vocab)
+
+    seg.dense_features = recording  # instance attribute: both paths call it
+    experts = floss.rank_templates(seg, [photo], CLASSES, TEMPLATES[:3], top_k=1)
+    seen = shapes["labels"]
+    labels = [
+        seg.segment(photo, seg.vocabulary(CLASSES, templates=[t])).labels for t in TEMPLATES[:3]
+    ]
+    # The same tiles, each run once for all templates (labelling: once per template).
+    assert sorted(shapes["floss"] * 3) == sorted(shapes["labels"])
+    for t, predicted in enumerate(labels):
+        for c in range(len(CLASSES)):
+            count = int((predicted == c).sum())
+            assert abs(experts.pixels[c][t] - count) <= max(2, count // 2000), (t, c)

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cliptrase
-from cliptrase import fullsize, resample
-from cliptrase import segmentor as segmentor_module
+from cliptrase import fullsize, inference, resample
 from cliptrase.head import decide
 from cliptrase.inference import whole_tile
 from cliptrase.launches import count_dispatch, device_branches
@@ -148,18 +147,19 @@ def test_most_pixels_never_touch_their_logits(tiny, astronaut):
 def test_slide_methods_decide_at_the_original_size_as_the_official_code(
     tiny, chelsea, name, device
 ):
-    """Crop logits averaged at the processing size, upsampled to the original, then the head."""
+    """Crop logits averaged at the processing size, upsampled to the original, PAMR there
+    (NACLIP's, on the normalised image upsampled alike), then the head."""
     seg = tiny.variant(method=name)
     vocab = seg.vocabulary(["cat", "grass", "floor"], ["background", "wall"])
     prepared = seg.prepare(chelsea)  # 300 x 451 -> 336 x 505
     h, w = prepared.resized
     _, _, crop, stride = seg.protocol()
-    logits = _ref_slide_logits(
-        seg, prepared.pixels[None, :, :h, :w], vocab, crop, stride, seg.logit_scale_used
-    )
-    if seg.method.pamr is not None:
-        logits = seg.method.pamr(prepared.pixels[None, :, :h, :w], logits)
+    image = prepared.pixels[None, :, :h, :w]
+    logits = _ref_slide_logits(seg, image, vocab, crop, stride, seg.logit_scale_used)
     logits = F.interpolate(logits, size=chelsea.shape[:2], mode="bilinear")
+    if seg.method.pamr is not None:
+        image = F.interpolate(image, size=chelsea.shape[:2], mode="bilinear")
+        logits = seg.method.pamr(image, logits)
     expected = decide(
         logits, vocab.row_labels, vocab.num_labels, vocab.background_label, seg.method.head
     )[0].numpy()
@@ -466,12 +466,16 @@ def test_a_batch_of_same_size_images_is_labelled_as_each_image_alone(tiny, devic
         processed.maps[0] = float("-inf")
         canvases = [seg._canvas(p, vocab.num_labels) for p in prepared]
         windows = [c.window(t.owns, t.top, t.left) for c, t in zip(canvases, tiles)]
-        keys = [seg._stack_key(processed, b, c, t) for b, (c, t) in enumerate(zip(canvases, tiles))]
+        rule = seg._rule(vocab)
+        keys = [
+            fullsize.stack_key(processed, b, c, t, rule)
+            for b, (c, t) in enumerate(zip(canvases, tiles))
+        ]
         assert sorted(keys.count(k) for k in set(keys)) == [1, 2, 2]  # image 0 apart
         for key in set(keys):
             members = [b for b, k in enumerate(keys) if k == key]
-            together = seg._original_labels(processed, members, windows[members[0]], vocab)
-            alone = [seg._original_labels(processed, [b], windows[b], vocab) for b in members]
+            together = fullsize.original_labels(processed, members, windows[members[0]], rule)
+            alone = [fullsize.original_labels(processed, [b], windows[b], rule) for b in members]
             assert torch.equal(together, torch.cat(alone))
         voted = seg._processing_labels(processed, vocab)
         assert torch.equal(voted[0], processed.pred[0])
@@ -535,8 +539,8 @@ def test_batched_post_processing_equals_one_image_at_a_time(monkeypatch, tiny, a
         images = images[:2] + images[4:] + [astronaut[::-2].copy()]
     batched = seg.segment_batch(images, vocab, batch_size=8)
     # Every tile a stack of its own, every sliding-window image a group of its own.
-    monkeypatch.setattr(segmentor_module.Segmentor, "_stack_key", lambda self, _, b, *a: (b,))
-    monkeypatch.setattr(segmentor_module, "SLIDE_TAIL_ELEMENTS", 1)
+    monkeypatch.setattr(fullsize, "stack_key", lambda _, b, *a: (b,))
+    monkeypatch.setattr(inference, "SLIDE_TAIL_ELEMENTS", 1)
     alone = seg.segment_batch(images, vocab, batch_size=8)
     for a, b in zip(batched, alone):
         np.testing.assert_array_equal(a.labels, b.labels)

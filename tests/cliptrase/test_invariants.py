@@ -12,10 +12,9 @@ from cliptrase.attention import (
     recalibrated_correlation,
     self_correlation,
     self_self_attention,
-    thresholded_cosine,
-    tile_modes,
 )
 from cliptrase.backbone import HeadProjections, resampled_positional_embedding
+from cliptrase.forwards import thresholded_cosine, tile_modes
 from cliptrase.inference import ownership_bounds, window_starts
 from cliptrase.refine import (
     ClusterVote,

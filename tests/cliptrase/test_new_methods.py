@@ -1,13 +1,14 @@
 """SC-CLIP, SFP, DIH-CLIP and ResCLIP against literal references.
 
-Each mechanism (cliptrase/attention.py) is checked against a reference written from the
-official code (SuleBai/SC-CLIP, Kimsure/SFP, duan-song/DiH-CLIP and yvhangyang/ResCLIP, each
-``clip/model.py``) with loops and explicit matrices; then every forward, block by block, on the
-tiny random model; then batching, presets and per-dataset settings. The references share
-nothing with ``cliptrase`` beyond open_clip's modules, except PAMR inside the whole ResCLIP
-forward (PAMR has its own pixel-loop reference in test_methods, used here on a small image).
+Each mechanism (cliptrase/forwards.py, cliptrase/outliers.py) is checked against a reference
+written from the official code (SuleBai/SC-CLIP, Kimsure/SFP, duan-song/DiH-CLIP and
+yvhangyang/ResCLIP, each ``clip/model.py``) with loops and explicit matrices; then every
+forward, block by block, on the tiny random model; then batching, presets and per-dataset
+settings. The references share nothing with ``cliptrase`` beyond open_clip's modules, except
+PAMR inside the whole ResCLIP forward (PAMR has its own pixel-loop reference in test_methods,
+used here on a small image).
 
-These methods replace the whole forward (``attention.DENSE_FORWARDS``, reached through
+These methods replace the whole forward (``forwards.DENSE_FORWARDS``, reached through
 ``Segmentor.dense_features(pixels, vocab)``; the vocabulary is ResCLIP's semantic feedback).
 """
 
@@ -23,16 +24,14 @@ import torch.nn.functional as F
 
 import cliptrase
 from cliptrase import METHODS, ClusterVote
-from cliptrase.attention import (
+from cliptrase.backbone import HeadProjections
+from cliptrase.forwards import (
     CalibrationOptions,
     ResidualOptions,
     attention_entropy,
     dihclip_attention,
     feedback_patch_labels,
-    l2_outliers,
-    lof_outliers,
     lowest_entropy_heads,
-    neighbour_mean_fill,
     rcs_attention,
     resclip_attention_weights,
     same_entity_paths,
@@ -43,12 +42,16 @@ from cliptrase.attention import (
     similarity_aggregate,
     similarity_logits,
     similarity_only_attention,
-    som_outliers,
     thresholded_cosine,
 )
-from cliptrase.backbone import HeadProjections
 from cliptrase.head import DecisionHead
 from cliptrase.methods import DATASET_OVERRIDES, method_for_dataset
+from cliptrase.outliers import (
+    l2_outliers,
+    lof_outliers,
+    neighbour_mean_fill,
+    som_outliers,
+)
 from cliptrase.refine import PAMR
 
 from .conftest import parity_pixels
@@ -593,7 +596,10 @@ def test_resclip_forward_matches_a_block_by_block_reference(tiny, astronaut, nam
     vocab = seg.vocabulary(["person", "rocket", "grass"], ["sky", "wall"])
     pixels = parity_pixels(seg, astronaut, 224)
     feats = seg.dense_features(pixels, vocab)
-    expected, labels = _ref_resclip(seg.clip.visual, pixels, seg.method, vocab.embeddings, 3)
+    # The official's queries in its class file's order ("sky, wall" / "person" / "rocket" /
+    # "grass"); query 0 is the low-confidence fallback.
+    text = vocab.embeddings[[3, 4, 0, 1, 2]]
+    expected, labels = _ref_resclip(seg.clip.visual, pixels, seg.method, text, 0)
     assert len(labels.unique()) > 1
     torch.testing.assert_close(feats.patch_features[0], expected, atol=2e-5, rtol=1e-4)
 

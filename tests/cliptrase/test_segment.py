@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import cliptrase
-from cliptrase import InvalidImageError, SegmentorConfig, VocabularyError
+from cliptrase import InvalidImageError, SegmentorConfig, VocabularyError, inference
 from cliptrase.head import confidence_of, pool_rows
 
 from .conftest import DEVICES, on_device
@@ -365,7 +365,8 @@ def test_tiles_on_different_devices_batch_apart(tiny):
                                       for d in devices])  # fmt: skip
 
     plans = [plan("cpu", "meta"), plan("meta"), plan("cpu", "cpu")]
-    chunks = [(chunk, pixels.device.type) for chunk, pixels, _, _ in tiny._batches(plans, 8)]
+    batches = inference.batches(plans, 8, tiny.device)
+    chunks = [(chunk, pixels.device.type) for chunk, pixels, _, _ in batches]
     assert chunks == [([(0, 0), (2, 0), (2, 1)], "cpu"), ([(0, 1), (1, 0)], "meta")]
 
 

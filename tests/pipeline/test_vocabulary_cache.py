@@ -300,7 +300,7 @@ def test_a_second_actor_of_the_run_loads_the_vocabulary_without_the_text_tower(
     def forbidden(*args, **kwargs):
         raise AssertionError("the text tower ran again")
 
-    monkeypatch.setattr(cliptrase.segmentor, "class_embeddings", forbidden)
+    monkeypatch.setattr(cliptrase.vocabulary, "class_embeddings", forbidden)  # the compiler's
     second = ShardLabeler(config)
     assert torch.equal(second.vocab.embeddings, first.vocab.embeddings)
     assert second.vocab.names == first.vocab.names
