@@ -134,3 +134,7 @@ class SegmentorConfig:
 # Issue 31: NACLIP 2, PAMR at the original size as its predict() runs it; ResCLIP 1 (both
 # bases), the feedback map's patch votes tied in the official class file's query order.
 METHOD_REVISIONS: dict[str, int] = {"maskclip": 1, "naclip": 2, "resclip": 1, "resclip_sclip": 1}
+# Bumped when FLOSS's template ranking changes for a method while its plain labels do not, so
+# only its FLOSS runs move. 1 (issue 31): FLOSS ranks on the segmentor's own plan; MaskCLIP's
+# had cut 512 x 512 windows where labelling runs one stretched whole image.
+FLOSS_REVISIONS: dict[str, int] = {"maskclip": 1}

@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from cliptrase.config import METHOD_REVISIONS, SegmentorConfig
+from cliptrase.config import FLOSS_REVISIONS, METHOD_REVISIONS, SegmentorConfig
 from cliptrase.names import validate_names, validate_synonyms
 
 # Bump when the row schema or the layout under <output>/<hash>/ changes incompatibly.
@@ -302,6 +302,9 @@ class RunConfig:
         }
         if self.floss.enabled:  # absent when off: older runs keep their hashes
             out["floss"] = asdict(self.floss)
+            floss_revision = FLOSS_REVISIONS.get(self.segmentor.method, 0)
+            if floss_revision:
+                out["floss"]["ranking_revision"] = floss_revision
         return out
 
     def config_hash(self) -> str:

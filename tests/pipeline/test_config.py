@@ -147,3 +147,17 @@ def test_a_new_throughput_field_leaves_the_hash_alone():
     assert with_field.config_hash() == reference.config_hash()
     # ... while a hashed field still counts.
     assert _reference_config(precision="fp32").config_hash() != reference.config_hash()
+
+
+def test_a_changed_floss_ranking_moves_only_that_methods_floss_runs():
+    """Issue 31: FLOSS ranks templates on the segmentor's own plan, which changed MaskCLIP's
+    experts (not its plain labels); its FLOSS runs move (the value before is written out), its
+    plain runs and every other method's FLOSS runs stay."""
+    with_floss = pipeline.FlossSpec(enabled=True)
+    maskclip = _reference_config(method="maskclip")
+    sclip = _reference_config(method="sclip")
+    assert maskclip.config_hash() == "87ed23c5c38f"
+    assert dataclasses.replace(maskclip, floss=with_floss).config_hash() not in (
+        "03ecc0455430", maskclip.config_hash(),
+    )  # fmt: skip
+    assert dataclasses.replace(sclip, floss=with_floss).config_hash() == "b009bd953aec"

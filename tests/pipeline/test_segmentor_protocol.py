@@ -75,7 +75,8 @@ def test_a_segmentor_of_our_own_labels_a_run_through_jobs_label_on_ray(tmp_path)
 # ----------------------------------------------------------------------------- import scan
 
 # What pipeline/ and jobs/ may import of cliptrase: the protocol and the factory, the
-# family-neutral pieces (names, errors, results, class files, metrics, bilinear taps), and
+# family-neutral pieces (names, errors, results, class files, metrics, bilinear taps, the
+# hub's offline probe), and
 # FLOSS's public API (a CLIP-family option, refused for other families).
 ALLOWED = {
     "cliptrase",
@@ -89,6 +90,7 @@ ALLOWED = {
     "cliptrase.classfile",
     "cliptrase.metrics",
     "cliptrase.floss",
+    "cliptrase.hub",
 }
 # Names used as ``cliptrase.<name>`` after ``import cliptrase``.
 ALLOWED_ATTRIBUTES = {"InvalidImageError", "CliptraseError", "VocabularyError", "__version__"}
