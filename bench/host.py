@@ -21,7 +21,7 @@ original size, fp32; device "auto" as in the actor: the CPU, or CUDA where torch
   - prepare: ``Segmentor.prepare`` (resize + normalise) of the drafted decode (the pipeline's
     path: ``SegmentorSpec.resize`` "torch", torch's uint8 kernel) and, for reference, of the
     full decode and with Pillow's resize (``--resize pillow``, every run before session 11);
-  - copy to device: ``torch.stack`` of a batch's prepared tensors, as ``Segmentor._batches``
+  - copy to device: ``torch.stack`` of a batch's prepared tensors, as ``cliptrase.inference.staged``
     does; on CUDA also its pinned staging and the copy (synchronised), per image;
   - segment_batch: the model and its post-processing -- the device's work (here the CPU's);
     of which the transformer forward (``dense_features``) and everything after it. On a CPU
@@ -206,7 +206,7 @@ class SizeRun:
         if not prepared:
             return
         n = len(prepared)
-        # Copy to device: Segmentor._batches's stack (all images of a size share one shape).
+        # Copy to device: cliptrase.inference.staged (all images of a size share one shape).
         device = seg.device
         _sync(device)
         start = cpu()
