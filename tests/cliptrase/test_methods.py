@@ -169,7 +169,7 @@ def test_methods_really_differ(tiny, astronaut):
 # -------------------------------------------------------------------------------- presets
 def test_preset_defaults():
     m = METHODS
-    new = {"scclip", "sfp", "dihclip", "resclip", "resclip_sclip"}  # test_new_methods.py
+    new = {"scclip", "sfp", "dihclip", "resclip", "resclip_sclip"}  # test_dense_forwards.py
     assert set(m) == {"cliptrase", "maskclip", "sclip", "clearclip", "naclip", "gem"} | new
     c = m["cliptrase"]
     assert (c.attention, c.keep_residual, c.keep_ffn, c.correlation_block) == (

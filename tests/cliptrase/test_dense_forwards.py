@@ -616,7 +616,7 @@ def test_resclip_without_a_vocabulary_skips_the_feedback(tiny, astronaut, caplog
     assert not torch.allclose(plain, seg.dense_features(pixels, vocab).patch_features)
 
 
-def test_new_methods_differ_from_each_other_and_from_naclip(tiny, astronaut):
+def test_dense_forward_methods_differ_from_each_other_and_from_naclip(tiny, astronaut):
     pixels = parity_pixels(tiny, astronaut, 224)
     feats = {}
     for name in NEW + ("naclip",):
