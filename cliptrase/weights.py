@@ -15,7 +15,12 @@ from pathlib import Path
 import open_clip
 import torch
 
-from .errors import CheckpointError, UnsupportedModelError, WeightsUnavailableError
+from .errors import (
+    CheckpointError,
+    UnsupportedModelError,
+    WeightsUnavailableError,
+    reading_checkpoint,
+)
 from .hub import not_cached_message, offline_if_unreachable
 from .names import is_pretrained_tag
 
@@ -101,15 +106,8 @@ def read_checkpoint_bytes(uri: str, storage_options: dict | None = None) -> byte
     """Read a checkpoint from a local path or any fsspec URI (``s3://``, ``gs://``, ...)."""
     import fsspec
 
-    try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-            return f.read()
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint not found: {uri}") from exc
-    except Exception as exc:  # noqa: BLE001 - storage back ends raise many types
-        raise CheckpointError(
-            f"could not read checkpoint {uri}: {type(exc).__name__}: {exc}"
-        ) from exc
+    with reading_checkpoint(uri), fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        return f.read()
 
 
 def parse_checkpoint(data: bytes, name: str, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -221,7 +219,9 @@ def resolve_pretrained_file(model: str, tag: str) -> str:
     cfg = open_clip.get_pretrained_cfg(model, tag)
     if not cfg:
         known = sorted(open_clip.list_pretrained_tags_by_model(model))
-        raise CheckpointError(f"open_clip has no pretrained tag {tag!r} for {model!r} (known: {known})")
+        raise CheckpointError(
+            f"open_clip has no pretrained tag {tag!r} for {model!r} (known: {known})"
+        )
     offline = offline_if_unreachable()
     try:
         path = open_clip.download_pretrained(cfg)

@@ -14,6 +14,7 @@ prompt of ``_get_dummy_prompt``, ``sam3_image.py:522-528``, has no boxes), so ev
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,35 @@ def images_subset(backbone_out: dict, images: list[int]) -> dict:
         "backbone_fpn": [x[pick] for x in backbone_out["backbone_fpn"]],
         "sam2_backbone_out": None,
     }
+
+
+@dataclass(frozen=True)
+class PromptBucket:
+    """One decoder pass's share of (image, prompt row) pairs: ``images`` the batch's images it
+    touches (first-seen order), ``img_ids`` each pair's index into them, ``text_ids`` its
+    prompt row."""
+
+    pairs: list[tuple[int, int]]
+    images: list[int]
+    img_ids: torch.Tensor
+    text_ids: torch.Tensor
+
+
+def prompt_buckets(
+    pairs: Sequence[tuple[int, int]], bucket_size: int, device: torch.device
+) -> Iterator[PromptBucket]:
+    """``pairs`` in buckets of ``bucket_size`` prompts (ActiveSAM's bucketed multiplexing: one
+    decoder pass grounds many prompts over the images they belong to)."""
+    for start in range(0, len(pairs), bucket_size):
+        chunk = list(pairs[start : start + bucket_size])
+        images = list(dict.fromkeys(b for b, _ in chunk))
+        local = {b: i for i, b in enumerate(images)}
+        yield PromptBucket(
+            chunk,
+            images,
+            torch.tensor([local[b] for b, _ in chunk], device=device),
+            torch.tensor([row for _, row in chunk], device=device),
+        )
 
 
 def _find_stage(img_ids: torch.Tensor, text_ids: torch.Tensor):

@@ -55,7 +55,14 @@ from ..errors import InvalidImageError
 from ..protocol import SegmentorIdentity
 from ..result import SegmentationResult
 from .fusion import LabelAccumulator, fused_prompt_scores, kept_instances, prompt_probabilities
-from .grounding import PromptText, ground, image_features, images_subset, presence_logits
+from .grounding import (
+    PromptText,
+    ground,
+    image_features,
+    images_subset,
+    presence_logits,
+    prompt_buckets,
+)
 from .images import Sam3Input, as_uint8_chw, normalised, sam3_input, squashed
 from .methods import Sam3Method, method_for_dataset, sam3_method
 from .model import CONTEXT_LENGTH, Sam3Size, build_image_model, model_size
@@ -444,14 +451,16 @@ class Sam3Segmentor:
         accumulators: dict[int, LabelAccumulator] = {}
         decided: list[Any] = [None] * len(items)
         kept_total = torch.zeros((), dtype=torch.int64, device=self.device)
-        for start in range(0, len(pairs), method.bucket_size):
-            chunk = pairs[start : start + method.bucket_size]
-            images = list(dict.fromkeys(b for b, _ in chunk))
-            local = {b: i for i, b in enumerate(images)}
-            img_ids = torch.tensor([local[b] for b, _ in chunk], device=self.device)
-            text_ids = torch.tensor([row for _, row in chunk], device=self.device)
+        for bucket in prompt_buckets(pairs, method.bucket_size, self.device):
+            chunk, images = bucket.pairs, bucket.images
             with self._forward():
-                out = ground(self.model, images_subset(features, images), img_ids, text_ids, text)
+                out = ground(
+                    self.model,
+                    images_subset(features, images),
+                    bucket.img_ids,
+                    bucket.text_ids,
+                    text,
+                )
             scores, presence = prompt_probabilities(out["pred_logits"], out["presence_logit_dec"])
             keep = kept_instances(scores, method.confidence_threshold)
             kept_total += keep.sum()
@@ -555,18 +564,17 @@ class Sam3Segmentor:
         presence = torch.zeros((len(items), count), device=self.device)
         pairs = [(b, row) for b in range(len(items)) for row in range(count)]
         preview_text = text.text_only(CONTEXT_LENGTH)
-        for start in range(0, len(pairs), method.bucket_size):
-            chunk = pairs[start : start + method.bucket_size]
-            images = list(dict.fromkeys(b for b, _ in chunk))
-            local = {b: i for i, b in enumerate(images)}
-            img_ids = torch.tensor([local[b] for b, _ in chunk], device=self.device)
-            text_ids = torch.tensor([row for _, row in chunk], device=self.device)
+        for bucket in prompt_buckets(pairs, method.bucket_size, self.device):
             with self._forward():
                 logits = presence_logits(
-                    self.model, images_subset(features, images), img_ids, text_ids, preview_text
+                    self.model,
+                    images_subset(features, bucket.images),
+                    bucket.img_ids,
+                    bucket.text_ids,
+                    preview_text,
                 )
-            owners = torch.tensor([b for b, _ in chunk], device=self.device)
-            presence[owners, text_ids] = logits.sigmoid()[:, 0].float()
+            owners = torch.tensor([b for b, _ in bucket.pairs], device=self.device)
+            presence[owners, bucket.text_ids] = logits.sigmoid()[:, 0].float()
         active = [
             active_prompts(presence[b], method.quantile_alpha, method.max_active).tolist()
             for b in range(len(items))

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, WeightsUnavailableError
+from ..errors import CheckpointError, WeightsUnavailableError, reading_checkpoint
 from ..hub import not_cached_message, offline_if_unreachable
 
 HUB_CHECKPOINT = "sam3.pt"  # model_builder.py:640-646 (download_ckpt_from_hf)
@@ -229,17 +229,14 @@ def _fetch(uri: str, path: str, storage_options: dict | None) -> str:
     import fsspec
 
     digest = hashlib.sha256()
-    try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as source, open(path, "wb") as out:
-            while chunk := source.read(_READ_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint not found: {uri}") from exc
-    except Exception as exc:  # noqa: BLE001 - storage back ends raise many types
-        raise CheckpointError(
-            f"could not read checkpoint {uri}: {type(exc).__name__}: {exc}"
-        ) from exc
+    with (
+        reading_checkpoint(uri),
+        fsspec.open(uri, "rb", **(storage_options or {})) as source,
+        open(path, "wb") as out,
+    ):
+        while chunk := source.read(_READ_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
     return digest.hexdigest()
 
 
