@@ -129,16 +129,7 @@ def classes_document(run: LabelledRun, options: ExportOptions, labels_uri: str) 
             if background
             else "no background words: every pixel is one of the classes",
         },
-        "provenance": {
-            "labels": labels_uri,
-            "config_hash": meta.get("config_hash"),
-            "model": meta.get("model"),
-            "pretrained": meta.get("pretrained"),
-            "weights_identity": meta.get("weights_identity"),
-            "random_weights": run.random_weights,
-            "method": meta.get("method"),
-            "package_version": meta.get("package_version"),
-        },
+        "provenance": {**run.provenance(), "labels": labels_uri},
     }
     if run.random_weights:
         doc["note"] = _cli.RANDOM_WEIGHTS_BANNER

@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.ledger import read_manifest
-from pipeline.outputs import LabelledRun
+from pipeline.outputs import ROW_COLUMNS, LabelledRun
 
 from . import _cli
 from .selection import (
@@ -58,19 +58,8 @@ log = logging.getLogger("jobs.review")
 STRATEGIES = ("low-confidence", "uncertain-area", "disagreement", "rare-class", "random")
 # The strategies that read only the rows: re-segmenting (disagreement) is opt-in.
 DEFAULT_STRATEGIES = ("low-confidence", "uncertain-area", "rare-class")
-SCORE_COLUMNS = (
-    "image_id",
-    "shard_id",
-    "source_uri",
-    "status",
-    "error",
-    "width",
-    "height",
-    "confidence_png",
-    "class_ids",
-    "class_pixels",
-    "exif_transposed",
-)
+# What scoring reads of every row: no mask, only what the rows say of each image.
+SCORE_COLUMNS = (*(c for c in ROW_COLUMNS if c != "mask_png"), "class_ids", "class_pixels")
 
 
 # ------------------------------------------------------------------------- scores

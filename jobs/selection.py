@@ -21,19 +21,7 @@ REVIEW_DIR = "_review"
 
 def provenance(run: LabelledRun) -> dict[str, Any]:
     """Where labels came from: config hash, model, weights identity, random or not."""
-    meta = run.metadata
-    out = {
-        "labels": run.layout.uri,
-        "config_hash": meta.get("config_hash"),
-        "model": meta.get("model"),
-        "pretrained": meta.get("pretrained"),
-        "weights_identity": meta.get("weights_identity"),
-        "random_weights": run.random_weights,
-        "method": meta.get("method"),
-        "precision": meta.get("precision"),
-        "package_version": meta.get("package_version"),
-        "names": run.names,
-    }
+    out = {**run.provenance(), "names": run.names}
     if run.random_weights:
         out["note"] = _cli.RANDOM_WEIGHTS_BANNER
     return out

@@ -195,6 +195,22 @@ class LabelledRun:
     def random_weights(self) -> bool:
         return bool(self.metadata.get("random_weights"))
 
+    def provenance(self) -> dict[str, Any]:
+        """Where its labels came from, as exports and selections record it: the run's URI,
+        config hash, model, weights identity, random or not, method, precision, version."""
+        meta = self.metadata
+        return {
+            "labels": self.layout.uri,
+            "config_hash": meta.get("config_hash"),
+            "model": meta.get("model"),
+            "pretrained": meta.get("pretrained"),
+            "weights_identity": meta.get("weights_identity"),
+            "random_weights": self.random_weights,
+            "method": meta.get("method"),
+            "precision": meta.get("precision"),
+            "package_version": meta.get("package_version"),
+        }
+
     @property
     def background_label(self) -> int | None:
         """The pooled background label (the last one) when the run has background words."""

@@ -116,6 +116,7 @@ def test_classes_json_names_the_labels_and_records_provenance(folder, labelled):
     assert prov["config_hash"] == labelled["config_hash"]
     assert prov["random_weights"] is True and doc["note"] == _cli.RANDOM_WEIGHTS_BANNER
     assert prov["weights_identity"] == meta["weights_identity"]
+    assert prov["precision"] == meta["precision"] and prov["method"] == meta["method"]
 
 
 def test_unsafe_image_ids_cannot_escape_the_output_folder(folder):
