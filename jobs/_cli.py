@@ -156,6 +156,35 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_loading_args(group: argparse._ActionsContainer, run_defaults: bool = False) -> None:
+    """--random-weights, --trust-pickle, --device, --precision. ``run_defaults``: for a job
+    that re-segments a labelled run (review), whose weights and precision default to the
+    run's."""
+    group.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random weights (plumbing check; default for runs made with them)"
+        if run_defaults
+        else "random weights instead of --weights: a plumbing check, every output says so",
+    )
+    group.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow pickled checkpoints that need full unpickling (runs code from the file)",
+    )
+    group.add_argument(
+        "--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda, cuda:1 ..."
+    )
+    group.add_argument(
+        "--precision",
+        default=None if run_defaults else "fp32",
+        choices=("fp32", "fp16", "bf16"),
+        help="default: the run's (fp32 on a CPU)"
+        if run_defaults
+        else "on a GPU (default fp32; jobs.label's bf16); a CPU runs fp32",
+    )
+
+
 def add_model_args(parser: argparse.ArgumentParser, title: str = "model") -> None:
     group = parser.add_argument_group(title)
     group.add_argument(
@@ -171,25 +200,7 @@ def add_model_args(parser: argparse.ArgumentParser, title: str = "model") -> Non
         "there and log in); either: a local checkpoint file or an fsspec URI such as "
         "s3://bucket/ViT-B-16.safetensors",
     )
-    group.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="random weights instead of --weights: a plumbing check, every output says so",
-    )
-    group.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow pickled checkpoints that need full unpickling (runs code from the file)",
-    )
-    group.add_argument(
-        "--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda, cuda:1 ..."
-    )
-    group.add_argument(
-        "--precision",
-        default="fp32",
-        choices=("fp32", "fp16", "bf16"),
-        help="on a GPU (default fp32; jobs.label's bf16); a CPU runs fp32",
-    )
+    add_loading_args(group)
     group.add_argument(
         "--method",
         default="cliptrase",

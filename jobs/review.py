@@ -808,23 +808,7 @@ def _add_compare_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--weights", default=None, help="checkpoint tag, file or URI (default: the run's)"
     )
-    group.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="random weights (plumbing check; default for runs made with them)",
-    )
-    group.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow pickled checkpoints that need full unpickling",
-    )
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    group.add_argument(
-        "--precision",
-        default=None,
-        choices=("fp32", "fp16", "bf16"),
-        help="default: the run's (fp32 on a CPU)",
-    )
+    _cli.add_loading_args(group, run_defaults=True)
     group.add_argument(
         "--batch-size", type=_cli.positive_int, default=8, help="images per forward pass"
     )
