@@ -20,7 +20,7 @@ import skimage.data
 from PIL import Image
 
 import pipeline
-from tests.pipeline.conftest import CORRUPT, TINY, VOCAB, _small, fresh_s3fs, s3_options
+from tests.pipeline.conftest import CORRUPT, VOCAB, _small, fresh_s3fs, s3_options, tiny_config
 
 HOSTILE_IDS = ["../../escape", "/etc/passwd", "a\\..\\b", "ok name"]
 FAKE_SECRET = "fake-s3cr3t-jobs-export-4b1d"  # must never appear in an output
@@ -86,14 +86,11 @@ def labelled(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("jobs_inputs")
     inputs = _write_inputs(root)
     out = tmp_path_factory.mktemp("jobs_labels")
-    config = pipeline.RunConfig(
-        inputs=inputs,
-        output=str(out),
-        segmentor=TINY,
-        vocabulary=VOCAB,
+    config = tiny_config(
+        inputs,
+        out,
         source=pipeline.SourceSpec(images_per_shard=8),
         num_actors=1,
-        num_cpus_per_actor=1,
         decode_threads=1,
         prefetch_images=4,
         max_retries=0,

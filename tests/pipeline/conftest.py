@@ -40,6 +40,17 @@ def fresh_s3fs(options: dict):
     return s3fs.S3FileSystem(**options)
 
 
+def s3_with_inputs(options: dict, root: Path, inputs: str, labels: str):
+    """A fresh s3fs client, with buckets ``inputs`` (holding a copy of the folder ``root``) and
+    ``labels``. Tests use buckets of their own: moto's backend is process-wide."""
+    fs = fresh_s3fs(options)
+    fs.mkdir(inputs)
+    fs.mkdir(labels)
+    fs.put(str(root) + "/", f"{inputs}/", recursive=True)
+    fs.invalidate_cache()
+    return fs
+
+
 def _small(array: np.ndarray, long_side: int) -> Image.Image:
     image = Image.fromarray(array)
     scale = long_side / max(image.size)

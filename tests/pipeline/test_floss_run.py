@@ -16,7 +16,7 @@ from cliptrase.floss import TemplateExperts
 from pipeline.experts import experts_key, experts_path, run_experts
 from pipeline.layout import RunLayout
 
-from .conftest import fresh_s3fs, jpeg, make_tar, s3_options, tiny_config
+from .conftest import jpeg, make_tar, s3_options, s3_with_inputs, tiny_config
 from .test_config import _reference_config
 
 FLOSS = pipeline.FlossSpec(enabled=True, sample=5, top_k=2, seed=3)
@@ -101,13 +101,7 @@ def storage_options(s3_endpoint):
 
 @pytest.fixture(scope="module")
 def s3(storage_options, dataset):
-    # Buckets of their own: moto's backend is process-wide, other modules use "inputs".
-    fs = fresh_s3fs(storage_options)
-    fs.mkdir("floss-inputs")
-    fs.mkdir("floss-labels")
-    fs.put(str(dataset["root"]) + "/", "floss-inputs/", recursive=True)
-    fs.invalidate_cache()
-    return fs
+    return s3_with_inputs(storage_options, dataset["root"], "floss-inputs", "floss-labels")
 
 
 def _config(storage_options):

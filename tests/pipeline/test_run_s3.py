@@ -8,7 +8,7 @@ import pipeline
 from pipeline.layout import RunLayout
 from pipeline.leases import acquire_lease, release_lease
 
-from .conftest import FAKE_SECRET, fresh_s3fs, s3_options, tiny_config
+from .conftest import FAKE_SECRET, s3_options, s3_with_inputs, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -18,12 +18,7 @@ def storage_options(s3_endpoint):
 
 @pytest.fixture(scope="module")
 def s3(storage_options, dataset):
-    fs = fresh_s3fs(storage_options)
-    fs.mkdir("inputs")
-    fs.mkdir("labels")
-    fs.put(str(dataset["root"]) + "/", "inputs/", recursive=True)
-    fs.invalidate_cache()
-    return fs
+    return s3_with_inputs(storage_options, dataset["root"], "inputs", "labels")
 
 
 @pytest.fixture(scope="module")

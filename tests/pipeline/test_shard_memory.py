@@ -10,23 +10,15 @@ per extra image here (peak 1514 -> 2508 MB); streaming 0.2 MB (1379 -> 1423 MB).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "shard_memory.py"
+from tests.conftest import bench_module
 
 
 @pytest.fixture(scope="module")
 def shard_memory():
-    spec = importlib.util.spec_from_file_location("bench_shard_memory", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_module("shard_memory") as module:
+        yield module
 
 
 @pytest.mark.timeout(600)

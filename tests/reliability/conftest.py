@@ -12,6 +12,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,39 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def run_with_fault(
+    config: pipeline.RunConfig,
+    committed: Callable[[], int],
+    after: int,
+    fault: Callable[[int], None],
+    poll_s: float = 0.01,
+) -> pipeline.RunSummary:
+    """``pipeline.run(config)`` while a thread watches ``committed()`` (how many shards are
+    committed) and, once it reaches ``after``, injects ``fault(count)`` once; gives up
+    watching after 180 s (the test's assertions then say the fault never came)."""
+
+    def inject_when_due() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            count = committed()
+            if count >= after:
+                fault(count)
+                return
+            time.sleep(poll_s)
+
+    chaos = threading.Thread(target=inject_when_due)
+    chaos.start()
+    try:
+        return pipeline.run(config, progress=False)
+    finally:
+        chaos.join()
+
+
+def committed_markers(root: Path) -> int:
+    """Commit markers under a local run root (0 before it exists)."""
+    return len(list((root / "_committed").glob("*.json"))) if root.is_dir() else 0
 
 
 def encoded(image: Image.Image, fmt: str, **params) -> bytes:

@@ -17,8 +17,10 @@ import pipeline
 
 from .conftest import (
     assert_committed_exactly_once,
+    committed_markers,
     expected_ids,
     make_tar,
+    run_with_fault,
     small_images,
     tiny_config,
 )
@@ -76,22 +78,17 @@ def test_s3_server_down_mid_run_costs_a_pause_not_the_run(restartable_s3, tmp_pa
     root = f"flaky/out/{config.config_hash()}"
     outage = {}
 
-    def take_s3_down_after_the_first_commit():
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            fs.invalidate_cache()
-            if fs.exists(f"{root}/_committed") and fs.ls(f"{root}/_committed"):
-                outage["committed_before"] = len(fs.ls(f"{root}/_committed"))
-                start = time.monotonic()
-                restart(8.0)  # longer than s3fs's own retries (~6 s)
-                outage["down_s"] = time.monotonic() - start
-                return
-            time.sleep(0.05)
+    def committed() -> int:
+        fs.invalidate_cache()
+        return len(fs.ls(f"{root}/_committed")) if fs.exists(f"{root}/_committed") else 0
 
-    chaos = threading.Thread(target=take_s3_down_after_the_first_commit)
-    chaos.start()
-    summary = pipeline.run(config, progress=False)
-    chaos.join()
+    def take_s3_down(count: int) -> None:
+        outage["committed_before"] = count
+        start = time.monotonic()
+        restart(8.0)  # longer than s3fs's own retries (~6 s)
+        outage["down_s"] = time.monotonic() - start
+
+    summary = run_with_fault(config, committed, 1, take_s3_down, poll_s=0.05)
     assert outage.get("down_s", 0) >= 8.0 and outage["committed_before"] < 8
     print(
         f"S3 down {outage['down_s']:.1f}s; run {summary.seconds:.1f}s, "
@@ -130,21 +127,12 @@ def test_actors_killed_mid_shard_are_replaced_and_nothing_is_written_twice(tmp_p
     root = tmp_path / "out" / config.config_hash()
     killed: list[int] = []
 
-    def kill_both_actors_mid_run():
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            done = list((root / "_committed").glob("*.json")) if root.is_dir() else []
-            if len(done) >= 2:  # both actors are busy with their next shards now
-                for pid in _own_actor_pids():
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                return
-            time.sleep(0.01)
+    def kill_both_actors(_count: int) -> None:
+        for pid in _own_actor_pids():  # both actors are busy with their next shards now
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
 
-    chaos = threading.Thread(target=kill_both_actors_mid_run)
-    chaos.start()
-    summary = pipeline.run(config, progress=False)
-    chaos.join()
+    summary = run_with_fault(config, lambda: committed_markers(root), 2, kill_both_actors)
     assert len(killed) == 2 and summary.actor_restarts >= 2
     assert (summary.shards_done + summary.shards_skipped, summary.shards_failed) == (10, 0)
     assert not {r.pid for r in summary.results[-3:]} & set(killed)  # the end ran on new actors

@@ -3,14 +3,15 @@ on the node that is left, every image once."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
-import pipeline
-
-from .conftest import assert_committed_exactly_once, expected_ids, tiny_config
+from .conftest import (
+    assert_committed_exactly_once,
+    committed_markers,
+    expected_ids,
+    run_with_fault,
+    tiny_config,
+)
 from .test_faults import _tar_folder
 
 pytestmark = pytest.mark.timeout(600)
@@ -37,20 +38,12 @@ def test_a_node_removed_mid_job_leaves_the_run_to_the_remaining_node(two_node_cl
     root = tmp_path / "out" / config.config_hash()
     removed = {}
 
-    def remove_a_node_after_two_commits():
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if root.is_dir() and len(list((root / "_committed").glob("*.json"))) >= 2:
-                removed["at_commits"] = len(list((root / "_committed").glob("*.json")))
-                removed["node_id"] = workers[0].node_id
-                cluster.remove_node(workers[0])
-                return
-            time.sleep(0.01)
+    def remove_a_node(count: int) -> None:
+        removed["at_commits"] = count
+        removed["node_id"] = workers[0].node_id
+        cluster.remove_node(workers[0])
 
-    chaos = threading.Thread(target=remove_a_node_after_two_commits)
-    chaos.start()
-    summary = pipeline.run(config, progress=False)
-    chaos.join()
+    summary = run_with_fault(config, lambda: committed_markers(root), 2, remove_a_node)
     assert removed and removed["at_commits"] < 10
     assert (summary.shards_done + summary.shards_skipped, summary.shards_failed) == (10, 0)
     assert summary.actor_restarts >= 1  # its actor was lost (and its replacement never placed)

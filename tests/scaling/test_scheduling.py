@@ -8,23 +8,15 @@ the real ViT-Tiny test segmentor (``bench/scaling.py`` explains why: 4 CPU-bound
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "scaling.py"
+from tests.conftest import bench_module
 
 
 @pytest.fixture(scope="module")
 def scaling():
-    spec = importlib.util.spec_from_file_location("bench_scaling", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with bench_module("scaling") as module:
+        yield module
 
 
 def test_four_gpu_actors_share_the_shards_evenly_and_keep_one_actors_rate(scaling, tmp_path):
