@@ -47,6 +47,8 @@ def head():
     token = secrets.token_hex(16)
     env = {
         **os.environ,
+        # The job's entrypoint runs `python`: this interpreter's, activated venv or not.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
