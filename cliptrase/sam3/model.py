@@ -429,4 +429,4 @@ def build_image_model(size: Sam3Size, seed: int = 0, bpe_path: str | None = None
         )
         generator = torch.Generator().manual_seed(seed)
         initialise_empty_text_parameters(model, generator)
-    return model.eval().requires_grad_(False)
+    return model.eval()  # weights as built: see Sam3Segmentor.__init__

@@ -130,6 +130,22 @@ def test_pin_memory_is_skipped_only_inside_the_geometry_encoder(tiny, photos):
         torch.zeros(1).pin_memory()  # no global patch: still CUDA's
 
 
+def test_weights_stay_as_built_and_forwards_record_no_graph(tiny, photos):
+    """As in the official runs: frozen weights would stop torch.matmul folding the seq-first
+    [HW, K, C] projections into one mm (a bmm over HW copies, 6x slower in the geometry
+    encoder on the CPU); inference_mode keeps autograd out of every forward."""
+    params = list(tiny.model.parameters())
+    assert params and all(p.requires_grad for p in params)
+    vocab = tiny.vocabulary(["cat", "grass"])
+    with torch.autograd.graph.saved_tensors_hooks(_no_saved_tensors, _no_saved_tensors):
+        tiny.segment_batch(photos[:2], vocab)
+    assert all(p.grad is None for p in params)
+
+
+def _no_saved_tensors(tensor):
+    raise AssertionError("a forward saved a tensor for backward")
+
+
 def test_preserved_tf32_flags_undo_what_sam3s_import_does():
     before = tf32_flags()
     with preserved_tf32_flags():
