@@ -75,6 +75,21 @@ def bare_rate(spec: pipeline.SegmentorSpec, vocab: pipeline.VocabularySpec, jpeg
     }
 
 
+def _run_config(spec, vocab, inputs: str, out: str, per_shard: int, **actors) -> pipeline.RunConfig:
+    """The run both measurements label: ``per_shard`` images a shard, 2 decode threads, two
+    batches prefetched; ``actors``: how many actors and their threads."""
+    return pipeline.RunConfig(
+        inputs=(inputs,),
+        output=out,
+        segmentor=spec,
+        vocabulary=vocab,
+        source=pipeline.SourceSpec(images_per_shard=per_shard),
+        decode_threads=2,
+        prefetch_images=2 * spec.batch_size,
+        **actors,
+    )
+
+
 def alternating(spec, vocab, folder: str, jpegs, cpus: int, per_shard: int, rounds: int) -> dict:
     """Shard by shard, bare ``segment_batch`` and the actor's ``process_shard`` alternate in this
     process on one segmentor (same weights, same ``cpus`` torch threads), so load from other
@@ -82,16 +97,7 @@ def alternating(spec, vocab, folder: str, jpegs, cpus: int, per_shard: int, roun
     from pipeline.worker import ShardLabeler
 
     with tempfile.TemporaryDirectory() as out:
-        config = pipeline.RunConfig(
-            inputs=(folder,),
-            output=out,
-            segmentor=spec,
-            vocabulary=vocab,
-            source=pipeline.SourceSpec(images_per_shard=per_shard),
-            torch_threads=cpus,
-            decode_threads=2,
-            prefetch_images=2 * spec.batch_size,
-        )
+        config = _run_config(spec, vocab, folder, out, per_shard, torch_threads=cpus)
         labeler = ShardLabeler(config)
         seg, compiled = labeler.segmentor, labeler.vocab
         shards = pipeline.list_shards(folder, source=config.source)
@@ -122,17 +128,15 @@ def pipeline_rate(spec, vocab, inputs: str, cpus: int, actors: int, per_shard: i
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as out:
-            config = pipeline.RunConfig(
-                inputs=(inputs,),
-                output=out,
-                segmentor=spec,
-                vocabulary=vocab,
-                source=pipeline.SourceSpec(images_per_shard=per_shard),
+            config = _run_config(
+                spec,
+                vocab,
+                inputs,
+                out,
+                per_shard,
                 num_actors=actors,
                 num_cpus_per_actor=cpus / actors,
                 torch_threads=max(1, cpus // actors),
-                decode_threads=2,
-                prefetch_images=2 * spec.batch_size,
             )
             summary = pipeline.run(config, progress=False)
     finally:

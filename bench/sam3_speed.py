@@ -356,41 +356,20 @@ def stage_report(args) -> dict:
             1,
         )
 
+    # (what, prompts, our run, official side, its run); each side's labels are "<side>_<run>".
+    officials = {"segearth": ("SegEarth-OV3", seg), "activesam": ("ActiveSAM", act)}
     pairs = [
-        ("(a) whole image", 20, "a_segearthov3_20", ("SegEarth-OV3", seg["a_20"]), "segearth_a_20"),
-        (
-            "(b) after backbone",
-            20,
-            "b_segearthov3_20",
-            ("SegEarth-OV3", seg["b_20"]),
-            "segearth_b_20",
-        ),
-        (
-            "(b) after backbone",
-            150,
-            "b_segearthov3_150",
-            ("SegEarth-OV3", seg["b_150"]),
-            "segearth_b_150",
-        ),
-        (
-            "(b) after backbone, ours in buckets of 16",
-            20,
-            "b_segearthov3_20_k16",
-            ("SegEarth-OV3", seg["b_20"]),
-            "segearth_b_20",
-        ),
-        ("(b) after backbone", 20, "b_activesam_20", ("ActiveSAM", act["b_20"]), "activesam_b_20"),
-        (
-            "(b) after backbone",
-            150,
-            "b_activesam_150",
-            ("ActiveSAM", act["b_150"]),
-            "activesam_b_150",
-        ),
+        ("(a) whole image", 20, "a_segearthov3_20", "segearth", "a_20"),
+        ("(b) after backbone", 20, "b_segearthov3_20", "segearth", "b_20"),
+        ("(b) after backbone", 150, "b_segearthov3_150", "segearth", "b_150"),
+        ("(b) after backbone, ours in buckets of 16", 20, "b_segearthov3_20_k16", "segearth", "b_20"),
+        ("(b) after backbone", 20, "b_activesam_20", "activesam", "b_20"),
+        ("(b) after backbone", 150, "b_activesam_150", "activesam", "b_150"),
     ]
     rows = []
-    for what, count, key, (name, entry), labels in pairs:
-        agreement = _agreement(out, f"ours_{key}", labels)
+    for what, count, key, side, run in pairs:
+        name, entry = officials[side][0], officials[side][1][run]
+        agreement = _agreement(out, f"ours_{key}", f"{side}_{run}")
         rows.append(
             {
                 "what": what,
