@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -49,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import machine, photo  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 SEED = 0
@@ -179,7 +179,6 @@ def make_weights(path: Path, seed: int) -> dict:
 # ----------------------------------------------------------------------------- photos
 def photo_paths(out: Path) -> dict[str, Path]:
     """The photos as PNG files (the official ``predict`` reads its image from disk)."""
-    import skimage.data
     from PIL import Image
 
     folder = out / "photos"
@@ -188,7 +187,7 @@ def photo_paths(out: Path) -> dict[str, Path]:
     for name, (h, w) in IMAGES.items():
         path = folder / f"{name}.png"
         if not path.exists():
-            image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+            image = photo(name)
             if image.size != (w, h):
                 image = image.resize((w, h), Image.BILINEAR)
             image.save(path)
@@ -965,7 +964,7 @@ def stage_compare(args) -> dict:
     }
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": _machine(),
+        "machine": machine(torch_threads=torch.get_num_threads(), gpu="none"),
         "code": code,
         "settings": {
             "images": IMAGES,
@@ -1018,20 +1017,9 @@ def _max_diff_by_prompt(ours: dict, theirs: dict, our_texts, official) -> float:
     return max(abs(mine[w] - p) for w, p in zip(words, theirs["presence"]))
 
 
-def _machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "gpu": "none",
-    }
-
-
 def markdown(result: dict) -> str:
     lines = [
-        f"SAM 3 parity, {result['date']}, {result['machine']['cores']} CPU cores, float32, "
+        f"SAM 3 parity, {result['date']}, {result['machine']['cpus']} CPU cores, float32, "
         "full-size SAM 3 with perturbed random weights",
         "",
         "| ours | against | image | pixels agreeing | max fused-score diff | kept (ours/official)"

@@ -402,7 +402,7 @@ def stage_report(args) -> dict:
     ]
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": parity._machine(),
+        "machine": parity.machine(torch_threads=torch.get_num_threads(), gpu="none"),
         "code": code,
         "image": {IMAGE: parity.IMAGES[IMAGE]},
         "rows": rows,
@@ -434,7 +434,7 @@ def _profile_line(entry: dict) -> str:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        f"SAM 3 speed, {result['date']}, {m['cores']} CPU cores ({m['cpu']}), torch "
+        f"SAM 3 speed, {result['date']}, {m['cpus']} CPU cores ({m['machine']}), torch "
         f"{m['torch']}, float32, full-size SAM 3 (random weights), astronaut 480x480; no GPU",
         "",
         "| stage | prompts | ours (s) | official (s) | speedup | CPU time ours / official (s) |"
