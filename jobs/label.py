@@ -200,6 +200,14 @@ def _add_execution_args(parser: argparse.ArgumentParser) -> None:
         help="image decoding threads per actor (default %(default)s)",
     )
     execution.add_argument(
+        "--huge-pages",
+        action=argparse.BooleanOptionalAction,
+        default=default_of(RunConfig, "huge_pages"),
+        help="PyTorch's CPU allocator asks for transparent huge pages in the actors (default: "
+        "on for the SAM 3 methods, ~25%% faster on a CPU; the CLIP methods keep the "
+        "environment's THP_MEM_ALLOC_ENABLE); labels are the same either way",
+    )
+    execution.add_argument(
         "--max-retries",
         type=int,
         default=default_of(RunConfig, "max_retries"),
@@ -333,6 +341,7 @@ def config_from_args(
             num_gpus_per_actor=gpus_per_actor,
             num_cpus_per_actor=_cpus_per_actor(args, gpus_per_actor, free_cpus),
             decode_threads=args.decode_threads,
+            huge_pages=args.huge_pages,
             max_retries=args.max_retries,
             storage_timeout_s=args.storage_timeout,
             stall_timeout_s=args.stall_timeout,

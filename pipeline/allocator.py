@@ -1,4 +1,4 @@
-"""Keep the host allocator from returning large freed blocks to the kernel.
+"""Host allocator settings of an actor: freed blocks kept for reuse, and huge pages.
 
 glibc's malloc serves blocks above its mmap threshold (at most 32 MiB) with fresh ``mmap``s and
 unmaps them on free, so every large temporary -- a batch's logits, distance matrices, upsampled
@@ -9,6 +9,13 @@ actor's resident memory then stays at its peak working set instead of shrinking 
 batches, which is what a long-lived actor holds anyway, plus fragmentation: a few of the
 largest blocks (measured: peak RSS of a 1080p CPU actor +1-3%, flat from 100 to 1,600 images,
 bench/shard_memory.py). Other C libraries: nothing to do.
+
+Transparent huge pages (:func:`actor_env`): PyTorch's CPU allocator asks the kernel for huge
+pages for blocks of 2 MB and more when ``THP_MEM_ALLOC_ENABLE=1`` is in its process's
+environment before torch first allocates, so only whoever starts the process can set it: the
+driver gives it to the actors it starts. It pays for the SAM 3 family on a CPU and costs the
+CLIP family (docs/methods.md, "Speed against the official code"), so by default it follows
+the method's family. No labels change (measured on both families).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+
+from cliptrase.config import method_family
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +54,26 @@ def reuse_freed_memory() -> bool:
     if not done:
         log.debug("mallopt refused the thresholds; the allocator keeps its defaults")
     return done
+
+
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
+# Families whose CPU forward is faster with huge pages (measured, same labels): SAM 3's large
+# per-prompt activations (e.g. 16 x 200 x 5184 box biases) are allocated fresh per forward.
+# The CLIP family ran ~10 % slower with them, so it keeps the process's own setting.
+HUGE_PAGE_FAMILIES = frozenset({"sam3"})
+
+
+def uses_huge_pages(method: str, huge_pages: bool | None = None) -> bool | None:
+    """Whether actors of ``method`` get huge pages: ``huge_pages`` if given, else True for the
+    families in :data:`HUGE_PAGE_FAMILIES` and None (the process's environment decides)
+    for the rest."""
+    if huge_pages is not None:
+        return huge_pages
+    return True if method_family(method) in HUGE_PAGE_FAMILIES else None
+
+
+def actor_env(method: str, huge_pages: bool | None = None) -> dict[str, str]:
+    """Environment variables for an actor's process (Ray ``runtime_env["env_vars"]``); empty
+    when the actor should inherit its environment as it is."""
+    on = uses_huge_pages(method, huge_pages)
+    return {} if on is None else {HUGE_PAGES_ENV: "1" if on else "0"}

@@ -33,6 +33,7 @@ import pyarrow as pa
 import ray
 
 from . import sink
+from .allocator import actor_env
 from .config import IMAGE_EXTENSIONS, RunConfig, SegmentorSpec, SourceSpec, VocabularySpec
 from .formats import ImageRecord
 from .worker import ShardLabeler
@@ -206,6 +207,7 @@ def label_dataset(
     batch_size: int | None = None,
     decode_threads: int = 2,
     storage_options: dict | None = None,
+    huge_pages: bool | None = None,
 ) -> ray.data.Dataset:
     """``ds`` with each image replaced by its labels' row (:class:`SegmentImages`), lazily.
 
@@ -216,6 +218,7 @@ def label_dataset(
     ``batch_size``: the segmentor's. ``source``: ``max_image_pixels`` and the JPEG draft, as
     the job reads them. ``storage_options``: for weights given as an ``s3://`` URI in
     ``segmentor.pretrained`` (the dataset's own I/O takes a pyarrow ``filesystem``).
+    ``huge_pages``: as :attr:`pipeline.RunConfig.huge_pages` (None: the method's family decides).
     """
     import ray.data
 
@@ -223,6 +226,7 @@ def label_dataset(
         raise TypeError(f"label_dataset takes a ray.data.Dataset, got {type(ds).__name__}")
     SegmentImages.check_arguments(image_column, keep_columns)  # on the driver, before any actor
     num_gpus, num_cpus, compute = actor_resources(num_gpus, num_cpus, concurrency)
+    env = actor_env(segmentor.method, huge_pages)  # read by torch as the actor's process starts
     return ds.map_batches(
         SegmentImages,
         batch_size=batch_size or segmentor.batch_size,
@@ -241,6 +245,7 @@ def label_dataset(
             "decode_threads": decode_threads,
             "storage_options": storage_options,
         },
+        **({"runtime_env": {"env_vars": env}} if env else {}),
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from .allocator import actor_env
 from .config import RunConfig
 from .formats import InvalidShardError, Shard
 from .layout import RunLayout
@@ -67,6 +68,7 @@ class RunSummary:
     actors: int = 0
     actor_restarts: int = 0
     torch_threads: list[int] = field(default_factory=list)  # per actor, as seen by torch
+    huge_pages: list[bool] = field(default_factory=list)  # per actor (RunConfig.huge_pages)
     failures: list[dict] = field(default_factory=list)
     results: list[ShardResult] = field(default_factory=list, repr=False)
 
@@ -214,10 +216,13 @@ class RayActors:
         self._asked: dict[int, tuple[Any, ray.ObjectRef]] = {}  # slot -> (actor, progress ref)
 
     def _new(self):
+        env = actor_env(self.config.segmentor.method, self.config.huge_pages)
         return SegmentorActor.options(
             num_gpus=self.config.num_gpus_per_actor,
             num_cpus=self.config.num_cpus_per_actor,
             max_restarts=0,  # we replace dead actors ourselves and requeue their shards
+            # Read by torch when the actor's process starts: set there, not in the actor.
+            **({"runtime_env": {"env_vars": env}} if env else {}),
         ).remote(self.config)
 
     def metadata(self) -> dict:
@@ -376,6 +381,7 @@ def _finish(summary: RunSummary, t0: float) -> None:
     labelling = summary.seconds - summary.startup_s
     summary.images_per_s = images / labelling if images and labelling > 0 else 0.0
     summary.torch_threads = sorted({r.torch_threads for r in summary.results})
+    summary.huge_pages = sorted({r.huge_pages for r in summary.results if r.pid})
     summary.cpu_s = sum(r.cpu_s for r in summary.results)
     summary.images_device_decoded = sum(r.device_decoded for r in summary.results)
     shard_s = sum(r.seconds for r in summary.results)

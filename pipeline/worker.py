@@ -25,7 +25,7 @@ import cliptrase
 from cliptrase.protocol import Segmentor
 
 from . import sink
-from .allocator import reuse_freed_memory
+from .allocator import HUGE_PAGES_ENV, reuse_freed_memory
 from .batching import ShapePool, segment_isolated
 from .claim import Claim, claim_shard, drop_lease
 from .config import OUTPUT_FORMAT, RunConfig
@@ -75,6 +75,7 @@ class ShardResult:
     gpu_ids: list = field(default_factory=list)
     pid: int = 0
     torch_threads: int = 0
+    huge_pages: bool = False  # THP_MEM_ALLOC_ENABLE=1 in the actor's environment
 
     @classmethod
     def unclaimed(cls, shard_id: str, claim: Claim, seconds: float) -> ShardResult:
@@ -217,6 +218,7 @@ class ShardLabeler:
             "pid": os.getpid(),
             "device": str(self.segmentor.device),
             "torch_threads": _torch_threads(),
+            "huge_pages": os.environ.get(HUGE_PAGES_ENV) == "1",
         }
 
     @ray.method(concurrency_group="monitor")
@@ -292,6 +294,7 @@ class ShardLabeler:
             gpu_ids=_gpu_ids(),
             pid=os.getpid(),
             torch_threads=_torch_threads(),
+            huge_pages=os.environ.get(HUGE_PAGES_ENV) == "1",
         )
 
     def _beating(self, records: Iterable[ImageRecord]) -> Iterator[ImageRecord]:

@@ -105,6 +105,8 @@ def test_summary_reports_counts_throughput_and_model_idle_fraction(first_run):
     assert written["images_error"] == 1
     assert written["images_per_s"] > 0 and written["actors"] == 2
     assert written["torch_threads"] == [1]  # Ray's OMP_NUM_THREADS = the actor's 1 CPU
+    # CLIP actors keep the environment's allocator setting (pipeline/allocator.py)
+    assert written["huge_pages"] == [os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"]
     assert 0.0 <= written["model_idle_fraction"] < 1.0
     assert not list((root / "_leases").iterdir())  # every lease released
 
