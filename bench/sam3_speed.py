@@ -167,14 +167,38 @@ def _save_labels(out: Path, key: str, labels: np.ndarray) -> None:
 
 
 # ----------------------------------------------------------------------------- ours
+def stage_env(stage: str, args) -> dict[str, str]:
+    """The stage's process environment: ours gets what a pipeline actor of the SAM 3 family
+    gets (pipeline.allocator.actor_env); the official code runs in the environment as it is,
+    or with huge pages too under ``--official-huge-pages``."""
+    from pipeline.allocator import HUGE_PAGES_ENV, actor_env
+
+    if stage == "ours":
+        return {**os.environ, **actor_env("segearthov3")}
+    if args.official_huge_pages and stage in ("segearth", "activesam20", "activesam150"):
+        return {**os.environ, HUGE_PAGES_ENV: "1"}
+    return dict(os.environ)
+
+
+def host_settings() -> dict:
+    from pipeline.allocator import HUGE_PAGES_ENV
+
+    return {HUGE_PAGES_ENV: os.environ.get(HUGE_PAGES_ENV)}
+
+
 def stage_ours(args) -> None:
     from cliptrase.sam3 import load_sam3_segmentor, method_for_dataset
+    from pipeline.allocator import actor_env, reuse_freed_memory
 
+    if any(os.environ.get(k) != v for k, v in actor_env("segearthov3").items()):
+        print(f"warning: not the actors' environment {actor_env('segearthov3')}", flush=True)
+    # As a pipeline actor runs (RunConfig.reuse_host_memory, on by default).
+    reused = reuse_freed_memory()
     seg = load_sam3_segmentor("sam3", pretrained=str(args.weights), device="cpu")
     profile = Profile(seg.model)
     photo = parity.load_photo(parity.photo_paths(args.out)[IMAGE])
     names = ade20k_names()
-    results = {"_code": parity.code_version()}
+    results = {"_code": parity.code_version(), "_host": {**host_settings(), "reuse": reused}}
 
     def run(key: str, method: str, count: int, bucket: int) -> None:
         options = method_for_dataset(method, "ade20k").with_options(bucket_size=bucket)
@@ -273,6 +297,7 @@ def stage_segearth(args) -> None:
     run("b_20", 20, cached=True)
     run("b_150", 150, cached=True, subset=args.official_prompts)
     results["_process"] = record
+    results["_host"] = host_settings()
     parity._merge_json(args.out / "speed_segearth.json", results)
 
 
@@ -327,6 +352,7 @@ def stage_activesam(args, count: int) -> None:
             **profile.report(total),
         },
         f"_process_{count}": record,
+        f"_host_{count}": host_settings(),
     }
     print(f"official ActiveSAM {count}: {total:.1f} s", flush=True)
     parity._merge_json(args.out / "speed_activesam.json", results)
@@ -346,6 +372,11 @@ def stage_report(args) -> dict:
     code = ours.pop("_code", None)
     seg = json.loads((out / "speed_segearth.json").read_text())
     act = json.loads((out / "speed_activesam.json").read_text())
+    host = {
+        "ours": ours.pop("_host", None),
+        "segearth": seg.get("_host"),
+        "activesam": {k: v for k, v in act.items() if k.startswith("_host_")},
+    }
 
     def official_total(entry):
         return entry.get("extrapolated_total", entry["total"])
@@ -408,6 +439,7 @@ def stage_report(args) -> dict:
         "rows": rows,
         "scaling": scaling,
         "backbone_seconds": backbone,
+        "host_settings": host,
         "profiles": {
             "ours": {k: v for k, v in ours.items()},
             "segearth": {k: v for k, v in seg.items() if not k.startswith("_")},
@@ -441,6 +473,8 @@ def markdown(result: dict) -> str:
         " CPU-time speedup | labels agreeing |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    host = result.get("host_settings") or {}
+    lines[1:1] = ["", f"Host allocator settings by side: {json.dumps(host)}"]
     for r in result["rows"]:
         official = f"{r['official']} {r['official_seconds']:.1f}"
         if r["official_extrapolated"]:
@@ -475,11 +509,20 @@ def main() -> None:
     parity.add_official_args(parser)
     parser.add_argument("--official-prompts", type=int, default=None)
     parser.add_argument("--stage", choices=("all", *STAGES), default="all")
+    parser.add_argument(
+        "--official-huge-pages",
+        action="store_true",
+        help="the official code's processes get THP_MEM_ALLOC_ENABLE=1 too (ours always do)",
+    )
     args = parser.parse_args()
     if args.stage == "all":
         for stage in STAGES:
             print(f"--- stage {stage}", flush=True)
-            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--stage", stage], check=True)
+            subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--stage", stage],
+                check=True,
+                env=stage_env(stage, args),
+            )
         return
     {
         "ours": stage_ours,
