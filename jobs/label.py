@@ -204,7 +204,7 @@ def _add_execution_args(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=default_of(RunConfig, "huge_pages"),
         help="PyTorch's CPU allocator asks for transparent huge pages in the actors (default: "
-        "on for the SAM 3 methods, ~25%% faster on a CPU; the CLIP methods keep the "
+        "on for the SAM 3 methods, 10-15%% faster on a CPU; the CLIP methods keep the "
         "environment's THP_MEM_ALLOC_ENABLE); labels are the same either way",
     )
     execution.add_argument(

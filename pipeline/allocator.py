@@ -13,9 +13,9 @@ bench/shard_memory.py). Other C libraries: nothing to do.
 Transparent huge pages (:func:`actor_env`): PyTorch's CPU allocator asks the kernel for huge
 pages for blocks of 2 MB and more when ``THP_MEM_ALLOC_ENABLE=1`` is in its process's
 environment before torch first allocates, so only whoever starts the process can set it: the
-driver gives it to the actors it starts. It pays for the SAM 3 family on a CPU and costs the
-CLIP family (docs/methods.md, "Speed against the official code"), so by default it follows
-the method's family. No labels change (measured on both families).
+driver gives it to the actors it starts. It pays for the SAM 3 family on a CPU; the CLIP
+family gained nothing measurable (docs/benchmarks.md, "Allocator: huge pages"), so by default
+it follows the method's family. No labels change (measured on both families).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def reuse_freed_memory() -> bool:
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 # Families whose CPU forward is faster with huge pages (measured, same labels): SAM 3's large
 # per-prompt activations (e.g. 16 x 200 x 5184 box biases) are allocated fresh per forward.
-# The CLIP family ran ~10 % slower with them, so it keeps the process's own setting.
+# The CLIP family gained nothing measurable (ratios 0.92-1.16 over 10 pairs), so it keeps the
+# process's own setting.
 HUGE_PAGE_FAMILIES = frozenset({"sam3"})
 
 

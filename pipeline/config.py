@@ -245,7 +245,7 @@ class RunConfig:
     # Large freed blocks stay in the heap for reuse (pipeline/allocator.py): no labels change.
     reuse_host_memory: bool = True
     # PyTorch's CPU allocator asks for transparent huge pages (pipeline/allocator.py): None
-    # follows the method's family (on for SAM 3, whose CPU forward runs ~25 % faster with
+    # follows the method's family (on for SAM 3, whose CPU forward runs 10-15 % faster with
     # them; the CLIP family keeps the environment's setting). No labels change.
     huge_pages: bool | None = None
     prefetch_images: int = 64  # decoded + prepared images queued ahead of the model
