@@ -7,6 +7,7 @@ machine; it is stopped through the pid it was started with, never by `ray stop`.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -105,7 +106,8 @@ def test_ray_job_submit_runs_the_sample_job_with_token_auth(head, tmp_path):
     submitted = subprocess.run(
         [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
          "python", "-m", "jobs.label", "--sample", "--random-weights",
-         "--model", "ViT-Tiny-16-test", "--no-progress", "--output", str(output)],
+         "--model", "ViT-Tiny-16-test", "--no-progress", "--output", str(output),
+         "--huge-pages"],  # an actor runtime_env of its own, merged with the job's
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
@@ -114,6 +116,10 @@ def test_ray_job_submit_runs_the_sample_job_with_token_auth(head, tmp_path):
     assert files, list(output.rglob("*"))
     table = pq.read_table(files[0])
     assert table.num_rows >= 1 and set(table.column("status").to_pylist()) == {"ok"}
+    # the actors got the job's working directory (they import the pipeline from it) and
+    # their own THP_MEM_ALLOC_ENABLE=1
+    summary = json.loads((files[0].parents[1] / "summary.json").read_text())
+    assert summary["huge_pages"] == [True]
     # the sample photos live beside the labels, not in Ray's temporary copy of the working
     # directory (deleted after the job): the rows' source images stay readable
     paths = {u.removeprefix("file://") for u in table.column("source_uri").to_pylist()}
