@@ -27,8 +27,9 @@ from pathlib import Path
 
 from _common import machine, photo, print_json, write_json
 
+from pipeline.allocator import HUGE_PAGES_ENV, huge_pages_enabled, reuse_freed_memory
+
 HERE = Path(__file__).resolve().parent
-ENV = "THP_MEM_ALLOC_ENABLE"
 
 
 def child_clip() -> dict:
@@ -70,18 +71,16 @@ def child_sam3(weights: str, out: str) -> dict:
 
 
 def child(args) -> None:
-    from pipeline.allocator import reuse_freed_memory
-
     reuse_freed_memory()  # as a pipeline actor (RunConfig.reuse_host_memory)
     figures = child_clip() if args.family == "clip" else child_sam3(args.weights, args.out)
-    print(json.dumps({**figures, "huge_pages": os.environ.get(ENV) == "1"}), flush=True)
+    print(json.dumps({**figures, "huge_pages": huge_pages_enabled()}), flush=True)
 
 
 def measure(args, huge: bool) -> dict:
     command = [sys.executable, __file__, "--child", "--family", args.family]
     if args.family == "sam3":
         command += ["--weights", args.weights, "--out", args.out]
-    env = {**os.environ, ENV: "1" if huge else "0", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, HUGE_PAGES_ENV: "1" if huge else "0", "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run(command, env=env, check=True, capture_output=True, text=True, cwd=HERE)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

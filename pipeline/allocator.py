@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 
 from cliptrase.config import method_family
 
@@ -64,17 +65,22 @@ HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 HUGE_PAGE_FAMILIES = frozenset({"sam3"})
 
 
-def uses_huge_pages(method: str, huge_pages: bool | None = None) -> bool | None:
-    """Whether actors of ``method`` get huge pages: ``huge_pages`` if given, else True for the
-    families in :data:`HUGE_PAGE_FAMILIES` and None (the process's environment decides)
-    for the rest."""
-    if huge_pages is not None:
-        return huge_pages
-    return True if method_family(method) in HUGE_PAGE_FAMILIES else None
-
-
 def actor_env(method: str, huge_pages: bool | None = None) -> dict[str, str]:
-    """Environment variables for an actor's process (Ray ``runtime_env["env_vars"]``); empty
-    when the actor should inherit its environment as it is."""
-    on = uses_huge_pages(method, huge_pages)
-    return {} if on is None else {HUGE_PAGES_ENV: "1" if on else "0"}
+    """Environment variables for an actor's process: huge pages as ``huge_pages`` says, or,
+    when None, on for the families in :data:`HUGE_PAGE_FAMILIES`; empty (the actor inherits
+    its environment as it is) for the other families."""
+    if huge_pages is None and method_family(method) in HUGE_PAGE_FAMILIES:
+        huge_pages = True
+    return {} if huge_pages is None else {HUGE_PAGES_ENV: "1" if huge_pages else "0"}
+
+
+def actor_options(method: str, huge_pages: bool | None = None) -> dict:
+    """Ray options that start an actor's process with :func:`actor_env` (merged with the job's
+    ``runtime_env``); none when there is nothing to set."""
+    env = actor_env(method, huge_pages)
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def huge_pages_enabled() -> bool:
+    """Whether this process was started with PyTorch's huge pages."""
+    return os.environ.get(HUGE_PAGES_ENV) == "1"

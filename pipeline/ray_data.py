@@ -33,7 +33,7 @@ import pyarrow as pa
 import ray
 
 from . import sink
-from .allocator import actor_env
+from .allocator import actor_options
 from .config import IMAGE_EXTENSIONS, RunConfig, SegmentorSpec, SourceSpec, VocabularySpec
 from .formats import ImageRecord
 from .worker import ShardLabeler
@@ -226,7 +226,6 @@ def label_dataset(
         raise TypeError(f"label_dataset takes a ray.data.Dataset, got {type(ds).__name__}")
     SegmentImages.check_arguments(image_column, keep_columns)  # on the driver, before any actor
     num_gpus, num_cpus, compute = actor_resources(num_gpus, num_cpus, concurrency)
-    env = actor_env(segmentor.method, huge_pages)  # read by torch as the actor's process starts
     return ds.map_batches(
         SegmentImages,
         batch_size=batch_size or segmentor.batch_size,
@@ -245,7 +244,8 @@ def label_dataset(
             "decode_threads": decode_threads,
             "storage_options": storage_options,
         },
-        **({"runtime_env": {"env_vars": env}} if env else {}),
+        # read by torch as the actor's process starts
+        **actor_options(segmentor.method, huge_pages),
     )
 
 

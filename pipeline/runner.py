@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from .allocator import actor_env
+from .allocator import actor_options
 from .config import RunConfig
 from .formats import InvalidShardError, Shard
 from .layout import RunLayout
@@ -216,13 +216,12 @@ class RayActors:
         self._asked: dict[int, tuple[Any, ray.ObjectRef]] = {}  # slot -> (actor, progress ref)
 
     def _new(self):
-        env = actor_env(self.config.segmentor.method, self.config.huge_pages)
         return SegmentorActor.options(
             num_gpus=self.config.num_gpus_per_actor,
             num_cpus=self.config.num_cpus_per_actor,
             max_restarts=0,  # we replace dead actors ourselves and requeue their shards
             # Read by torch when the actor's process starts: set there, not in the actor.
-            **({"runtime_env": {"env_vars": env}} if env else {}),
+            **actor_options(self.config.segmentor.method, self.config.huge_pages),
         ).remote(self.config)
 
     def metadata(self) -> dict:

@@ -25,7 +25,7 @@ import cliptrase
 from cliptrase.protocol import Segmentor
 
 from . import sink
-from .allocator import HUGE_PAGES_ENV, reuse_freed_memory
+from .allocator import huge_pages_enabled, reuse_freed_memory
 from .batching import ShapePool, segment_isolated
 from .claim import Claim, claim_shard, drop_lease
 from .config import OUTPUT_FORMAT, RunConfig
@@ -218,7 +218,6 @@ class ShardLabeler:
             "pid": os.getpid(),
             "device": str(self.segmentor.device),
             "torch_threads": _torch_threads(),
-            "huge_pages": os.environ.get(HUGE_PAGES_ENV) == "1",
         }
 
     @ray.method(concurrency_group="monitor")
@@ -294,7 +293,7 @@ class ShardLabeler:
             gpu_ids=_gpu_ids(),
             pid=os.getpid(),
             torch_threads=_torch_threads(),
-            huge_pages=os.environ.get(HUGE_PAGES_ENV) == "1",
+            huge_pages=huge_pages_enabled(),
         )
 
     def _beating(self, records: Iterable[ImageRecord]) -> Iterator[ImageRecord]:
