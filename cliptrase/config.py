@@ -116,9 +116,7 @@ class SegmentorConfig:
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None, got {self.mode!r}")
         if self.resolution not in RESOLUTIONS:
-            raise ValueError(
-                f"resolution must be one of {RESOLUTIONS}, got {self.resolution!r}"
-            )
+            raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {self.resolution!r}")
         if self.resize not in RESIZES:
             raise ValueError(f"resize must be one of {RESIZES}, got {self.resize!r}")
         if self.bucket is not None and self.bucket < 1:
@@ -133,7 +131,17 @@ class SegmentorConfig:
 # position-embedding resize, input fit, PAMR on, whole images up to the official resize).
 # Issue 31: NACLIP 2, PAMR at the original size as its predict() runs it; ResCLIP 1 (both
 # bases), the feedback map's patch votes tied in the official class file's query order.
-METHOD_REVISIONS: dict[str, int] = {"maskclip": 1, "naclip": 2, "resclip": 1, "resclip_sclip": 1}
+# SAM 3 family 1: the DETR encoder's first self-attention once per image
+# (Sam3Method.first_attention_per_image), scores changed by float rounding.
+METHOD_REVISIONS: dict[str, int] = {
+    "maskclip": 1,
+    "naclip": 2,
+    "resclip": 1,
+    "resclip_sclip": 1,
+    "sam3": 1,
+    "segearthov3": 1,
+    "activesam": 1,
+}
 # Bumped when FLOSS's template ranking changes for a method while its plain labels do not, so
 # only its FLOSS runs move. 1 (issue 31): FLOSS ranks on the segmentor's own plan; MaskCLIP's
 # had cut 512 x 512 windows where labelling runs one stretched whole image.

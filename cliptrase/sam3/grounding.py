@@ -10,10 +10,17 @@ ActiveSAM's buckets (``model/processor.py:48-66``) do. The geometry encoder alwa
 image-conditioned CLS token to the prompt (``geometry_encoders.py:823-833``; the dummy
 prompt of ``_get_dummy_prompt``, ``sam3_image.py:522-528``, has no boxes), so every prompt is
 ``[32 text tokens | memory tokens | 1 geometry token]``.
+
+The DETR encoder's first layer begins with self-attention over the image tokens alone
+(``encoder.py:139-177``, pre-norm; the builder adds no pooled text to them,
+``model_builder.py:147``), so every prompt of an image computes the same ~30 GFLOP of it at
+SAM 3's size (~12 % of the encoder). :func:`first_self_attention_per_image` runs it once per
+image of a forward instead of once per prompt.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -105,21 +112,78 @@ def _with_text(backbone_out: dict, text: PromptText) -> dict:
     return {**backbone_out, "language_features": text.features, "language_mask": text.mask}
 
 
+@contextlib.contextmanager
+def first_self_attention_per_image(model: nn.Module, img_ids: torch.Tensor) -> Iterator[None]:
+    """Within this block, the DETR encoder's layer-0 self-attention runs on one row per image
+    of ``img_ids`` and its output is copied to that image's other prompts.
+
+    Its inputs are the image's tokens, norm and position encoding only
+    (``TransformerEncoderLayer.forward_pre``), gathered per query by ``_get_img_feats``
+    (``sam3_image.py:131-134``): the rows of one image are copies, so each copy's output
+    equals the shared one up to the attention kernel's batch-size rounding (what
+    ``docs/methods.md`` measures). A call with attention masks (none on the image path) runs
+    unchanged. Hooks, not a wrapper module: the state dict's keys stay Meta's.
+    """
+    ids = img_ids.tolist()
+    images = list(dict.fromkeys(ids))
+    if len(images) == len(ids):
+        yield
+        return
+    first = torch.tensor([ids.index(i) for i in images], device=img_ids.device)
+    copies = torch.tensor([images.index(i) for i in ids], device=img_ids.device)
+    shrunk: list[bool] = []
+
+    def shrink(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        masked = kwargs.get("attn_mask") is not None or kwargs.get("key_padding_mask") is not None
+        shrunk.append(not masked and len(args) == 2 and "value" in kwargs)
+        if not shrunk[-1]:
+            return args, kwargs
+        query, key = args
+        return (query[first], key[first]), {**kwargs, "value": kwargs["value"][first]}
+
+    def expand(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
+        if not shrunk.pop():
+            return output
+        attended, weights = output
+        return attended[copies], weights
+
+    attention = model.transformer.encoder.layers[0].self_attn
+    handles = [
+        attention.register_forward_pre_hook(shrink, with_kwargs=True),
+        attention.register_forward_hook(expand, with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _first_attention(model: nn.Module, img_ids: torch.Tensor, per_image: bool):
+    if per_image:
+        return first_self_attention_per_image(model, img_ids)
+    return contextlib.nullcontext()
+
+
 def ground(
     model: nn.Module,
     backbone_out: dict,
     img_ids: torch.Tensor,
     text_ids: torch.Tensor,
     text: PromptText,
+    first_attention_per_image: bool = True,
 ) -> dict:
     """``forward_grounding`` for K queries: ``pred_logits [K, Q, 1]``, ``presence_logit_dec
-    [K, 1]``, ``pred_masks [K, Q, h, w]``, ``semantic_seg [K, 1, h, w]`` (logits)."""
-    return model.forward_grounding(
-        backbone_out=_with_text(backbone_out, text),
-        find_input=_find_stage(img_ids, text_ids),
-        find_target=None,
-        geometric_prompt=model._get_dummy_prompt(num_prompts=int(img_ids.numel())),
-    )
+    [K, 1]``, ``pred_masks [K, Q, h, w]``, ``semantic_seg [K, 1, h, w]`` (logits).
+    ``first_attention_per_image``: the encoder's first self-attention once per image
+    (:func:`first_self_attention_per_image`), or once per prompt as Meta's forward runs it."""
+    with _first_attention(model, img_ids, first_attention_per_image):
+        return model.forward_grounding(
+            backbone_out=_with_text(backbone_out, text),
+            find_input=_find_stage(img_ids, text_ids),
+            find_target=None,
+            geometric_prompt=model._get_dummy_prompt(num_prompts=int(img_ids.numel())),
+        )
 
 
 def presence_logits(
@@ -128,6 +192,7 @@ def presence_logits(
     img_ids: torch.Tensor,
     text_ids: torch.Tensor,
     text: PromptText,
+    first_attention_per_image: bool = True,
 ) -> torch.Tensor:
     """``[K, 1]`` decoder presence logits without the segmentation head.
 
@@ -141,7 +206,8 @@ def presence_logits(
     find = _find_stage(img_ids, text_ids)
     geometric = model._get_dummy_prompt(num_prompts=int(img_ids.numel()))
     prompt, prompt_mask, backbone = model._encode_prompt(backbone, find, geometric)
-    backbone, encoder_out, _ = model._run_encoder(backbone, find, prompt, prompt_mask)
+    with _first_attention(model, img_ids, first_attention_per_image):
+        backbone, encoder_out, _ = model._run_encoder(backbone, find, prompt, prompt_mask)
     out = {"encoder_hidden_states": encoder_out["encoder_hidden_states"]}
     out, _ = model._run_decoder(
         memory=out["encoder_hidden_states"],

@@ -44,6 +44,10 @@ class Sam3Method:
     # Prompts per grounding forward (ActiveSAM's bucket size; a memory knob for the others:
     # batching prompts changes scores by float rounding only).
     bucket_size: int = 32
+    # The DETR encoder's first self-attention (on image tokens alone) once per image of a
+    # forward, not once per prompt (cliptrase.sam3.grounding.first_self_attention_per_image):
+    # ~12 % of the encoder; scores change by the attention kernel's batch-size rounding.
+    first_attention_per_image: bool = True
 
     def __post_init__(self):
         if self.background_rule not in BACKGROUND_RULES:

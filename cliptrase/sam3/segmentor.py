@@ -464,6 +464,7 @@ class Sam3Segmentor:
                     bucket.img_ids,
                     bucket.text_ids,
                     text,
+                    method.first_attention_per_image,
                 )
             scores, presence = prompt_probabilities(out["pred_logits"], out["presence_logit_dec"])
             keep = kept_instances(scores, method.confidence_threshold)
@@ -576,6 +577,7 @@ class Sam3Segmentor:
                     bucket.img_ids,
                     bucket.text_ids,
                     preview_text,
+                    method.first_attention_per_image,
                 )
             owners = torch.tensor([b for b, _ in bucket.pairs], device=self.device)
             presence[owners, bucket.text_ids] = logits.sigmoid()[:, 0].float()

@@ -16,7 +16,14 @@ from cliptrase.config import SegmentorConfig
 from cliptrase.errors import InvalidImageError
 from cliptrase.factory import build_segmentor
 from cliptrase.sam3 import METHODS, Sam3Input, Sam3Segmentor
-from cliptrase.sam3.grounding import ground, image_features, images_subset, presence_logits
+from cliptrase.sam3.grounding import (
+    _find_stage,
+    _with_text,
+    ground,
+    image_features,
+    images_subset,
+    presence_logits,
+)
 
 from .conftest import BACKGROUND, CLASSES, SYNONYMS
 
@@ -211,6 +218,36 @@ def test_batched_grounding_equals_one_prompt_and_one_image_at_a_time(segearth, v
     assert torch.equal(presence, batched["presence_logit_dec"])
 
 
+def test_the_first_self_attention_runs_once_per_image_with_meta_s_outputs(segearth, vocab, photos):
+    items = [segearth.prepare(p) for p in photos[:2]]
+    text = segearth._prompt_text(vocab)
+    layers = segearth.model.transformer.encoder.layers
+    rows_seen: list[tuple[int, int]] = []
+
+    def record(index):
+        return lambda module, args, output: rows_seen.append((index, output[0].shape[0]))
+
+    img_ids = torch.tensor([0, 1, 0, 0, 1])
+    text_ids = torch.tensor([0, 1, 2, 3, 4])
+    handles = [layer.self_attn.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            features = image_features(segearth.model, segearth._pixels([x.pixels for x in items]))
+            meta = ground(segearth.model, features, img_ids, text_ids, text, False)
+            unshared_rows, rows_seen[:] = list(rows_seen), []
+            shared = ground(segearth.model, features, img_ids, text_ids, text)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # The hooks see each attention's own output: Meta's forward runs layer 0 on every prompt;
+    # shared, on the 2 images, and every later layer on every prompt.
+    assert unshared_rows == [(i, 5) for i in range(len(layers))]
+    assert rows_seen == [(0, 2)] + [(i, 5) for i in range(1, len(layers))]
+    assert not layers[0].self_attn._forward_hooks and not layers[0].self_attn._forward_pre_hooks
+    for key in ("pred_logits", "presence_logit_dec", "pred_masks", "semantic_seg"):
+        torch.testing.assert_close(shared[key], meta[key], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", [SEGEARTH, ACTIVESAM, SAM3], ids=lambda m: m.name)
 def test_batched_labels_equal_one_prompt_and_one_image_at_a_time(tiny, photos, method):
     batched = tiny.variant(method=method)
@@ -287,7 +324,6 @@ def test_images_subset_of_one_image_is_a_view(segearth, photos):
 def test_every_prompt_ends_with_the_geometry_token(tiny, photos, method):
     """[32 text | memory tokens | 1 geometry CLS] as sam3's _encode_prompt builds it
     (sam3_image.py:169-212): the CLS token is always there and always attended."""
-    from cliptrase.sam3.grounding import _find_stage, _with_text
 
     seg = tiny.variant(method=method)
     text = seg._prompt_text(seg.vocabulary(CLASSES, BACKGROUND, synonyms=SYNONYMS))
