@@ -399,10 +399,10 @@ class OurRecorder:
         orig_ground, orig_absorb = segmod.ground, segmod.Sam3Segmentor._absorb
         orig_active, orig_acc_absorb = segmod.active_prompts, fusion.LabelAccumulator.absorb
 
-        def ground(model, backbone_out, img_ids, text_ids, text):
+        def ground(model, backbone_out, img_ids, text_ids, text, *options):
             recorder.last_rows = text_ids.tolist()
             recorder.groundings.append(len(recorder.last_rows))
-            return orig_ground(model, backbone_out, img_ids, text_ids, text)
+            return orig_ground(model, backbone_out, img_ids, text_ids, text, *options)
 
         def absorb_chunk(self, accumulator, out, scores, keep, presence, positions, labels, size):
             image = recorder.sizes[tuple(size)]

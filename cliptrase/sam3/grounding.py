@@ -69,12 +69,12 @@ def images_subset(backbone_out: dict, images: list[int]) -> dict:
 @dataclass(frozen=True)
 class PromptBucket:
     """One decoder pass's share of (image, prompt row) pairs: ``images`` the batch's images it
-    touches (first-seen order), ``img_ids`` each pair's index into them, ``text_ids`` its
-    prompt row."""
+    touches (first-seen order), ``img_ids`` each pair's index into them (on the host: which
+    rows share an image is read without a device sync), ``text_ids`` its prompt row."""
 
     pairs: list[tuple[int, int]]
     images: list[int]
-    img_ids: torch.Tensor
+    img_ids: list[int]
     text_ids: torch.Tensor
 
 
@@ -90,15 +90,15 @@ def prompt_buckets(
         yield PromptBucket(
             chunk,
             images,
-            torch.tensor([local[b] for b, _ in chunk], device=device),
+            [local[b] for b, _ in chunk],
             torch.tensor([row for _, row in chunk], device=device),
         )
 
 
-def _find_stage(img_ids: torch.Tensor, text_ids: torch.Tensor):
+def _find_stage(img_ids: Sequence[int], text_ids: torch.Tensor):
     # sam3_image_processor.py:31-39 / ActiveSAM processor.py:51-59: text-only find queries.
     return sam3_api().FindStage(
-        img_ids=img_ids,
+        img_ids=torch.tensor(img_ids, device=text_ids.device),
         text_ids=text_ids,
         input_boxes=None,
         input_boxes_mask=None,
@@ -113,7 +113,7 @@ def _with_text(backbone_out: dict, text: PromptText) -> dict:
 
 
 @contextlib.contextmanager
-def first_self_attention_per_image(model: nn.Module, img_ids: torch.Tensor) -> Iterator[None]:
+def first_self_attention_per_image(model: nn.Module, img_ids: Sequence[int]) -> Iterator[None]:
     """Within this block, the DETR encoder's layer-0 self-attention runs on one row per image
     of ``img_ids`` and its output is copied to that image's other prompts.
 
@@ -124,13 +124,15 @@ def first_self_attention_per_image(model: nn.Module, img_ids: torch.Tensor) -> I
     ``docs/methods.md`` measures). A call with attention masks (none on the image path) runs
     unchanged. Hooks, not a wrapper module: the state dict's keys stay Meta's.
     """
-    ids = img_ids.tolist()
+    ids = list(img_ids)
     images = list(dict.fromkeys(ids))
     if len(images) == len(ids):
         yield
         return
-    first = torch.tensor([ids.index(i) for i in images], device=img_ids.device)
-    copies = torch.tensor([images.index(i) for i in ids], device=img_ids.device)
+    attention = model.transformer.encoder.layers[0].self_attn
+    device = attention.in_proj_weight.device
+    first = torch.tensor([ids.index(i) for i in images], device=device)
+    copies = torch.tensor([images.index(i) for i in ids], device=device)
     shrunk: list[bool] = []
 
     def shrink(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -147,7 +149,6 @@ def first_self_attention_per_image(model: nn.Module, img_ids: torch.Tensor) -> I
         attended, weights = output
         return attended[copies], weights
 
-    attention = model.transformer.encoder.layers[0].self_attn
     handles = [
         attention.register_forward_pre_hook(shrink, with_kwargs=True),
         attention.register_forward_hook(expand, with_kwargs=True),
@@ -159,7 +160,7 @@ def first_self_attention_per_image(model: nn.Module, img_ids: torch.Tensor) -> I
             handle.remove()
 
 
-def _first_attention(model: nn.Module, img_ids: torch.Tensor, per_image: bool):
+def _first_attention(model: nn.Module, img_ids: Sequence[int], per_image: bool):
     if per_image:
         return first_self_attention_per_image(model, img_ids)
     return contextlib.nullcontext()
@@ -168,12 +169,13 @@ def _first_attention(model: nn.Module, img_ids: torch.Tensor, per_image: bool):
 def ground(
     model: nn.Module,
     backbone_out: dict,
-    img_ids: torch.Tensor,
+    img_ids: Sequence[int],
     text_ids: torch.Tensor,
     text: PromptText,
     first_attention_per_image: bool = True,
 ) -> dict:
-    """``forward_grounding`` for K queries: ``pred_logits [K, Q, 1]``, ``presence_logit_dec
+    """``forward_grounding`` for K queries (``img_ids``: each one's image in ``backbone_out``,
+    on the host): ``pred_logits [K, Q, 1]``, ``presence_logit_dec
     [K, 1]``, ``pred_masks [K, Q, h, w]``, ``semantic_seg [K, 1, h, w]`` (logits).
     ``first_attention_per_image``: the encoder's first self-attention once per image
     (:func:`first_self_attention_per_image`), or once per prompt as Meta's forward runs it."""
@@ -182,14 +184,14 @@ def ground(
             backbone_out=_with_text(backbone_out, text),
             find_input=_find_stage(img_ids, text_ids),
             find_target=None,
-            geometric_prompt=model._get_dummy_prompt(num_prompts=int(img_ids.numel())),
+            geometric_prompt=model._get_dummy_prompt(num_prompts=len(img_ids)),
         )
 
 
 def presence_logits(
     model: nn.Module,
     backbone_out: dict,
-    img_ids: torch.Tensor,
+    img_ids: Sequence[int],
     text_ids: torch.Tensor,
     text: PromptText,
     first_attention_per_image: bool = True,
@@ -204,7 +206,7 @@ def presence_logits(
     """
     backbone = _with_text(backbone_out, text)
     find = _find_stage(img_ids, text_ids)
-    geometric = model._get_dummy_prompt(num_prompts=int(img_ids.numel()))
+    geometric = model._get_dummy_prompt(num_prompts=len(img_ids))
     prompt, prompt_mask, backbone = model._encode_prompt(backbone, find, geometric)
     with _first_attention(model, img_ids, first_attention_per_image):
         backbone, encoder_out, _ = model._run_encoder(backbone, find, prompt, prompt_mask)

@@ -199,7 +199,7 @@ def test_the_full_model_builds_and_grounds_at_1008():
         out = ground(
             seg.model,
             features,
-            torch.zeros(2, dtype=torch.long, device=seg.device),
+            [0, 0],
             torch.arange(2, device=seg.device),
             seg._prompt_text(vocab),
         )

@@ -76,9 +76,7 @@ def test_segearthov3_labels_a_run_on_ray_over_s3_as_the_segmentor_does(s3_shard,
     assert meta["names"] == ["person", "cat", "cup", "background"]
     # SAM 3 actors get PyTorch's huge pages by default (pipeline/allocator.py); this process,
     # which computes the expected labels below, has none: the same labels either way.
-    summary = json.loads(
-        s3_shard["fs"].cat_file(f"sam3/out/{meta['config_hash']}/summary.json")
-    )
+    summary = json.loads(s3_shard["fs"].cat_file(f"sam3/out/{meta['config_hash']}/summary.json"))
     assert summary["huge_pages"] == [True]
     assert os.environ.get("THP_MEM_ALLOC_ENABLE") != "1"
     # The actor's labels are the segmentor's own, image by image (same seed, same model).

@@ -202,13 +202,13 @@ def test_batched_grounding_equals_one_prompt_and_one_image_at_a_time(segearth, v
     rows = len(vocab.prompts)
     with torch.inference_mode():
         features = image_features(segearth.model, segearth._pixels([x.pixels for x in items]))
-        img_ids = torch.tensor([0] * rows + [1] * rows)
+        img_ids = [0] * rows + [1] * rows
         text_ids = torch.arange(rows).repeat(2)
         batched = ground(segearth.model, features, img_ids, text_ids, text)
         for b, item in enumerate(items):
             alone = image_features(segearth.model, segearth._pixels([item.pixels]))
             for q in range(rows):
-                single = ground(segearth.model, alone, torch.tensor([0]), torch.tensor([q]), text)
+                single = ground(segearth.model, alone, [0], torch.tensor([q]), text)
                 k = b * rows + q
                 for key in ("pred_logits", "presence_logit_dec", "pred_masks", "semantic_seg"):
                     torch.testing.assert_close(
@@ -227,7 +227,7 @@ def test_the_first_self_attention_runs_once_per_image_with_meta_s_outputs(segear
     def record(index):
         return lambda module, args, output: rows_seen.append((index, output[0].shape[0]))
 
-    img_ids = torch.tensor([0, 1, 0, 0, 1])
+    img_ids = [0, 1, 0, 0, 1]
     text_ids = torch.tensor([0, 1, 2, 3, 4])
     handles = [layer.self_attn.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
     try:
@@ -305,7 +305,7 @@ def test_presence_varies_over_prompts_and_images(segearth, vocab, photos):
     rows = len(vocab.prompts)
     with torch.inference_mode():
         features = image_features(segearth.model, segearth._pixels([x.pixels for x in items]))
-        img_ids = torch.arange(len(items)).repeat_interleave(rows)
+        img_ids = [b for b in range(len(items)) for _ in range(rows)]
         text_ids = torch.arange(rows).repeat(len(items))
         logits = presence_logits(segearth.model, features, img_ids, text_ids, text)
     presence = logits.sigmoid().reshape(len(items), rows)
@@ -329,7 +329,7 @@ def test_every_prompt_ends_with_the_geometry_token(tiny, photos, method):
     text = seg._prompt_text(seg.vocabulary(CLASSES, BACKGROUND, synonyms=SYNONYMS))
     with torch.inference_mode():
         features = image_features(seg.model, seg._pixels([seg.prepare(photos[0]).pixels]))
-        find = _find_stage(torch.zeros(3, dtype=torch.long), torch.arange(3))
+        find = _find_stage([0, 0, 0], torch.arange(3))
         prompt, mask, _ = seg.model._encode_prompt(
             _with_text(features, text), find, seg.model._get_dummy_prompt(num_prompts=3)
         )
