@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -15,35 +12,6 @@ from types import ModuleType
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Each pytest-xdist worker (``-n 2`` in pyproject's addopts) keeps its Ray instances in a
-    temp dir of its own, inherited by the jobs it starts: ``ray.init()`` without an address
-    joins the cluster its temp dir names (``ray_current_cluster``), never another worker's.
-    Short, under /tmp: Ray's socket paths must fit in 107 bytes. Idle OpenMP threads wait
-    passively (set before torch loads): two workers' spinning threads on 2 cores would take
-    turns burning the cores the other's work needs."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker:
-        config._ray_tmpdir = tempfile.mkdtemp(prefix=f"r{worker}", dir="/tmp")
-        os.environ["RAY_TMPDIR"] = config._ray_tmpdir
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-# Folders whose files each run whole jobs in fresh processes (minutes per file): first, so that
-# under xdist's whole-file scheduling the short files fill the end instead of one worker
-# finishing a long file alone.
-LONG_FOLDERS = ("reliability", "scaling")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.path.parent.name not in LONG_FOLDERS)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    if getattr(config, "_ray_tmpdir", None):
-        shutil.rmtree(config._ray_tmpdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
