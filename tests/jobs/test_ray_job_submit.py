@@ -55,10 +55,14 @@ def head():
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     env.pop("RAY_ADDRESS", None)
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent = _free_port(), _free_port(), _free_port()
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--num-cpus=2",
+         # The job agent's own port: by default every Ray node's is 52365, so another Ray on
+         # this machine (a local ray.init(), e.g. another pytest-xdist worker's) would hold it,
+         # and every submission fail with "No available agent to submit job".
+         f"--dashboard-agent-listen-port={agent}",
          "--include-dashboard=true", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
@@ -90,6 +94,23 @@ def head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def _submit(address: str, env: dict, *entrypoint: str) -> subprocess.CompletedProcess:
+    """`ray job submit`, again while the head has no job agent yet: its dashboard answers
+    `ray job list` before the agent on its node has registered, and a submission meanwhile
+    fails with "No available agent ... try again later"."""
+    deadline = time.monotonic() + 60
+    while True:
+        submitted = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+             *entrypoint],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        said = submitted.stdout + submitted.stderr
+        if "No available agent to submit job" not in said or time.monotonic() > deadline:
+            return submitted
+        time.sleep(2)
+
+
 def test_ray_job_submit_runs_the_sample_job_with_token_auth(head, tmp_path):
     address, env = head
     without_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
@@ -103,12 +124,10 @@ def test_ray_job_submit_runs_the_sample_job_with_token_auth(head, tmp_path):
     assert refused.returncode != 0  # a wrong token is refused
 
     output = tmp_path / "labels"
-    submitted = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-         "python", "-m", "jobs.label", "--sample", "--random-weights",
-         "--model", "ViT-Tiny-16-test", "--no-progress", "--output", str(output),
-         "--huge-pages"],  # an actor runtime_env of its own, merged with the job's
-        env=env, capture_output=True, text=True, timeout=600,
+    submitted = _submit(
+        address, env, "python", "-m", "jobs.label", "--sample", "--random-weights",
+        "--model", "ViT-Tiny-16-test", "--no-progress", "--output", str(output),
+        "--huge-pages",  # an actor runtime_env of its own, merged with the job's
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in (submitted.stdout + submitted.stderr).lower()
@@ -126,11 +145,9 @@ def test_ray_job_submit_runs_the_sample_job_with_token_auth(head, tmp_path):
     assert all(p.startswith(str(output / "_sample_images")) for p in paths), paths
     assert all(Path(p).is_file() for p in paths)
 
-    relative = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-         "python", "-m", "jobs.label", "tests", "--output", "relative-labels", "--classes",
-         "cat", "--random-weights", "--model", "ViT-Tiny-16-test", "--no-progress"],
-        env=env, capture_output=True, text=True, timeout=600,
+    relative = _submit(
+        address, env, "python", "-m", "jobs.label", "tests", "--output", "relative-labels",
+        "--classes", "cat", "--random-weights", "--model", "ViT-Tiny-16-test", "--no-progress",
     )  # fmt: skip
     said = relative.stdout + relative.stderr
     assert relative.returncode != 0

@@ -19,6 +19,7 @@ def scaling():
         yield module
 
 
+@pytest.mark.alone  # a rate measured on this machine's cores
 def test_four_gpu_actors_share_the_shards_evenly_and_keep_one_actors_rate(scaling, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
