@@ -21,9 +21,10 @@ threshold, which is the same on both sides). One photo: astronaut at 480x480.
 Both sides use the official ADE20K settings (SegEarth-OV3: confidence 0.3, prob_thd 0;
 ActiveSAM: its defaults, preview above 40 prompts; no nltk, so no hypernym tokens on either
 side). Prompts per grounding forward: ``activesam`` and the official ActiveSAM ``BUCKET`` = 16
-(official default 32, halved for memory); ``segearthov3`` 1, as the official loop (on the CPU
-batching prompts costs time: one run at 16 says how much). Labels of every paired run are compared (agreement >= 99.9 % is
-asserted). Where our time goes after the backbone is read from wrappers around the model's
+(official default 32, halved for memory); ``segearthov3`` 1, as the official loop, and 16 (the
+``_k16`` rows: in buckets the DETR encoder's first self-attention runs once per image).
+Labels of every paired run are compared (agreement >= 99.9 % is asserted). ``--only`` measures
+some rows of the table (by our run's key) and the official runs they need, nothing else. Where our time goes after the backbone is read from wrappers around the model's
 stages (the same wrappers on both sides): text encoder, prompt + geometry encoder, DETR
 encoder, decoder, segmentation head (of which the pixel decoder), preview; the rest is
 post-processing. ``--official-prompts N`` times the official SegEarth-OV3 loop at 150 classes
@@ -69,6 +70,47 @@ AGREEMENT_MIN = 0.999
 # ~15 GB, too much next to other work on a 24 GB machine. Batching changes no output.
 BUCKET = 16
 STAGES = ("ours", "segearth", "activesam20", "activesam150", "report")
+# Our runs: key -> (method, prompts, prompts per grounding forward). "a_" runs the real
+# backbone (first, in a fresh process); "b_" runs after it, on the cached outputs.
+OURS_RUNS = {
+    "a_segearthov3_20": ("segearthov3", 20, 1),
+    "b_segearthov3_1": ("segearthov3", 1, 1),
+    "b_segearthov3_20": ("segearthov3", 20, 1),
+    "b_segearthov3_20_k16": ("segearthov3", 20, BUCKET),
+    "b_activesam_20": ("activesam", 20, BUCKET),
+    "b_activesam_150": ("activesam", 150, BUCKET),
+    "b_segearthov3_150": ("segearthov3", 150, 1),
+    "b_segearthov3_150_k16": ("segearthov3", 150, BUCKET),
+}
+# The table's rows: (what, prompts, our run, official side, its run); each side's labels are
+# saved as "<side>_<run>". An official SegEarth-OV3 loop gives both bucket sizes' baseline.
+PAIRS = [
+    ("(a) whole image", 20, "a_segearthov3_20", "segearth", "a_20"),
+    ("(b) after backbone", 20, "b_segearthov3_20", "segearth", "b_20"),
+    ("(b) after backbone", 150, "b_segearthov3_150", "segearth", "b_150"),
+    ("(b) after backbone, buckets of 16", 20, "b_segearthov3_20_k16", "segearth", "b_20"),
+    ("(b) after backbone, buckets of 16", 150, "b_segearthov3_150_k16", "segearth", "b_150"),
+    ("(b) after backbone", 20, "b_activesam_20", "activesam", "b_20"),
+    ("(b) after backbone", 150, "b_activesam_150", "activesam", "b_150"),
+]
+
+
+def planned(args) -> tuple[list[str], dict[str, set[str]]]:
+    """Our runs and each official side's runs that ``--only`` (rows of the table, by our
+    run's key) asks for; without it, every run, the vocabulary-size ones included."""
+    if not args.only:
+        officials = {"segearth": {"a_20", "b_20", "b_150"}, "activesam": {"b_20", "b_150"}}
+        return list(OURS_RUNS), officials
+    unknown = set(args.only) - {p[2] for p in PAIRS}
+    if unknown:
+        raise SystemExit(f"--only: no such row {sorted(unknown)}; rows: {[p[2] for p in PAIRS]}")
+    rows = [p for p in PAIRS if p[2] in args.only]
+    officials: dict[str, set[str]] = {"segearth": set(), "activesam": set()}
+    for _, _, _, side, run in rows:
+        officials[side].add(run)
+    return [key for key in OURS_RUNS if key in args.only], officials
+
+
 # Top-level model stages (their times add up); the pixel decoder is inside the head.
 MODEL_STAGES = {
     "forward_image": "vision backbone",
@@ -200,7 +242,8 @@ def stage_ours(args) -> None:
     names = ade20k_names()
     results = {"_code": parity.code_version(), "_host": {**host_settings(), "reuse": reused}}
 
-    def run(key: str, method: str, count: int, bucket: int) -> None:
+    def run(key: str) -> None:
+        method, count, bucket = OURS_RUNS[key]
         options = method_for_dataset(method, "ade20k").with_options(bucket_size=bucket)
         variant = seg.variant(method=options)
         if variant.preview_side is not None:
@@ -229,17 +272,16 @@ def stage_ours(args) -> None:
         parity._merge_json(args.out / "speed_ours.json", results)  # kept if a later run dies
 
     # SegEarth-OV3's official loop grounds one prompt per forward; ours at bucket 1 does the
-    # same on the CPU, where batching prompts costs time (b_segearthov3_20_k16 measures how much).
-    run("a_segearthov3_20", "segearthov3", 20, 1)  # the real backbone
+    # same; the _k16 runs say what buckets (every preset's default) change.
+    keys, _ = planned(args)
+    if "a_segearthov3_20" in keys:
+        run("a_segearthov3_20")  # the real backbone, first in this process
     cache = parity.FeatureCache(args.out)
     cache.install(seg.model)
     profile._wrap(seg.model.backbone, "forward_image", "forward_image")
-    for count in SIZES[:2]:
-        run(f"b_segearthov3_{count}", "segearthov3", count, 1)
-    run("b_segearthov3_20_k16", "segearthov3", 20, BUCKET)
-    for count in (20, 150):  # against ActiveSAM's buckets of the same size
-        run(f"b_activesam_{count}", "activesam", count, BUCKET)
-    run("b_segearthov3_150", "segearthov3", 150, 1)
+    for key in keys:
+        if key.startswith("b_"):
+            run(key)
 
 
 # ----------------------------------------------------------------------------- official
@@ -293,15 +335,21 @@ def stage_segearth(args) -> None:
         print(f"official SegEarth-OV3 {key}: {total:.1f} s", flush=True)
         parity._merge_json(args.out / "speed_segearth.json", results)
 
-    run("a_20", 20, cached=False)
-    run("b_20", 20, cached=True)
-    run("b_150", 150, cached=True, subset=args.official_prompts)
+    _, officials = planned(args)
+    if "a_20" in officials["segearth"]:
+        run("a_20", 20, cached=False)
+    if "b_20" in officials["segearth"]:
+        run("b_20", 20, cached=True)
+    if "b_150" in officials["segearth"]:
+        run("b_150", 150, cached=True, subset=args.official_prompts)
     results["_process"] = record
     results["_host"] = host_settings()
     parity._merge_json(args.out / "speed_segearth.json", results)
 
 
 def stage_activesam(args, count: int) -> None:
+    if f"b_{count}" not in planned(args)[1]["activesam"]:
+        return
     parity.official_imports(args.activesam, args.out)
     try:
         import nltk  # noqa: F401
@@ -368,10 +416,14 @@ def _agreement(out: Path, a: str, b: str) -> float | None:
 
 def stage_report(args) -> dict:
     out = args.out
-    ours = json.loads((out / "speed_ours.json").read_text())
+
+    def read(name: str) -> dict:
+        path = out / name
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    ours = read("speed_ours.json")
     code = ours.pop("_code", None)
-    seg = json.loads((out / "speed_segearth.json").read_text())
-    act = json.loads((out / "speed_activesam.json").read_text())
+    seg, act = read("speed_segearth.json"), read("speed_activesam.json")
     host = {
         "ours": ours.pop("_host", None),
         "segearth": seg.get("_host"),
@@ -387,18 +439,11 @@ def stage_report(args) -> dict:
             1,
         )
 
-    # (what, prompts, our run, official side, its run); each side's labels are "<side>_<run>".
     officials = {"segearth": ("SegEarth-OV3", seg), "activesam": ("ActiveSAM", act)}
-    pairs = [
-        ("(a) whole image", 20, "a_segearthov3_20", "segearth", "a_20"),
-        ("(b) after backbone", 20, "b_segearthov3_20", "segearth", "b_20"),
-        ("(b) after backbone", 150, "b_segearthov3_150", "segearth", "b_150"),
-        ("(b) after backbone, ours in buckets of 16", 20, "b_segearthov3_20_k16", "segearth", "b_20"),
-        ("(b) after backbone", 20, "b_activesam_20", "activesam", "b_20"),
-        ("(b) after backbone", 150, "b_activesam_150", "activesam", "b_150"),
-    ]
     rows = []
-    for what, count, key, side, run in pairs:
+    for what, count, key, side, run in PAIRS:
+        if key not in ours or run not in officials[side][1]:
+            continue  # not measured in this run (--only)
         name, entry = officials[side][0], officials[side][1][run]
         agreement = _agreement(out, f"ours_{key}", f"{side}_{run}")
         rows.append(
@@ -421,7 +466,7 @@ def stage_report(args) -> dict:
         )
         if agreement is not None:
             assert agreement >= AGREEMENT_MIN, (key, agreement)
-    backbone = ours["a_segearthov3_20"]["stages"].get("forward_image")
+    backbone = ours.get("a_segearthov3_20", {}).get("stages", {}).get("forward_image")
     scaling = [
         {
             "prompts": n,
@@ -430,6 +475,7 @@ def stage_report(args) -> dict:
             "with_backbone_seconds": round(backbone + ours[f"b_segearthov3_{n}"]["total"], 1),
         }
         for n in SIZES
+        if backbone is not None and f"b_segearthov3_{n}" in ours
     ]
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -485,13 +531,14 @@ def markdown(result: dict) -> str:
             f"| {official} | {r['speedup']:.2f}x | {r['ours_cpu_seconds']:.0f} / "
             f"{r['official_cpu_seconds']:.0f} | {r['cpu_speedup']:.2f}x | {agreement} |"
         )
-    lines += [
-        "",
-        "Ours (`segearthov3`) per image against the vocabulary size:",
-        "",
-        "| prompts | after the backbone (s) | per prompt (s) | with the backbone (s) |",
-        "|---|---|---|---|",
-    ]
+    if result["scaling"]:
+        lines += [
+            "",
+            "Ours (`segearthov3`) per image against the vocabulary size:",
+            "",
+            "| prompts | after the backbone (s) | per prompt (s) | with the backbone (s) |",
+            "|---|---|---|---|",
+        ]
     for s in result["scaling"]:
         lines.append(
             f"| {s['prompts']} | {s['after_backbone_seconds']:.1f} | {s['per_prompt']:.2f} "
@@ -509,6 +556,13 @@ def main() -> None:
     parity.add_official_args(parser)
     parser.add_argument("--official-prompts", type=int, default=None)
     parser.add_argument("--stage", choices=("all", *STAGES), default="all")
+    parser.add_argument(
+        "--only",
+        type=lambda text: text.split(","),
+        default=None,
+        help="rows of the table to measure, by our run's key (comma-separated), and only the "
+        "official runs they compare with; the report then lists only those rows",
+    )
     parser.add_argument(
         "--official-huge-pages",
         action="store_true",
