@@ -58,15 +58,24 @@ def child_clip() -> dict:
     return {"seconds": seconds, "sha256": digest.hexdigest()}
 
 
-def child_sam3(weights: str, out: str) -> dict:
+def _sam3_and_photo(weights: str, out: str):
+    """The full-size SAM 3 segmentor on ``weights`` and sam3_speed's photo, from ``out``."""
     import sam3_speed
 
-    from cliptrase.sam3 import load_sam3_segmentor, method_for_dataset
+    from cliptrase.sam3 import load_sam3_segmentor
 
     parity = sam3_speed.parity
     seg = load_sam3_segmentor("sam3", pretrained=weights, device="cpu")
-    parity.FeatureCache(Path(out)).install(seg.model)
-    image = parity.load_photo(parity.photo_paths(Path(out))[sam3_speed.IMAGE])
+    return seg, parity.load_photo(parity.photo_paths(Path(out))[sam3_speed.IMAGE])
+
+
+def child_sam3(weights: str, out: str) -> dict:
+    import sam3_speed
+
+    from cliptrase.sam3 import method_for_dataset
+
+    seg, image = _sam3_and_photo(weights, out)
+    sam3_speed.parity.FeatureCache(Path(out)).install(seg.model)
     options = method_for_dataset("activesam", "ade20k").with_options(bucket_size=sam3_speed.BUCKET)
     variant = seg.variant(method=options)
     vocab = variant.vocabulary(sam3_speed.ade20k_names()[:20])
@@ -77,14 +86,9 @@ def child_sam3(weights: str, out: str) -> dict:
 
 
 def child_sam3_backbone(weights: str, out: str) -> dict:
-    import sam3_speed
     import torch
 
-    from cliptrase.sam3 import load_sam3_segmentor
-
-    parity = sam3_speed.parity
-    seg = load_sam3_segmentor("sam3", pretrained=weights, device="cpu")
-    image = parity.load_photo(parity.photo_paths(Path(out))[sam3_speed.IMAGE])
+    seg, image = _sam3_and_photo(weights, out)
     pixels = seg._pixels([seg.variant(method="segearthov3").prepare(image).pixels])
     calls = []
     for _ in range(2):

@@ -24,10 +24,10 @@ side). Prompts per grounding forward: ``activesam`` and the official ActiveSAM `
 (official default 32, halved for memory); ``segearthov3`` 1, as the official loop, and 16 (the
 ``_k16`` rows: in buckets the DETR encoder's first self-attention runs once per image).
 Labels of every paired run are compared (agreement >= 99.9 % is asserted). ``--only`` measures
-some rows of the table (by our run's key) and the official runs they need, nothing else. Where our time goes after the backbone is read from wrappers around the model's
-stages (the same wrappers on both sides): text encoder, prompt + geometry encoder, DETR
-encoder, decoder, segmentation head (of which the pixel decoder), preview; the rest is
-post-processing. ``--official-prompts N`` times the official SegEarth-OV3 loop at 150 classes
+some rows of the table (by our run's key) and the official runs they need, nothing else.
+Where our time goes after the backbone is read from wrappers around the model's stages (the
+same wrappers on both sides): text encoder, prompt + geometry encoder, DETR encoder, decoder,
+segmentation head (of which the pixel decoder), preview; the rest is post-processing. ``--official-prompts N`` times the official SegEarth-OV3 loop at 150 classes
 on its first N prompts only and extrapolates linearly (its loop is one forward per prompt).
 """
 
@@ -98,17 +98,18 @@ PAIRS = [
 def planned(args) -> tuple[list[str], dict[str, set[str]]]:
     """Our runs and each official side's runs that ``--only`` (rows of the table, by our
     run's key) asks for; without it, every run, the vocabulary-size ones included."""
-    if not args.only:
-        officials = {"segearth": {"a_20", "b_20", "b_150"}, "activesam": {"b_20", "b_150"}}
-        return list(OURS_RUNS), officials
-    unknown = set(args.only) - {p[2] for p in PAIRS}
-    if unknown:
-        raise SystemExit(f"--only: no such row {sorted(unknown)}; rows: {[p[2] for p in PAIRS]}")
-    rows = [p for p in PAIRS if p[2] in args.only]
+    rows = PAIRS
+    if args.only:
+        unknown = set(args.only) - {p[2] for p in PAIRS}
+        if unknown:
+            raise SystemExit(
+                f"--only: no such row {sorted(unknown)}; rows: {[p[2] for p in PAIRS]}"
+            )
+        rows = [p for p in PAIRS if p[2] in args.only]
     officials: dict[str, set[str]] = {"segearth": set(), "activesam": set()}
     for _, _, _, side, run in rows:
         officials[side].add(run)
-    return [key for key in OURS_RUNS if key in args.only], officials
+    return [key for key in OURS_RUNS if not args.only or key in args.only], officials
 
 
 # Top-level model stages (their times add up); the pixel decoder is inside the head.

@@ -7,6 +7,7 @@ import threading
 import time
 
 from tests.conftest import MachineShare
+from tests.reliability.fault_proxy import wait_for
 
 
 def _claim(share: MachineShare, alone: bool, entered: list[str], name: str, leave: threading.Event):
@@ -21,10 +22,7 @@ def _claim(share: MachineShare, alone: bool, entered: list[str], name: str, leav
 
 
 def _settle(entered: list[str], count: int) -> None:
-    for _ in range(100):
-        if len(entered) >= count:
-            return
-        time.sleep(0.02)
+    wait_for(lambda: len(entered) >= count, timeout_s=2.0)
 
 
 def test_a_lone_test_waits_for_the_running_one_and_goes_before_tests_that_queue_after_it(
