@@ -92,6 +92,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.path.parent.name not in LONG_FOLDERS)
 
 
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A local Ray for the module's in-process drivers, one per worker process: the first
+    module that asks starts it and later ones reuse it (a start and stop cost ~12 s here, and
+    ~13 modules ask). A module that joins a ``ray.cluster_utils.Cluster`` calls
+    ``leave_local_ray()`` first; the session's end stops it. Jobs run as subprocesses never
+    join it: a driver's ``ray.init()`` names no cluster in the temp dir they inherit."""
+    import ray
+
+    if not ray.is_initialized():
+        # address="local": never join another Ray that happens to run on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+
+
+def leave_local_ray() -> None:
+    """Stop this process's Ray, if one runs: before ``ray.init(address=cluster.address)``."""
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    leave_local_ray()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     for folder in ("_ray_tmpdir", "_machine_share_dir"):
         if getattr(config, folder, None):

@@ -15,6 +15,7 @@ from jobs.label import (
     config_from_args,
 )
 from jobs.samples import SAMPLE_BACKGROUND, SAMPLE_CLASSES
+from tests.conftest import leave_local_ray
 
 BASE = ["in/", "--output", "out", "--classes", "person,cat"]
 
@@ -100,6 +101,7 @@ def test_free_cpus_are_read_on_a_one_node_ray_and_not_on_a_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    leave_local_ray()  # the driver joins the cluster instead
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     try:
         ray.init(address=cluster.address, log_to_driver=False)

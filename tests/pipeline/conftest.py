@@ -175,13 +175,3 @@ def tiny_config(inputs, output, **overrides) -> pipeline.RunConfig:
     )
     fields.update(overrides)
     return pipeline.RunConfig(**fields)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    # address="local": never join another Ray that happens to run on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()

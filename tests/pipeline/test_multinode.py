@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import pipeline
+from tests.conftest import leave_local_ray
 
 from .conftest import tiny_config
 
@@ -14,6 +15,7 @@ def gpu_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    leave_local_ray()  # the driver joins the cluster instead
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)

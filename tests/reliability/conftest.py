@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 import pipeline
@@ -40,16 +39,6 @@ TINY_FLAGS = [
     "--max-patches", "64", "--batch-size", "4", "--no-progress",
     "--classes", "person,cat,cup,rocket", "--background", "sky",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    # address="local": never join another Ray that happens to run on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def run_with_fault(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import leave_local_ray
+
 from .conftest import (
     assert_committed_exactly_once,
     committed_markers,
@@ -22,6 +24,7 @@ def two_node_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    leave_local_ray()  # the driver joins the cluster instead
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)

@@ -74,10 +74,12 @@ def _takeover(inputs: Path, output: str, fs, base: str, options: str | None, tmp
             return bool(leases)
 
         _wait_for(leased, 300, "the first run to lease the shard")
-        # B's Ray and actors start while A's actor labels; its ticks wait on A's lease.
+        # B's Ray and actors start while A's actor labels. B's first tick comes after its Ray
+        # start (>= 10 s), when A's lease (4 s TTL, paused 1 s from now) has lapsed; its later
+        # ticks, 2 s apart, cover another 6 s in case it had not, then find the shard done.
         second = _schedule(
             str(inputs), output, {"RAY_TMPDIR": ray_b}, options,
-            "--every", "1", "--max-ticks", "20",
+            "--every", "2", "--max-ticks", "4",
         )  # fmt: skip
         time.sleep(1.0)  # A's actor is labelling now
         os.kill(first.pid, signal.SIGSTOP)  # the driver only: its Ray and actor keep working

@@ -104,15 +104,6 @@ def test_segearthov3_labels_a_run_on_ray_over_s3_as_the_segmentor_does(s3_shard,
     assert len(out.glob("sam3/export/ann_dir/train/**/*.png")) == 3
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_activesam_as_a_ray_data_stage_gives_the_segmentors_labels(local_ray):
     """The Ray Data stage (pipeline.ray_data.label_dataset) with a SAM 3 method: one row per
     image, labels at the original size equal to the segmentor's own."""

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import bench_module
+from tests.conftest import bench_module, leave_local_ray
 
 
 @pytest.fixture(scope="module")
 def scaling():
+    leave_local_ray()  # its runs join a cluster of fake GPU nodes
     with bench_module("scaling") as module:
         yield module
 
