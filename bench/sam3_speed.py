@@ -27,8 +27,9 @@ Labels of every paired run are compared (agreement >= 99.9 % is asserted). ``--o
 some rows of the table (by our run's key) and the official runs they need, nothing else.
 Where our time goes after the backbone is read from wrappers around the model's stages (the
 same wrappers on both sides): text encoder, prompt + geometry encoder, DETR encoder, decoder,
-segmentation head (of which the pixel decoder), preview; the rest is post-processing. ``--official-prompts N`` times the official SegEarth-OV3 loop at 150 classes
-on its first N prompts only and extrapolates linearly (its loop is one forward per prompt).
+segmentation head (of which the pixel decoder), preview; the rest is post-processing.
+``--official-prompts N`` times the official SegEarth-OV3 loop at 150 classes on its first N
+prompts only and extrapolates linearly (its loop is one forward per prompt).
 """
 
 from __future__ import annotations

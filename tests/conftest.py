@@ -96,7 +96,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def local_ray() -> Iterator[None]:
     """A local Ray for the module's in-process drivers, one per worker process: the first
     module that asks starts it and later ones reuse it (a start and stop cost ~12 s here, and
-    ~13 modules ask). A module that joins a ``ray.cluster_utils.Cluster`` calls
+    12 modules ask). A module that joins a ``ray.cluster_utils.Cluster`` calls
     ``leave_local_ray()`` first; the session's end stops it. Jobs run as subprocesses never
     join it: a driver's ``ray.init()`` names no cluster in the temp dir they inherit."""
     import ray
