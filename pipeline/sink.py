@@ -185,6 +185,14 @@ class _HashingFile(io.RawIOBase):
         super().close()
 
 
+class LeaseLost(Exception):
+    """Another run holds the shard's lease now: this attempt stopped and dropped its file."""
+
+    def __init__(self, shard_id: str):
+        super().__init__(f"shard {shard_id}: its lease was taken over by another run")
+        self.shard_id = shard_id
+
+
 class ShardWriter:
     """Streams one shard's rows into its Parquet file, then commits it (file, then marker).
 
@@ -194,7 +202,9 @@ class ShardWriter:
     (rows, ok, errors, and the ``bytes`` and ``sha256`` of exactly the committed file, hashed
     as it is written); it returns the marker. ``abort()`` (also what leaving a ``with`` block
     on an exception does before ``commit``) deletes the partial file. The order makes it safe
-    to die at any point: a shard counts as done only if its marker exists.
+    to die at any point: a shard counts as done only if its marker exists. ``still_ours``
+    (the run's lease, optional) is asked after each row group and before publishing; once it
+    says no, the writer drops its file and raises :class:`LeaseLost`.
 
     Locally the file is written under ``_tmp/`` (same filesystem) and renamed into
     ``shards/`` on commit, so ``shards/`` only ever holds whole files.
@@ -221,8 +231,10 @@ class ShardWriter:
         source_uri: str = "",
         row_group_rows: int = ROW_GROUP_ROWS,
         row_group_bytes: int = ROW_GROUP_BYTES,
+        still_ours: Callable[[], bool] | None = None,
     ):
         self.layout = layout
+        self.still_ours = still_ours
         self.shard_id = shard_id
         self.source_uri = source_uri
         self.config_hash = metadata.get("config_hash")
@@ -270,6 +282,10 @@ class ShardWriter:
         self.ok += row["status"] == "ok"
         if len(self._buffer) >= self.row_group_rows or self._buffer_bytes >= self.row_group_bytes:
             self._flush()
+            # Once per row group: a run whose lease was taken over stops here, not at the
+            # end of the shard (its GPU time would be spent on rows the fence drops).
+            if not self._lease_held(mid_shard=True):
+                self._abandon()
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -279,8 +295,27 @@ class ShardWriter:
         self.row_groups += 1
         self._buffer, self._buffer_bytes = [], 0
 
+    def _lease_held(self, mid_shard: bool) -> bool:
+        """``still_ours()``, if given. Mid-shard a failed check counts as held: the check only
+        saves work, and the one before publishing (which must answer) decides."""
+        if self.still_ours is None:
+            return True
+        if not mid_shard:
+            return self.still_ours()
+        try:
+            return self.still_ours()
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.warning("shard %s: could not check its lease (%s); going on", self.shard_id, exc)
+            return True
+
+    def _abandon(self) -> None:
+        log.warning("shard %s: lease lost to another run; abandoning it", self.shard_id)
+        self.abort()
+        self.lost = True
+        raise LeaseLost(self.shard_id)
+
     # ------------------------------------------------------------------ finishing
-    def commit(self, still_ours: Callable[[], bool] | None = None) -> dict[str, Any]:
+    def commit(self) -> dict[str, Any]:
         """Finish the file, publish it under this attempt's name, then create the marker
         exclusively; returns the shard's marker.
 
@@ -288,8 +323,9 @@ class ShardWriter:
         the file it describes, so exactly one attempt's file becomes the shard's output and the
         marker always describes it. An attempt that finds a marker already there (its lease
         was taken over and the taker committed first) deletes its own file, sets ``lost`` and
-        returns the winner's marker. ``still_ours``: checked just before publishing (the
-        lease); False abandons the shard the same way, without publishing.
+        returns the winner's marker. ``still_ours`` (the lease): checked after each row group
+        and just before publishing; False abandons the shard, publishing nothing, and raises
+        :class:`LeaseLost`.
         """
         if self._state != "open":
             raise RuntimeError(f"shard writer for {self.shard_id} is {self._state}")
@@ -297,11 +333,8 @@ class ShardWriter:
             self._flush()
             self._writer.close()
             self._file.close()
-            if still_ours is not None and not still_ours():
-                log.warning("shard %s: lease lost to another run; abandoning it", self.shard_id)
-                self.abort()
-                self.lost = True
-                return read_marker(self.layout, self.shard_id) or {}
+            if not self._lease_held(mid_shard=False):
+                self._abandon()
             final = self.layout.shard_file(self.file_name)
             try:
                 self.layout.store.publish(self._path, final)

@@ -40,6 +40,8 @@ from .decode import (
 from .formats import ImageRecord, Shard, read_shard
 from .layout import RunLayout
 from .leases import read_lease
+from .ledger import read_marker
+from .retries import with_retries
 
 log = logging.getLogger("pipeline")
 
@@ -232,9 +234,11 @@ class ShardLabeler:
 
         ``owner``: the run's lease owner. The actor claims the shard first (lease, marker:
         :func:`pipeline.claim.claim_shard`) and returns at once, rows 0, with ``claim`` saying
-        why if it is not ours. It is published only if the lease is still
-        its own (a paused driver whose lease was taken over abandons the shard), and the
-        commit is fenced either way (``sink.ShardWriter.commit``).
+        why if it is not ours. While it labels, it re-reads the lease after each row group and
+        before publishing: once another run holds it (a paused driver's lease was taken over)
+        it abandons the shard and returns rows 0, ``claim`` "leased elsewhere" (or
+        "committed" if the taker has committed). The commit is fenced either way
+        (``sink.ShardWriter.commit``).
 
         Rows go to the :class:`sink.ShardWriter` in order, each as soon as its PNG encode is
         done; at most ``2 x batch_size`` rows are in flight (plus the prefetched images, the
@@ -249,32 +253,28 @@ class ShardLabeler:
                 return ShardResult.unclaimed(shard.shard_id, claim, time.perf_counter() - start)
         fs, _ = fsspec.core.url_to_fs(shard.uri, **self.config.storage_options)
         stats: dict[str, float] = {}
-        limit = 2 * self.config.segmentor.batch_size
-        in_flight: deque[dict | Future] = deque()
-        write_s = 0.0
         records = self._beating(read_shard(shard, fs, self.config.source))
         rows = self.label_records(records, shard.shard_id, stats)
         writer = sink.ShardWriter(
-            self.layout, shard.shard_id, self.metadata(), source_uri=_public(shard.uri)
+            self.layout,
+            shard.shard_id,
+            self.metadata(),
+            source_uri=_public(shard.uri),
+            still_ours=None if owner is None else self._lease_check(shard, owner),
         )
-        with writer, closing(rows):
-            for row in rows:
-                in_flight.append(row)
-                write_start = time.perf_counter()
-                while in_flight and (len(in_flight) > limit or _done(in_flight[0])):
-                    writer.write(_resolve(in_flight.popleft()))
-                    self._progress.beat()
-                write_s += time.perf_counter() - write_start
-            write_start = time.perf_counter()
-            while in_flight:
-                writer.write(_resolve(in_flight.popleft()))
-                self._progress.beat()
-            marker = writer.commit(None if owner is None else self._lease_check(shard, owner))
-            self._progress.beat()
+        try:
+            marker, write_s = self._write_and_commit(rows, writer)
+        except sink.LeaseLost:
+            # Taken over mid-shard or at the fence: the taker labels it (or has committed it).
+            committed = with_retries(read_marker, self.layout, shard.shard_id) is not None
+            claim = Claim.COMMITTED if committed else Claim.LEASED_ELSEWHERE
+            return ShardResult.unclaimed(shard.shard_id, claim, time.perf_counter() - start)
+        drop_start = time.perf_counter()
         lease_released = (
             owner is not None and not writer.lost and drop_lease(self.layout, shard.shard_id)
         )
         end = time.perf_counter()
+        write_s += end - drop_start
         return ShardResult(
             shard_id=shard.shard_id,
             rows=0 if writer.lost else marker["rows"],
@@ -283,7 +283,7 @@ class ShardLabeler:
             seconds=end - start,
             model_s=stats["model_s"],
             wait_s=stats["wait_s"],
-            write_s=write_s + end - write_start,
+            write_s=write_s,
             cpu_s=time.process_time() - cpu_start,
             sha256=marker.get("sha256", ""),
             device_decoded=int(stats.get("device_decoded", 0)),
@@ -296,6 +296,31 @@ class ShardLabeler:
             huge_pages=huge_pages_enabled(),
         )
 
+    def _write_and_commit(
+        self, rows: Iterator[dict | Future], writer: sink.ShardWriter
+    ) -> tuple[dict[str, Any], float]:
+        """Write ``rows`` in order, each as soon as its encode is done, at most 2 x batch size
+        in flight; then commit. The marker, and the seconds spent writing (waits on encodes,
+        Parquet, the commit)."""
+        limit = 2 * self.config.segmentor.batch_size
+        in_flight: deque[dict | Future] = deque()
+        write_s = 0.0
+        with writer, closing(rows):
+            for row in rows:
+                in_flight.append(row)
+                write_start = time.perf_counter()
+                while in_flight and (len(in_flight) > limit or _done(in_flight[0])):
+                    writer.write(_resolve(in_flight.popleft()))
+                    self._progress.beat()
+                write_s += time.perf_counter() - write_start
+            write_start = time.perf_counter()
+            while in_flight:
+                writer.write(_resolve(in_flight.popleft()))
+                self._progress.beat()
+            marker = writer.commit()
+            self._progress.beat()
+        return marker, write_s + time.perf_counter() - write_start
+
     def _beating(self, records: Iterable[ImageRecord]) -> Iterator[ImageRecord]:
         for record in records:
             self._progress.beat()
@@ -304,7 +329,9 @@ class ShardLabeler:
     def _lease_check(self, shard: Shard, owner: str):
         def still_ours() -> bool:
             lease = read_lease(self.layout, shard.shard_id)
-            return lease is None or lease.get("owner") == owner
+            if lease is None:  # mid-takeover, or the taker committed and dropped it
+                return read_marker(self.layout, shard.shard_id) is None
+            return lease.get("owner") == owner
 
         return still_ours
 

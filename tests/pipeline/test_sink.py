@@ -11,7 +11,7 @@ import pipeline
 from pipeline import sink
 from pipeline.layout import RunLayout
 from pipeline.leases import acquire_lease, release_lease, renew_lease
-from pipeline.ledger import committed_shard_ids, pending_shards
+from pipeline.ledger import committed_shard_ids, pending_shards, read_marker
 
 
 def _row(labels, confidence, num_labels, image_id="s/k"):
@@ -258,14 +258,16 @@ def test_of_two_attempts_at_one_shard_only_the_first_commit_counts(tmp_path):
     rows = _rows(5)
     first = sink.ShardWriter(layout, "s", {"config_hash": "h"})
     second = sink.ShardWriter(layout, "s", {"config_hash": "h"})
-    third = sink.ShardWriter(layout, "s", {"config_hash": "h"})
+    third = sink.ShardWriter(layout, "s", {"config_hash": "h"}, still_ours=lambda: False)
     for writer in (first, second, third):
         for row in rows:
             writer.write(row)
     won = first.commit()
     lost = second.commit()
     assert not first.lost and second.lost and lost == won
-    assert third.commit(still_ours=lambda: False) == won and third.lost
+    with pytest.raises(sink.LeaseLost):
+        third.commit()
+    assert third.lost
     assert _files(tmp_path / "h/shards") == [won["file"]]
     assert json.loads((tmp_path / "h/_committed/s.json").read_text()) == won
     data = (tmp_path / "h/shards" / won["file"]).read_bytes()
@@ -290,3 +292,35 @@ def test_a_taker_never_deletes_a_live_attempts_files(tmp_path):
     assert _files(tmp_path / "h/shards") == [marker["file"]]
     live.commit()  # the live one finds the marker: drops its own, nothing else
     assert live.lost and _files(tmp_path / "h/shards") == [marker["file"]]
+
+
+def test_the_lease_is_asked_after_each_row_group_and_before_publishing(tmp_path):
+    """A lease check that fails mid-shard (storage) lets the writer go on; one that says no
+    stops it at that row group; the check before publishing must answer."""
+    layout = RunLayout.open(str(tmp_path), "h")
+    answers = iter([OSError("503"), True, False])
+
+    def still_ours() -> bool:
+        answer = next(answers)  # the iterator bound now: the second writer rebinds it
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    writer = sink.ShardWriter(
+        layout, "s", {"config_hash": "h"}, row_group_rows=2, still_ours=still_ours
+    )
+    rows = _rows(7)
+    for row in rows[:4]:
+        writer.write(row)  # row groups 1 (check failed: going on) and 2 (ours)
+    writer.write(rows[4])
+    with pytest.raises(sink.LeaseLost):
+        writer.write(rows[5])  # row group 3: taken over
+    assert writer.lost and writer.row_groups == 3
+    assert _files(tmp_path / "h/_tmp") == _files(tmp_path / "h/shards") == []
+
+    answers = iter([OSError("503")])
+    unsure = sink.ShardWriter(layout, "s", {"config_hash": "h"}, still_ours=still_ours)
+    unsure.write(rows[6])
+    with pytest.raises(OSError, match="503"):  # the check before publishing failed
+        unsure.commit()
+    assert _files(tmp_path / "h/_tmp") == [] and read_marker(layout, "s") is None

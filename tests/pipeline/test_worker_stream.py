@@ -150,3 +150,44 @@ def test_the_specs_resize_reaches_the_actor_and_its_rows(labeler, photos, tmp_pa
         a, b = (run.segmentor.prepare(image).pixels for run in (labeler, pillow))
         differ += not torch.equal(a, b)
     assert differ == len(names)  # the two resizes really differ on these photos
+
+
+@pytest.mark.parametrize("taker", ["labelling", "committed", "committed, lease dropped"])
+def test_an_actor_whose_lease_is_taken_over_stops_at_the_next_row_group(
+    labeler, tmp_path, monkeypatch, taker
+):
+    """Another run takes the lease over after the first row group: the actor stops there (64
+    of 200 rows written), drops its file, and reports the shard as the taker's: leased
+    elsewhere, or committed once the taker has committed it (and perhaps dropped the lease)."""
+    name = f"taken{len(taker)}"  # one shard each: the module's labeler has one output
+    make_tar(tmp_path / f"{name}.tar", {f"{i:03d}.jpg": CORRUPT for i in range(200)})
+    shard = _shard(tmp_path / f"{name}.tar")
+    layout, owner = labeler.layout, "host:1:ours"
+    lease_path = layout.lease_path(shard.shard_id)
+    flush, written, winner = sink.ShardWriter._flush, [], []
+
+    def flush_then_lose_the_lease(self):
+        flush(self)
+        written.append(self.rows)
+        if self.still_ours is None or len(written) > 1:  # the taker's own writer, or later
+            return
+        layout.store.put_whole(lease_path, json.dumps({"owner": "host:2:taker"}).encode())
+        if taker != "labelling":
+            taker_writer = sink.ShardWriter(layout, shard.shard_id, labeler.metadata())
+            row = dict(image_id="i", shard_id=shard.shard_id, key="0", source_uri="", error="e")
+            taker_writer.write(sink.error_row(**row))
+            winner.append(taker_writer.commit())
+        if taker == "committed, lease dropped":
+            layout.store.remove(lease_path)
+
+    monkeypatch.setattr(sink.ShardWriter, "_flush", flush_then_lose_the_lease)
+    result = labeler.process_shard(shard, owner)
+
+    assert result.claim == ("leased elsewhere" if taker == "labelling" else "committed")
+    assert (result.rows, result.ok, result.errors, result.sha256) == (0, 0, 0, "")
+    assert written[0] == 64 and len(written) == 1 + len(winner)  # stopped at row group 1
+    names = [p.rsplit("/", 1)[-1] for p in layout.fs.glob(f"{layout.shards_dir}/{name}.*")]
+    marker = ledger.read_marker(layout, shard.shard_id)
+    assert marker == (winner[0] if winner else None)
+    assert names == ([marker["file"]] if winner else [])  # nothing of ours was published
+    assert layout.fs.glob(f"{layout.tmp_dir()}/{name}.*") == []  # our partial file is gone

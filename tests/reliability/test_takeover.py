@@ -1,9 +1,12 @@
-"""Fenced commits: a driver paused past its lease TTL while its actor works, a second run taking
-the shard over, the first resumed. Exactly one attempt's file is the shard's output, its marker
-describes it, every image is there once, and no attempt deleted a file another was writing.
+"""Fenced commits: a driver and its actor paused past the lease TTL mid-shard, a second run
+taking the shard over, the first's actor resumed while the second labels, then its driver.
+Exactly one attempt's file is the shard's output, its marker describes it, every image is there
+once, no attempt deleted a file another was writing, and the paused run left the shard to its
+taker.
 
-Real processes: two ``python -m jobs.schedule`` drivers, each with its own local Ray; the first
-is stopped with SIGSTOP (its Ray and actor keep running) and resumed with SIGCONT.
+Real processes: two ``python -m jobs.schedule`` drivers, each with its own local Ray; the
+first's driver and actor are stopped with SIGSTOP and resumed with SIGCONT (by pid: the
+processes the test started).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import pipeline
@@ -32,7 +36,7 @@ from .conftest import (
 )
 
 TTL_S = 4.0
-IMAGES = 700  # at short side 224: the first actor still labels when it is taken over
+IMAGES = 320  # 5 row groups: A's actor is frozen mid-shard and resumes with some left
 
 
 def _schedule(inputs: str, output: str, extra_env: dict, options: str | None, *tick: str):
@@ -55,16 +59,30 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def _actors(driver_pid: int) -> list[psutil.Process]:
+    """The driver's ShardLabeler processes: the workers of the Ray it started (descendants)."""
+    found = []
+    for process in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "ShardLabeler" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:  # an idle worker that exited meanwhile
+            continue
+    return found
+
+
 def _takeover(inputs: Path, output: str, fs, base: str, options: str | None, tmp_path: Path):
-    """Run A; once A holds the lease, run B as a scheduler ticking every second; pause A's
-    driver mid-shard, so its lease expires and B takes the shard over while A's actor still
-    labels it; resume A once B is done. Returns both drivers' (stdout, stderr), the root."""
+    """Run A; once its actor holds the shard's lease, freeze A's driver and actor (SIGSTOP)
+    mid-shard and wait out the lease; run B, which takes the shard over; once B holds the
+    lease, resume A's actor, which labels beside B until its next row group's lease check; resume
+    A's driver once B is done. Returns both drivers' (stdout, stderr) and the output's root."""
     import tempfile
 
     ray_a, ray_b = (tempfile.mkdtemp(prefix="tk", dir="/tmp") for _ in range(2))  # short paths
     first = _schedule(str(inputs), output, {"RAY_TMPDIR": ray_a}, options)
     second = None
     leases: list[str] = []
+    frozen: list[psutil.Process] = []
     try:
 
         def leased() -> bool:
@@ -74,18 +92,30 @@ def _takeover(inputs: Path, output: str, fs, base: str, options: str | None, tmp
             return bool(leases)
 
         _wait_for(leased, 300, "the first run to lease the shard")
-        # B's Ray and actors start while A's actor labels. B's first tick comes after its Ray
-        # start (>= 10 s), when A's lease (4 s TTL, paused 1 s from now) has lapsed; its later
-        # ticks, 2 s apart, cover another 6 s in case it had not, then find the shard done.
-        second = _schedule(
-            str(inputs), output, {"RAY_TMPDIR": ray_b}, options,
-            "--every", "2", "--max-ticks", "4",
-        )  # fmt: skip
-        time.sleep(1.0)  # A's actor is labelling now
-        os.kill(first.pid, signal.SIGSTOP)  # the driver only: its Ray and actor keep working
+        frozen[:] = _actors(first.pid)
+        os.kill(first.pid, signal.SIGSTOP)  # the driver: it renews the lease no more
+        for actor in frozen:
+            actor.suspend()
+        assert frozen, "the first run's actor was not found"
+        lease_a = json.loads(fs.cat_file(leases[0]))
+        time.sleep(max(0.0, lease_a["expires_at"] - time.time()) + 0.5)  # A's lease lapses
+        second = _schedule(str(inputs), output, {"RAY_TMPDIR": ray_b}, options)
+
+        def taken_over() -> bool:
+            lease = _read_json(fs, leases[0])
+            return second.poll() is not None or (lease or lease_a)["owner"] != lease_a["owner"]
+
+        _wait_for(taken_over, 300, "the second run to take the lease over")
+        for actor in frozen:
+            actor.resume()  # labels beside B until its lease check stops it
         out_b, err_b = second.communicate(timeout=600)
         assert second.returncode == 0, err_b[-3000:]
     finally:
+        for actor in frozen:
+            try:
+                actor.resume()
+            except psutil.Error:
+                pass
         if first.poll() is None:
             os.kill(first.pid, signal.SIGCONT)
         if second is not None and second.poll() is None:
@@ -93,6 +123,14 @@ def _takeover(inputs: Path, output: str, fs, base: str, options: str | None, tmp
     out_a, err_a = first.communicate(timeout=400)
     assert first.returncode == 0, err_a[-3000:]
     return (out_a, err_a), (out_b, err_b), leases[0].rsplit("/_leases/", 1)[0]
+
+
+def _read_json(fs, path: str) -> dict | None:
+    try:
+        fs.invalidate_cache()
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _glob(fs, pattern: str) -> list[str]:
@@ -136,13 +174,15 @@ def big_shard(tmp_path) -> Path:
 
 
 def _check_outcome(a, b) -> None:
-    """One run committed the shard, the other found it committed or lost it at the fence."""
+    """B committed the shard; A's actor, resumed while B labelled, left it to B: at its next
+    row group's lease check ("leased elsewhere"), or at the fence if B had committed by then
+    (skipped)."""
     (summary_a,) = summaries(a[0])
-    ticks_b = summaries(b[0])
-    done = summary_a["shards_done"] + sum(t["shards_done"] for t in ticks_b)
-    assert done == 1, (summary_a, ticks_b)
-    assert summary_a["shards_failed"] == 0 and all(t["shards_failed"] == 0 for t in ticks_b)
-    print("committed by", "A" if summary_a["shards_done"] else "B (A's actor lost the lease)")
+    (summary_b,) = summaries(b[0])
+    assert (summary_b["shards_done"], summary_b["shards_failed"]) == (1, 0), summary_b
+    assert (summary_a["shards_done"], summary_a["shards_failed"]) == (0, 0), summary_a
+    assert summary_a["shards_leased_elsewhere"] + summary_a["shards_skipped"] == 1, summary_a
+    print("A left the shard", "mid-shard" if summary_a["shards_leased_elsewhere"] else "at the fence")
 
 
 def test_a_paused_driver_and_its_taker_commit_the_shard_once_locally(big_shard, tmp_path):
