@@ -353,8 +353,8 @@ class Scheduler:
         held = self._held()
         for shard, renewed in zip(held, self.executor.map(self._renew_one, held)):
             if renewed is False:
-                # Taken over (we were paused or cut off past the TTL): our actor sees it
-                # before publishing and abandons the shard; the commit is fenced regardless.
+                # Taken over (we were paused or cut off past the TTL): our actor sees it at
+                # its next lease check and abandons the shard; the commit is fenced regardless.
                 log.warning("lease of %s was taken over by another run", self.shard_id(shard))
 
     def _renew_one(self, shard: Any) -> bool | None:

@@ -203,8 +203,9 @@ class ShardWriter:
     as it is written); it returns the marker. ``abort()`` (also what leaving a ``with`` block
     on an exception does before ``commit``) deletes the partial file. The order makes it safe
     to die at any point: a shard counts as done only if its marker exists. ``still_ours``
-    (the run's lease, optional) is asked after each row group and before publishing; once it
-    says no, the writer drops its file and raises :class:`LeaseLost`.
+    (the run's lease, optional) is asked after a row group, at most every
+    ``lease_check_every_s``, and before publishing; once it says no, the writer drops its file
+    and raises :class:`LeaseLost`.
 
     Locally the file is written under ``_tmp/`` (same filesystem) and renamed into
     ``shards/`` on commit, so ``shards/`` only ever holds whole files.
@@ -232,9 +233,12 @@ class ShardWriter:
         row_group_rows: int = ROW_GROUP_ROWS,
         row_group_bytes: int = ROW_GROUP_BYTES,
         still_ours: Callable[[], bool] | None = None,
+        lease_check_every_s: float = 0.0,
     ):
         self.layout = layout
         self.still_ours = still_ours
+        self.lease_check_every_s = lease_check_every_s
+        self._lease_checked_at = time.monotonic()  # the claim has just checked it
         self.shard_id = shard_id
         self.source_uri = source_uri
         self.config_hash = metadata.get("config_hash")
@@ -252,7 +256,7 @@ class ShardWriter:
         # whose lease was taken over, and its taker) ever write, publish or delete one file.
         self.attempt = new_attempt()
         self.file_name = f"{shard_id}.{self.attempt}.parquet"
-        self.lost = False  # commit(): another attempt had committed the shard first
+        self.lost = False  # another attempt committed the shard first, or the lease was lost
         if self._local:
             layout.makedirs()
             self._path = f"{layout.tmp_dir()}/{self.file_name}.part"
@@ -282,8 +286,8 @@ class ShardWriter:
         self.ok += row["status"] == "ok"
         if len(self._buffer) >= self.row_group_rows or self._buffer_bytes >= self.row_group_bytes:
             self._flush()
-            # Once per row group: a run whose lease was taken over stops here, not at the
-            # end of the shard (its GPU time would be spent on rows the fence drops).
+            # At a row group: a run whose lease was taken over stops here, not at the end of
+            # the shard (its GPU time would go to rows the fence drops).
             if not self._lease_held(mid_shard=True):
                 self._abandon()
 
@@ -302,6 +306,10 @@ class ShardWriter:
             return True
         if not mid_shard:
             return self.still_ours()
+        now = time.monotonic()
+        if now - self._lease_checked_at < self.lease_check_every_s:
+            return True
+        self._lease_checked_at = now
         try:
             return self.still_ours()
         except Exception as exc:  # noqa: BLE001 - see above
@@ -309,7 +317,11 @@ class ShardWriter:
             return True
 
     def _abandon(self) -> None:
-        log.warning("shard %s: lease lost to another run; abandoning it", self.shard_id)
+        log.warning(
+            "shard %s: lease lost to another run; abandoning it after %d rows",
+            self.shard_id,
+            self.rows,
+        )
         self.abort()
         self.lost = True
         raise LeaseLost(self.shard_id)
@@ -323,9 +335,9 @@ class ShardWriter:
         the file it describes, so exactly one attempt's file becomes the shard's output and the
         marker always describes it. An attempt that finds a marker already there (its lease
         was taken over and the taker committed first) deletes its own file, sets ``lost`` and
-        returns the winner's marker. ``still_ours`` (the lease): checked after each row group
-        and just before publishing; False abandons the shard, publishing nothing, and raises
-        :class:`LeaseLost`.
+        returns the winner's marker. ``still_ours`` (the lease): checked after row groups (see
+        the class) and just before publishing; False abandons the shard, publishing nothing,
+        and raises :class:`LeaseLost`.
         """
         if self._state != "open":
             raise RuntimeError(f"shard writer for {self.shard_id} is {self._state}")

@@ -45,6 +45,11 @@ from .retries import with_retries
 
 log = logging.getLogger("pipeline")
 
+LEASE_CHECK_EVERY_S = 10.0
+"""Mid-shard, an actor re-reads its shard's lease at a row group at most this often (and at
+most every third of the TTL): one GET per 10 s bounds both the requests and the work spent
+after a takeover."""
+
 
 def package_version() -> str:
     try:
@@ -261,13 +266,13 @@ class ShardLabeler:
             self.metadata(),
             source_uri=_public(shard.uri),
             still_ours=None if owner is None else self._lease_check(shard, owner),
+            lease_check_every_s=min(self.config.lease_ttl_s / 3, LEASE_CHECK_EVERY_S),
         )
         try:
             marker, write_s = self._write_and_commit(rows, writer)
         except sink.LeaseLost:
             # Taken over mid-shard or at the fence: the taker labels it (or has committed it).
-            committed = with_retries(read_marker, self.layout, shard.shard_id) is not None
-            claim = Claim.COMMITTED if committed else Claim.LEASED_ELSEWHERE
+            claim = self._taken_over(shard)
             return ShardResult.unclaimed(shard.shard_id, claim, time.perf_counter() - start)
         drop_start = time.perf_counter()
         lease_released = (
@@ -325,6 +330,14 @@ class ShardLabeler:
         for record in records:
             self._progress.beat()
             yield record
+
+    def _taken_over(self, shard: Shard) -> Claim:
+        try:
+            committed = with_retries(read_marker, self.layout, shard.shard_id) is not None
+        except Exception as exc:  # noqa: BLE001 - the shard is the taker's either way
+            log.warning("shard %s: could not read its marker: %s", shard.shard_id, exc)
+            committed = False
+        return Claim.COMMITTED if committed else Claim.LEASED_ELSEWHERE
 
     def _lease_check(self, shard: Shard, owner: str):
         def still_ours() -> bool:

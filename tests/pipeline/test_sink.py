@@ -294,9 +294,10 @@ def test_a_taker_never_deletes_a_live_attempts_files(tmp_path):
     assert live.lost and _files(tmp_path / "h/shards") == [marker["file"]]
 
 
-def test_the_lease_is_asked_after_each_row_group_and_before_publishing(tmp_path):
+def test_the_lease_is_asked_at_row_groups_and_before_publishing(tmp_path):
     """A lease check that fails mid-shard (storage) lets the writer go on; one that says no
-    stops it at that row group; the check before publishing must answer."""
+    stops it at that row group; the check before publishing must answer; mid-shard checks
+    come at most every ``lease_check_every_s``."""
     layout = RunLayout.open(str(tmp_path), "h")
     answers = iter([OSError("503"), True, False])
 
@@ -324,3 +325,13 @@ def test_the_lease_is_asked_after_each_row_group_and_before_publishing(tmp_path)
     with pytest.raises(OSError, match="503"):  # the check before publishing failed
         unsure.commit()
     assert _files(tmp_path / "h/_tmp") == [] and read_marker(layout, "s") is None
+
+    asked = []
+    rare = sink.ShardWriter(
+        layout, "s", {"config_hash": "h"}, row_group_rows=2,
+        still_ours=lambda: asked.append(True) or True, lease_check_every_s=3600,
+    )  # fmt: skip
+    for row in rows:
+        rare.write(row)  # 3 row groups within the hour: not asked
+    assert asked == []
+    assert rare.commit()["rows"] == 7 and asked == [True]  # asked before publishing

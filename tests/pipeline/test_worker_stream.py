@@ -159,7 +159,9 @@ def test_an_actor_whose_lease_is_taken_over_stops_at_the_next_row_group(
     """Another run takes the lease over after the first row group: the actor stops there (64
     of 200 rows written), drops its file, and reports the shard as the taker's: leased
     elsewhere, or committed once the taker has committed it (and perhaps dropped the lease)."""
-    name = f"taken{len(taker)}"  # one shard each: the module's labeler has one output
+    name = "taken-" + taker.replace(", ", "-").replace(" ", "-")  # the labeler's output is shared
+    # TTL 0: the lease is checked at every row group (else every min(TTL / 3, 10 s)).
+    monkeypatch.setattr(labeler, "config", dataclasses.replace(labeler.config, lease_ttl_s=0.0))
     make_tar(tmp_path / f"{name}.tar", {f"{i:03d}.jpg": CORRUPT for i in range(200)})
     shard = _shard(tmp_path / f"{name}.tar")
     layout, owner = labeler.layout, "host:1:ours"
