@@ -4,7 +4,8 @@ A lease keeps two concurrent runs from labelling one shard at once; it is adviso
 commit itself is fenced by the exclusive marker (pipeline.ledger), so a run paused past its TTL
 whose lease was taken over can never publish a second output. Created exclusively through
 :class:`pipeline.store.Store`; an expired lease, or one whose owner is a dead process on this
-host, is taken over.
+host, is taken over. Takeovers, renewals and releases are compare-and-swaps on the version
+read, so none of them overwrites or deletes a lease that changed after it was read.
 """
 
 from __future__ import annotations
@@ -28,34 +29,43 @@ def _lease_body(owner: str, ttl_s: float) -> bytes:
 def acquire_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) -> bool:
     """Claim (or renew) a shard for ``ttl_s`` seconds; False if someone else holds a live lease.
 
-    Where the store cannot create exclusively, write-then-read-back narrows but does not close
-    the race (two writers may both read their own body before one overwrites the other).
+    A lease that expired, whose owner died, or that is not whole JSON is taken over by a
+    compare-and-swap (:meth:`pipeline.store.Store.replace_if`), so of two takers at one instant
+    exactly one wins. Where the store cannot create exclusively or swap, write-then-read-back
+    and read-then-delete narrow those races without closing them.
     """
     store, path = layout.store, layout.lease_path(shard_id)
     body = _lease_body(owner, ttl_s)
-    for _ in range(2):
+    for _ in range(3):
         created = store.create_exclusive(path, body)
         if created is True:
             return True
-        current = store.read_json(path)
-        if current is None:
+        tagged = store.read_tagged(path)
+        if tagged is None:
             if created is None:  # no exclusive create here: write, then see who won
                 store.put_whole(path, body)
                 return (store.read_json(path) or {}).get("owner") == owner
             continue  # released between our create and our read: try again
-        if current.get("owner") == owner:
-            store.put_whole(path, body)  # renew our own lease
+        current = _parse(tagged[0])
+        ours = current.get("owner") == owner
+        if not ours:
+            if _live(current):
+                return False
+            log.info(
+                "lease on %s expired or its owner died (%s); taking it over",
+                shard_id,
+                current.get("owner"),
+            )
+        swapped = store.replace_if(path, body, tagged[1])
+        if swapped is None:  # no compare-and-swap here
+            if ours:
+                store.put_whole(path, body)
+                return True
+            store.remove(path)
+            continue
+        if swapped:
             return True
-        if float(current.get("expires_at", 0)) > time.time() and not owner_is_dead(
-            current.get("owner", "")
-        ):
-            return False
-        log.info(
-            "lease on %s expired or its owner died (%s); taking it over",
-            shard_id,
-            current.get("owner"),
-        )
-        store.remove(path)
+        # It changed since we read it (renewed, taken over or released): look again.
     return False
 
 
@@ -63,23 +73,50 @@ def renew_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) -> b
     """Extend ``owner``'s lease by ``ttl_s`` from now: True; False if another run holds it;
     None, creating nothing, if there is none -- the shard's committing actor dropped it (or it
     was released). Re-creating it there would leave a lease on a committed shard behind: a
-    driver paused past its actor's commit renews before it hears of the commit."""
+    driver paused past its actor's commit renews before it hears of the commit. The renewal
+    is a compare-and-swap: a driver paused between its read and its write cannot overwrite
+    the lease of a run that took the shard over meanwhile."""
     store, path = layout.store, layout.lease_path(shard_id)
-    current = store.read_json(path)
-    if current is None:
+    tagged = store.read_tagged(path)
+    if tagged is None:
         return None
-    if current.get("owner") != owner:
+    if _parse(tagged[0]).get("owner") != owner:
         return False
-    store.put_whole(path, _lease_body(owner, ttl_s))
-    return True
+    swapped = store.replace_if(path, _lease_body(owner, ttl_s), tagged[1])
+    if swapped is None:  # no compare-and-swap here
+        store.put_whole(path, _lease_body(owner, ttl_s))
+        return True
+    if swapped:
+        return True
+    current = read_lease(layout, shard_id)  # changed since we read it: whose is it now?
+    return None if current is None else current.get("owner") == owner
 
 
 def release_lease(layout: RunLayout, shard_id: str, owner: str) -> None:
-    """Drop our lease (someone else's is left alone)."""
-    path = layout.lease_path(shard_id)
-    current = layout.store.read_json(path)
-    if current is not None and current.get("owner") == owner:
-        layout.store.remove(path)
+    """Drop our lease (someone else's is left alone, even one that replaced ours just now)."""
+    store, path = layout.store, layout.lease_path(shard_id)
+    tagged = store.read_tagged(path)
+    if tagged is None or _parse(tagged[0]).get("owner") != owner:
+        return
+    if store.remove_if(path, tagged[1]) is None:  # no compare-and-swap here
+        store.remove(path)
+
+
+def _parse(body: bytes) -> dict:
+    """A lease's fields; {} for a body that is not whole JSON (it counts as expired)."""
+    try:
+        lease = json.loads(body)
+    except ValueError:
+        return {}
+    return lease if isinstance(lease, dict) else {}
+
+
+def _live(lease: dict) -> bool:
+    try:
+        expires_at = float(lease.get("expires_at", 0))
+    except (TypeError, ValueError):
+        return False
+    return expires_at > time.time() and not owner_is_dead(str(lease.get("owner", "")))
 
 
 def read_lease(layout: RunLayout, shard_id: str) -> dict | None:

@@ -2,10 +2,12 @@
 
 Every write the pipeline's bookkeeping makes goes through :class:`Store`: a whole-file put that
 readers see entirely or not at all, an exclusive create (the fence of commits, leases and
-claims), listings, and reads of one or many files. Local files: write aside + rename, hard
-links for exclusivity. S3: one PUT is atomic already; ``pipe_file(..., mode="create")`` is
-s3fs's conditional PUT (``If-None-Match: *``). Other stores: write-then-read-back, which
-narrows a race without closing it (docs/architecture.md).
+claims), a compare-and-swap (leases: renewals and takeovers), listings, and reads of one or many
+files. Local files: write aside + rename, hard links for exclusivity, a lock of this host's
+processes for the swap. S3: one PUT is atomic already; ``pipe_file(..., mode="create")`` is
+s3fs's conditional PUT (``If-None-Match: *``), and a swap is a PUT or DELETE with ``If-Match:
+<ETag>``. Other stores: write-then-read-back, which narrows a race without closing it
+(docs/architecture.md).
 
 Two rules make every call safe to repeat under a network that loses replies
 (docs/reliability.md, "Idempotent commits"):
@@ -24,10 +26,17 @@ Two rules make every call safe to repeat under a network that loses replies
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
@@ -159,6 +168,72 @@ class Store:
         except FileNotFoundError:
             return False
 
+    def read_tagged(self, path: str) -> tuple[bytes, Any] | None:
+        """The file's bytes and a tag of that version for :meth:`replace_if` / :meth:`remove_if`;
+        None if it does not exist. S3: its ETag, read before the bytes, so a swap against it
+        fails if anything changed since (the bytes may be newer than the tag, never older).
+        Elsewhere: the bytes themselves."""
+        if not self._conditional_writes:
+            data = self.read(path)
+            return None if data is None else (data, data)
+        try:
+            tag = self._call("info", path, refresh=True)["ETag"]
+        except FileNotFoundError:
+            return None
+        data = self.read(path)
+        return None if data is None else (data, tag)
+
+    def replace_if(self, path: str, body: bytes, tag: Any) -> bool | None:
+        """Write ``body`` over ``path`` only if it is still the version ``tag`` names: True if
+        ``path`` holds ``body`` because of us; False if it changed or is gone; None if this
+        store cannot. S3: a PUT with ``If-Match`` (one whose reply was lost meets its own
+        object on the retry, as an exclusive create does). Local: under a lock of this host's
+        processes (a shared filesystem across hosts is not covered: read, then write)."""
+        if self.local:
+            with _local_lock(path):
+                if self.read(path) != tag:
+                    return False
+                self.put_whole(path, body)
+                return True
+        if not self._conditional_writes:
+            return None
+        try:
+            self._call("pipe_file", path, body, IfMatch=tag)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # s3fs's PreconditionFailed
+                raise
+            return self.read(path) == body
+
+    def remove_if(self, path: str, tag: Any) -> bool | None:
+        """Delete ``path`` only if it is still the version ``tag`` names: True if deleted now;
+        False if it changed or is gone; None if this store cannot (see :meth:`replace_if`)."""
+        if self.local:
+            with _local_lock(path):
+                if self.read(path) != tag:
+                    return False
+                return self.remove(path)
+        if not self._conditional_writes:
+            return None
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self._call("call_s3", "delete_object", Bucket=bucket, Key=key, IfMatch=tag)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            return False
+        finally:
+            self.fs.invalidate_cache(path)
+        return True
+
+    @property
+    def _conditional_writes(self) -> bool:
+        return "s3" in self.protocols or "s3a" in self.protocols
+
     def open_write(self, path: str):
         """A file to stream into (``with store.open_write(p) as f``): written in place locally
         (its folder made), uploaded when closed to an object store. For outputs that may be
@@ -180,6 +255,21 @@ class Store:
             extra_s = os.path.getsize(local_file) / UPLOAD_BYTES_PER_S
             self._call("put_file", local_file, path, extra_s=extra_s)
             os.remove(local_file)
+
+
+@contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    """This host's processes one at a time on ``path``'s folder: ``flock`` on a file in the
+    temporary folder (one per folder, so they do not pile up)."""
+    folder = os.path.join(tempfile.gettempdir(), "cliptrase-locks")
+    os.makedirs(folder, exist_ok=True)
+    key = hashlib.sha256(os.path.dirname(os.path.abspath(path)).encode()).hexdigest()[:32]
+    with open(os.path.join(folder, f"{key}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _umask() -> int:

@@ -10,7 +10,7 @@ from fsspec.exceptions import FSTimeoutError
 
 from pipeline import sink
 from pipeline.layout import RunLayout
-from pipeline.leases import acquire_lease, read_lease
+from pipeline.leases import acquire_lease, read_lease, release_lease, renew_lease
 from pipeline.ledger import read_marker
 from pipeline.store import Store
 from tests.pipeline.conftest import fresh_s3fs
@@ -76,6 +76,24 @@ def test_a_lost_lease_reply_leaves_the_lease_ours(proxy):
     assert acquire_lease(layout, "s1", "me", 60.0) is True
     assert read_lease(layout, "s1")["owner"] == "me"
     assert acquire_lease(layout, "s1", "someone-else", 60.0) is False
+
+
+def test_lost_replies_to_a_renewals_swap_and_a_releases_delete_still_count(proxy):
+    """The conditional PUT (``If-Match``) applied, its reply lost: the client's retry fails
+    the precondition on our own new version, which the store recognises by its bytes. The
+    conditional DELETE applied, its reply lost: the retry finds nothing, and nothing is left."""
+    fs = fresh_s3fs({"client_kwargs": {"endpoint_url": proxy.url}})
+    layout = RunLayout(fs, "store-faults/swaps", 10.0)
+    assert acquire_lease(layout, "s1", "me", 1.0) is True
+    before = read_lease(layout, "s1")["expires_at"]
+    renewal = proxy.add("drop_reply", "PUT", r"/_leases/s1\.json$")
+    assert renew_lease(layout, "s1", "me", 600.0) is True
+    assert renewal.hits == 1 and read_lease(layout, "s1")["expires_at"] > before + 500
+    puts = [a for m, t, a in proxy.log if m == "PUT" and t.endswith("/swaps/_leases/s1.json")]
+    assert puts[-2:] == ["drop_reply", "forward"]  # the client retried the swap
+    release = proxy.add("drop_reply", "DELETE", r"/_leases/s1\.json$")
+    release_lease(layout, "s1", "me")
+    assert release.hits == 1 and read_lease(layout, "s1") is None
 
 
 @pytest.mark.parametrize("method", ["GET", "PUT"])
