@@ -77,29 +77,34 @@ def renew_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) -> b
     is a compare-and-swap: a driver paused between its read and its write cannot overwrite
     the lease of a run that took the shard over meanwhile."""
     store, path = layout.store, layout.lease_path(shard_id)
-    tagged = store.read_tagged(path)
-    if tagged is None:
-        return None
-    if _parse(tagged[0]).get("owner") != owner:
-        return False
-    swapped = store.replace_if(path, _lease_body(owner, ttl_s), tagged[1])
-    if swapped is None:  # no compare-and-swap here
-        store.put_whole(path, _lease_body(owner, ttl_s))
-        return True
-    if swapped:
-        return True
-    current = read_lease(layout, shard_id)  # changed since we read it: whose is it now?
-    return None if current is None else current.get("owner") == owner
+    for _ in range(3):  # changed since we read it by our own actor's claim: read it again
+        tagged = store.read_tagged(path)
+        if tagged is None:
+            return None
+        if _parse(tagged[0]).get("owner") != owner:
+            return False
+        swapped = store.replace_if(path, _lease_body(owner, ttl_s), tagged[1])
+        if swapped is None:  # no compare-and-swap here
+            store.put_whole(path, _lease_body(owner, ttl_s))
+            return True
+        if swapped:
+            return True
+    return True  # ours, and written by us three times meanwhile: fresh
 
 
 def release_lease(layout: RunLayout, shard_id: str, owner: str) -> None:
     """Drop our lease (someone else's is left alone, even one that replaced ours just now)."""
     store, path = layout.store, layout.lease_path(shard_id)
-    tagged = store.read_tagged(path)
-    if tagged is None or _parse(tagged[0]).get("owner") != owner:
-        return
-    if store.remove_if(path, tagged[1]) is None:  # no compare-and-swap here
-        store.remove(path)
+    for _ in range(3):  # changed since we read it by our own actor's claim: read it again
+        tagged = store.read_tagged(path)
+        if tagged is None or _parse(tagged[0]).get("owner") != owner:
+            return
+        removed = store.remove_if(path, tagged[1])
+        if removed is None:  # no compare-and-swap here
+            store.remove(path)
+            return
+        if removed:
+            return
 
 
 def _parse(body: bytes) -> dict:

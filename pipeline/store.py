@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -94,18 +92,9 @@ class Store:
         """True: ``path`` holds ``body`` because of us (created now, or by an earlier try whose
         reply was lost); False: someone else's object is there; None: this store cannot
         create exclusively."""
-        if self.local:  # write aside, then hard-link: exclusive, and never seen half-written
+        if self.local:  # a hard link: exclusive, and never seen half-written
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            aside = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(aside, "wb") as f:
-                f.write(body)
-            try:
-                os.link(aside, path)
-                return True
-            except FileExistsError:
-                return self.read(path) == body
-            finally:
-                os.unlink(aside)
+            return _link_new(path, body) or self.read(path) == body
         if "s3" in self.protocols or "s3a" in self.protocols:
             try:
                 self._call("pipe_file", path, body, mode="create")
@@ -187,10 +176,14 @@ class Store:
         """Write ``body`` over ``path`` only if it is still the version ``tag`` names: True if
         ``path`` holds ``body`` because of us; False if it changed or is gone; None if this
         store cannot. S3: a PUT with ``If-Match`` (one whose reply was lost meets its own
-        object on the retry, as an exclusive create does). Local: under a lock of this host's
-        processes (a shared filesystem across hosts is not covered: read, then write)."""
+        object on the retry, as an exclusive create does); a store that answers 501 cannot.
+        Local: under ``flock`` of the folder, which excludes this host's other swaps (not
+        plain deletes, nor other hosts on a shared filesystem whose ``flock`` does not reach
+        them; where the folder cannot be locked, None)."""
         if self.local:
-            with _local_lock(path):
+            with _folder_lock(path) as locked:
+                if not locked:
+                    return None
                 if self.read(path) != tag:
                     return False
                 self.put_whole(path, body)
@@ -203,7 +196,9 @@ class Store:
         except FileNotFoundError:
             return False
         except OSError as exc:
-            if exc.errno != errno.EINVAL:  # s3fs's PreconditionFailed
+            if _not_implemented(exc):
+                return None
+            if not _precondition_failed(exc):
                 raise
             return self.read(path) == body
 
@@ -211,7 +206,9 @@ class Store:
         """Delete ``path`` only if it is still the version ``tag`` names: True if deleted now;
         False if it changed or is gone; None if this store cannot (see :meth:`replace_if`)."""
         if self.local:
-            with _local_lock(path):
+            with _folder_lock(path) as locked:
+                if not locked:
+                    return None
                 if self.read(path) != tag:
                     return False
                 return self.remove(path)
@@ -223,7 +220,9 @@ class Store:
         except FileNotFoundError:
             return False
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
+            if _not_implemented(exc):
+                return None
+            if not _precondition_failed(exc):
                 raise
             return False
         finally:
@@ -258,18 +257,70 @@ class Store:
 
 
 @contextmanager
-def _local_lock(path: str) -> Iterator[None]:
-    """This host's processes one at a time on ``path``'s folder: ``flock`` on a file in the
-    temporary folder (one per folder, so they do not pile up)."""
-    folder = os.path.join(tempfile.gettempdir(), "cliptrase-locks")
-    os.makedirs(folder, exist_ok=True)
-    key = hashlib.sha256(os.path.dirname(os.path.abspath(path)).encode()).hexdigest()[:32]
-    with open(os.path.join(folder, f"{key}.lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def _folder_lock(path: str) -> Iterator[bool]:
+    """``flock`` of ``path``'s folder itself (no lock file to leave behind or to share):
+    this host's swaps in one folder take turns. Yields False where the folder cannot be
+    locked (some network filesystems)."""
+    try:
+        fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        yield True  # no folder, no file: the swap finds nothing to replace
+        return
+    try:
         try:
-            yield
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _link_new(path: str, body: bytes) -> bool:
+    """Create ``path`` holding ``body`` if it does not exist (False if it does): a hard link of
+    a finished file. Where the filesystem has ``O_TMPFILE`` (Linux: ext4, xfs, btrfs, tmpfs)
+    that file has no name until linked, so a process killed midway leaves nothing behind;
+    elsewhere it is a named file beside ``path``, which such a kill can leave."""
+    try:
+        fd = os.open(os.path.dirname(path), os.O_TMPFILE | os.O_WRONLY, 0o666)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.link(f"/proc/self/fd/{fd}", path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            pass  # no /proc, say: the named way below
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            os.close(fd)
+    aside = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(aside, "wb") as f:
+        f.write(body)
+    try:
+        os.link(aside, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(aside)
+
+
+def _precondition_failed(exc: OSError) -> bool:
+    """s3fs gives a 412 and many 400s one errno (EINVAL): only a failed precondition means
+    "changed since it was read"."""
+    response = getattr(exc.__cause__, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return response.get("Error", {}).get("Code") == "PreconditionFailed" or status == 412
+
+
+def _not_implemented(exc: OSError) -> bool:
+    return exc.errno == errno.ENOSYS  # s3fs's 501 NotImplemented
 
 
 def _umask() -> int:

@@ -1,10 +1,13 @@
-"""The store, locally: what a job writes lands whole, with a new file's permissions, and an
-exclusive create tells its own earlier try from someone else's."""
+"""The store, locally: what a job writes lands whole, with a new file's permissions, an
+exclusive create tells its own earlier try from someone else's and leaves nothing behind when
+killed; a store without conditional writes keeps leases the old way."""
 
 from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 
 from pipeline.store import Store, open_store, output_folder
@@ -42,3 +45,52 @@ def test_a_local_exclusive_create_is_ours_only_with_our_bytes(tmp_path):
     assert store.create_exclusive(path, b"theirs") is False
     assert store.create_once(path, b"theirs") is False
     assert store.read(path) == b"mine"
+
+
+def test_a_create_killed_before_its_link_leaves_nothing_behind(tmp_path):
+    """The body is written to an unnamed file (O_TMPFILE) and only then linked into place: a
+    process killed between the two leaves no named leftover beside the lease or marker."""
+    folder = tmp_path / "_leases"
+    folder.mkdir()
+    script = (
+        "import os, time\n"
+        "from pipeline.store import open_store\n"
+        "def stuck(*args, **kwargs):\n"
+        "    print('linking', flush=True)\n"
+        "    time.sleep(120)\n"
+        "os.link = stuck\n"
+        f"store, root = open_store({str(tmp_path)!r})\n"
+        "store.create_exclusive(root + '/_leases/s.json', b'body')\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "linking\n"
+    finally:
+        process.kill()
+        process.wait()
+    assert os.listdir(folder) == []
+
+
+def test_a_store_without_conditional_writes_keeps_leases_the_old_way():
+    """memory:// has neither exclusive creates nor compare-and-swap: write-then-read-back,
+    read-then-write, read-then-delete, with the same answers when nobody races."""
+    import uuid
+
+    from pipeline.layout import RunLayout
+    from pipeline.leases import acquire_lease, read_lease, release_lease, renew_lease
+
+    store, root = open_store(f"memory://leases-{uuid.uuid4().hex}")
+    layout = RunLayout(store.fs, root, None)
+    path = layout.lease_path("s")
+    assert store.replace_if(path, b"x", b"y") is None and store.remove_if(path, b"y") is None
+    assert acquire_lease(layout, "s", "run-A", ttl_s=60)
+    assert not acquire_lease(layout, "s", "run-B", ttl_s=60)
+    assert renew_lease(layout, "s", "run-A", ttl_s=120) is True
+    assert renew_lease(layout, "s", "run-B", ttl_s=120) is False
+    release_lease(layout, "s", "run-B")
+    assert read_lease(layout, "s")["owner"] == "run-A"
+    release_lease(layout, "s", "run-A")
+    assert read_lease(layout, "s") is None and renew_lease(layout, "s", "run-A", 60) is None
+    assert acquire_lease(layout, "s", "run-B", ttl_s=-1)
+    assert acquire_lease(layout, "s", "run-C", ttl_s=60)  # takes the expired lease over
+    assert read_lease(layout, "s")["owner"] == "run-C"

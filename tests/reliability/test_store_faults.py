@@ -3,6 +3,7 @@ reads back what exists, and every call has a deadline. S3 is moto behind the fau
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -91,6 +92,11 @@ def test_lost_replies_to_a_renewals_swap_and_a_releases_delete_still_count(proxy
     assert renewal.hits == 1 and read_lease(layout, "s1")["expires_at"] > before + 500
     puts = [a for m, t, a in proxy.log if m == "PUT" and t.endswith("/swaps/_leases/s1.json")]
     assert puts[-2:] == ["drop_reply", "forward"]  # the client retried the swap
+    _, tag = layout.store.read_tagged(layout.lease_path("s1"))
+    swap = proxy.add("drop_reply", "PUT", r"/_leases/s1\.json$")
+    mine = json.dumps({"owner": "me", "expires_at": time.time() + 900}).encode()
+    assert layout.store.replace_if(layout.lease_path("s1"), mine, tag) is True  # by its bytes
+    assert swap.hits == 1 and layout.store.read(layout.lease_path("s1")) == mine
     release = proxy.add("drop_reply", "DELETE", r"/_leases/s1\.json$")
     release_lease(layout, "s1", "me")
     assert release.hits == 1 and read_lease(layout, "s1") is None
