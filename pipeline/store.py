@@ -150,7 +150,15 @@ class Store:
         return sorted(n[: len(n) - len(suffix)] for n in names if n.endswith(suffix))
 
     def remove(self, path: str) -> bool:
-        """Delete ``path``; False if it was already gone."""
+        """Delete ``path``; False if it was already gone. Locally it takes turns with this
+        host's swaps in the folder (:meth:`replace_if`), so a swap that read the file cannot
+        write it back after the delete (a lease dropped after its shard's commit)."""
+        if self.local:
+            with _folder_lock(path):
+                return self._remove_now(path)
+        return self._remove_now(path)
+
+    def _remove_now(self, path: str) -> bool:
         try:
             self._call("rm_file", path)
             return True
@@ -177,9 +185,9 @@ class Store:
         ``path`` holds ``body`` because of us; False if it changed or is gone; None if this
         store cannot. S3: a PUT with ``If-Match`` (one whose reply was lost meets its own
         object on the retry, as an exclusive create does); a store that answers 501 cannot.
-        Local: under ``flock`` of the folder, which excludes this host's other swaps (not
-        plain deletes, nor other hosts on a shared filesystem whose ``flock`` does not reach
-        them; where the folder cannot be locked, None)."""
+        Local: under ``flock`` of the folder, which excludes this host's other swaps and
+        deletes (not other hosts on a shared filesystem whose ``flock`` does not reach them;
+        where the folder cannot be locked, None)."""
         if self.local:
             with _folder_lock(path) as locked:
                 if not locked:
@@ -211,7 +219,7 @@ class Store:
                     return None
                 if self.read(path) != tag:
                     return False
-                return self.remove(path)
+                return self._remove_now(path)
         if not self._conditional_writes:
             return None
         bucket, key, _ = self.fs.split_path(path)

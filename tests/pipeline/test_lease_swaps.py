@@ -6,6 +6,7 @@ running the other run's step right after our read."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -104,3 +105,26 @@ def test_a_lease_that_is_not_json_is_taken_over_not_kept_forever(layout):
     assert not acquire_lease(layout, "s", "run-C", ttl_s=60)
     body = json.loads(layout.store.read(layout.lease_path("s")))
     assert body["owner"] == "run-B" and body["expires_at"] > 0
+
+
+def test_a_local_delete_waits_for_a_swap_that_has_read_the_file(tmp_path, monkeypatch):
+    """The actor drops its committed shard's lease while the driver's renewal is between its
+    read and its write: the delete waits for the write, so no lease is written back after it."""
+    layout = RunLayout.open(str(tmp_path), "h")
+    store, path = layout.store, layout.lease_path("s")
+    assert acquire_lease(layout, "s", "run-A", ttl_s=60)
+    put_whole, writing, deleted = Store.put_whole, threading.Event(), threading.Event()
+
+    def slow_put_whole(self, where, data):
+        writing.set()
+        deleted.wait(1.0)  # a delete that is not held off lands here, before the write
+        put_whole(self, where, data)
+
+    monkeypatch.setattr(Store, "put_whole", slow_put_whole)
+    renewal = threading.Thread(target=renew_lease, args=(layout, "s", "run-A", 60))
+    renewal.start()
+    assert writing.wait(10)
+    assert store.remove(path) is True  # drop_lease after the commit
+    deleted.set()
+    renewal.join(10)
+    assert read_lease(layout, "s") is None
