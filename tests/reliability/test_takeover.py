@@ -123,13 +123,32 @@ def _takeover(inputs: Path, output: str, fs, base: str, options: str | None, tmp
         if first.poll() is None:
             os.kill(first.pid, signal.SIGCONT)
         if second is not None and second.poll() is None:
-            second.kill()
-    out_a, err_a = first.communicate(timeout=400)
+            _kill_with_its_ray(second)
+    try:
+        out_a, err_a = first.communicate(timeout=400)
+    finally:
+        if first.poll() is None:
+            _kill_with_its_ray(first)
     assert first.returncode == 0, err_a[-3000:]
     root, logs_a = leases[0].rsplit("/_leases/", 1)[0], _worker_logs(ray_a)
     for ray_dir in (ray_a, ray_b):  # both drivers, and so their Rays, have exited
         shutil.rmtree(ray_dir, ignore_errors=True)
     return (out_a, err_a, logs_a), (out_b, err_b), root
+
+
+def _kill_with_its_ray(driver: subprocess.Popen) -> None:
+    """A driver that did not finish, and the Ray it started (its descendants), by pid."""
+    try:
+        processes = psutil.Process(driver.pid).children(recursive=True)
+    except psutil.Error:
+        processes = []
+    driver.kill()
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    driver.wait()
 
 
 def _worker_logs(ray_dir: str) -> str:
