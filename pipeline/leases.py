@@ -89,7 +89,8 @@ def renew_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) -> b
             return True
         if swapped:
             return True
-    return True  # ours, and written by us three times meanwhile: fresh
+    current = read_lease(layout, shard_id)  # changed under each of our swaps: whose is it now?
+    return None if current is None else current.get("owner") == owner
 
 
 def release_lease(layout: RunLayout, shard_id: str, owner: str) -> None:

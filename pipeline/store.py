@@ -29,7 +29,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +40,8 @@ from typing import Any
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
+
+log = logging.getLogger("pipeline")
 
 STORE_TIMEOUT_S = 60.0
 """Deadline of one storage call on an object store (``RunConfig.storage_timeout_s``)."""
@@ -264,25 +268,42 @@ class Store:
             os.remove(local_file)
 
 
+FOLDER_LOCK_WAIT_S = 5.0
+"""How long a local swap or delete waits for the folder's lock. Its holder needs milliseconds;
+one paused (SIGSTOP, a frozen VM) while holding it must not stall every lease on the host, so
+past this the swap reports that it cannot (leases then read, then write) and a delete goes on."""
+
+
 @contextmanager
 def _folder_lock(path: str) -> Iterator[bool]:
     """``flock`` of ``path``'s folder itself (no lock file to leave behind or to share):
-    this host's swaps in one folder take turns. Yields False where the folder cannot be
-    locked (some network filesystems)."""
+    this host's swaps and deletes in one folder take turns. Yields False where the folder
+    cannot be locked (some network filesystems) or its lock is not had within
+    :data:`FOLDER_LOCK_WAIT_S`."""
     try:
         fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
         yield True  # no folder, no file: the swap finds nothing to replace
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            yield False
-            return
-        yield True
+        yield _flock(fd, path)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _flock(fd: int, path: str) -> bool:
+    deadline = time.monotonic() + FOLDER_LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                log.warning("%s: its folder's lock is held past %.0f s", path, FOLDER_LOCK_WAIT_S)
+                return False
+            time.sleep(0.005)
+        except OSError:
+            return False
 
 
 def _link_new(path: str, body: bytes) -> bool:
@@ -290,23 +311,28 @@ def _link_new(path: str, body: bytes) -> bool:
     a finished file. Where the filesystem has ``O_TMPFILE`` (Linux: ext4, xfs, btrfs, tmpfs)
     that file has no name until linked, so a process killed midway leaves nothing behind;
     elsewhere it is a named file beside ``path``, which such a kill can leave."""
+    folder, name = os.path.split(path)
     try:
-        fd = os.open(os.path.dirname(path), os.O_TMPFILE | os.O_WRONLY, 0o666)
+        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o666)
     except (AttributeError, OSError):
         fd = None
     if fd is not None:
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             view = memoryview(body)
             while view:
                 view = view[os.write(fd, view) :]
-            os.link(f"/proc/self/fd/{fd}", path)
+            # A directory fd makes os.link call linkat(AT_SYMLINK_FOLLOW), which links the
+            # unnamed file /proc/self/fd/N points to; plain link(2) would not follow it.
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=folder_fd)
             return True
         except FileExistsError:
             return False
-        except OSError:
-            pass  # no /proc, say: the named way below
+        except OSError as exc:  # no /proc, say: the named way below
+            log.info("%s: linking an unnamed file failed (%s); writing it aside", path, exc)
         finally:
             os.close(fd)
+            os.close(folder_fd)
     aside = f"{path}.{uuid.uuid4().hex}.tmp"
     with open(aside, "wb") as f:
         f.write(body)

@@ -111,20 +111,28 @@ def test_a_local_delete_waits_for_a_swap_that_has_read_the_file(tmp_path, monkey
     """The actor drops its committed shard's lease while the driver's renewal is between its
     read and its write: the delete waits for the write, so no lease is written back after it."""
     layout = RunLayout.open(str(tmp_path), "h")
-    store, path = layout.store, layout.lease_path("s")
+    path = layout.lease_path("s")
     assert acquire_lease(layout, "s", "run-A", ttl_s=60)
-    put_whole, writing, deleted = Store.put_whole, threading.Event(), threading.Event()
+    put_whole, writing, go_on = Store.put_whole, threading.Event(), threading.Event()
 
-    def slow_put_whole(self, where, data):
+    def held_put_whole(self, where, data):
         writing.set()
-        deleted.wait(1.0)  # a delete that is not held off lands here, before the write
+        go_on.wait(10)
         put_whole(self, where, data)
 
-    monkeypatch.setattr(Store, "put_whole", slow_put_whole)
-    renewal = threading.Thread(target=renew_lease, args=(layout, "s", "run-A", 60))
+    monkeypatch.setattr(Store, "put_whole", held_put_whole)
+    answers: dict[str, object] = {}
+    renewal = threading.Thread(
+        target=lambda: answers.update(renewed=renew_lease(layout, "s", "run-A", 60))
+    )
+    delete = threading.Thread(target=lambda: answers.update(removed=layout.store.remove(path)))
     renewal.start()
     assert writing.wait(10)
-    assert store.remove(path) is True  # drop_lease after the commit
-    deleted.set()
+    delete.start()
+    delete.join(0.3)
+    assert delete.is_alive()  # held off by the renewal's lock
+    go_on.set()
     renewal.join(10)
+    delete.join(10)
+    assert answers == {"renewed": True, "removed": True}
     assert read_lease(layout, "s") is None

@@ -71,6 +71,19 @@ def test_a_create_killed_before_its_link_leaves_nothing_behind(tmp_path):
     assert os.listdir(folder) == []
 
 
+def test_a_local_create_links_its_unnamed_file_and_writes_nothing_aside(tmp_path, monkeypatch):
+    """One link, of the O_TMPFILE file through /proc (linkat following it): no named file is
+    ever written beside the target (a plain link(2) of /proc/self/fd/N fails with EXDEV)."""
+    links, link = [], os.link
+    monkeypatch.setattr(os, "link", lambda *a, **k: links.append(a[0]) or link(*a, **k))
+    store, root = open_store(str(tmp_path))
+    assert store.create_exclusive(f"{root}/_leases/s.json", b"body") is True
+    assert store.create_exclusive(f"{root}/_leases/s.json", b"other") is False
+    assert [src.startswith("/proc/self/fd/") for src in links] == [True, True]
+    assert os.listdir(tmp_path / "_leases") == ["s.json"]
+    assert (tmp_path / "_leases" / "s.json").read_bytes() == b"body"
+
+
 def test_a_store_without_conditional_writes_keeps_leases_the_old_way():
     """memory:// has neither exclusive creates nor compare-and-swap: write-then-read-back,
     read-then-write, read-then-delete, with the same answers when nobody races."""

@@ -114,21 +114,17 @@ def _takeover(inputs: Path, output: str, fs, base: str, options: str | None, tmp
             actor.resume()  # labels beside B until its lease check stops it
         out_b, err_b = second.communicate(timeout=600)
         assert second.returncode == 0, err_b[-3000:]
+        os.kill(first.pid, signal.SIGCONT)
+        out_a, err_a = first.communicate(timeout=400)
     finally:
         for actor in frozen:
             try:
                 actor.resume()
             except psutil.Error:
                 pass
-        if first.poll() is None:
-            os.kill(first.pid, signal.SIGCONT)
-        if second is not None and second.poll() is None:
-            _kill_with_its_ray(second)
-    try:
-        out_a, err_a = first.communicate(timeout=400)
-    finally:
-        if first.poll() is None:
-            _kill_with_its_ray(first)
+        for driver in (first, second):  # still running only if the test failed
+            if driver is not None and driver.poll() is None:
+                _kill_with_its_ray(driver)
     assert first.returncode == 0, err_a[-3000:]
     root, logs_a = leases[0].rsplit("/_leases/", 1)[0], _worker_logs(ray_a)
     for ray_dir in (ray_a, ray_b):  # both drivers, and so their Rays, have exited
