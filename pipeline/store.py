@@ -109,6 +109,10 @@ class Store:
                 return self.read(path) == body
             except (ValueError, NotImplementedError, TypeError):
                 return None
+            except OSError as exc:
+                if _not_implemented(exc):  # a store without conditional writes (501)
+                    return None
+                raise
         return None
 
     def create_once(self, path: str, body: bytes) -> bool:

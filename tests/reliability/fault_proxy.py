@@ -5,6 +5,8 @@ rule that matches and still has uses left decides what happens to it:
 
 * ``refuse``: the connection is reset before anything is read or sent;
 * ``503``: answered ``503 Slow Down`` without reaching the server;
+* ``400``, ``501``: answered ``400 InvalidArgument`` or ``501 NotImplemented`` without reaching
+  the server (an S3-compatible store that rejects, or lacks, a conditional header);
 * ``stall``: held for ``stall_s`` without an answer, then the connection is reset;
 * ``drop_reply``: forwarded, applied by the server, and its reply thrown away (the connection
   is reset instead): the client cannot tell whether its request took effect.
@@ -22,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-ACTIONS = ("refuse", "503", "stall", "drop_reply")
+ACTIONS = ("refuse", "503", "400", "501", "stall", "drop_reply")
 
 
 @dataclass
@@ -125,8 +127,8 @@ class FaultProxy:
                     client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                     head = _without_header(head, b"expect")
                 body = reader.body(headers)
-                if rule is not None and rule.action == "503":
-                    client.sendall(_SLOW_DOWN)
+                if rule is not None and rule.action in _ERRORS:
+                    client.sendall(_ERRORS[rule.action])
                     continue
                 if rule is not None and rule.action == "stall":
                     self._stop.wait(rule.stall_s)
@@ -146,15 +148,25 @@ class FaultProxy:
                 upstream.close()
 
 
-_SLOW_DOWN_BODY = (
-    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-    b"<Message>Please reduce your request rate.</Message></Error>"
-)
-_SLOW_DOWN = (
-    b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
-    + f"Content-Length: {len(_SLOW_DOWN_BODY)}\r\n\r\n".encode()
-    + _SLOW_DOWN_BODY
-)
+def _error_reply(status: str, code: str, message: str) -> bytes:
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    ).encode()
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+_ERRORS = {
+    "503": _error_reply("503 Slow Down", "SlowDown", "Please reduce your request rate."),
+    "400": _error_reply("400 Bad Request", "InvalidArgument", "Unsupported header If-Match."),
+    "501": _error_reply(
+        "501 Not Implemented",
+        "NotImplemented",
+        "A header you provided implies functionality that is not implemented.",
+    ),
+}
 
 
 def _reset(sock: socket.socket) -> None:

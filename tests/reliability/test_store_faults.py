@@ -114,3 +114,26 @@ def test_a_request_that_is_never_answered_costs_the_deadline(proxy, method):
         else:
             store.put_whole("store-faults/x", b"2")
     assert 2.0 <= time.monotonic() - started < 4.0
+
+
+def test_a_store_that_rejects_or_lacks_if_match_is_an_error_or_the_old_way(proxy):
+    """Only a 412 means "changed since read". A 400 to the conditional PUT is an error, not a
+    lost race; a 501 means the store cannot create exclusively or swap, and leases fall back
+    to write-then-read-back and read-then-write."""
+    fs = fresh_s3fs({"client_kwargs": {"endpoint_url": proxy.url}})
+    layout = RunLayout(fs, "store-faults/no-if-match", 10.0)
+    path = layout.lease_path("s1")
+    assert acquire_lease(layout, "s1", "run-A", -1.0) is True  # expired at once
+    _, tag = layout.store.read_tagged(path)
+    proxy.add("400", "PUT", r"/_leases/s1\.json$")
+    with pytest.raises(OSError):
+        layout.store.replace_if(path, b"x", tag)
+    proxy.add("501", "PUT", r"/_leases/s1\.json$")
+    assert layout.store.replace_if(path, b"x", tag) is None
+    rule = proxy.add("501", "PUT", r"/_leases/s1\.json$", times=2)  # create, then swap
+    assert acquire_lease(layout, "s1", "run-B", 60.0) is True  # removed, then created
+    assert rule.hits == 2
+    assert read_lease(layout, "s1")["owner"] == "run-B"
+    proxy.add("501", "DELETE", r"/_leases/s1\.json$")
+    assert layout.store.remove_if(path, layout.store.read_tagged(path)[1]) is None
+    assert read_lease(layout, "s1")["owner"] == "run-B"
