@@ -83,9 +83,10 @@ def renew_lease(layout: RunLayout, shard_id: str, owner: str, ttl_s: float) -> b
             return None
         if _parse(tagged[0]).get("owner") != owner:
             return False
-        swapped = store.replace_if(path, _lease_body(owner, ttl_s), tagged[1])
+        body = _lease_body(owner, ttl_s)
+        swapped = store.replace_if(path, body, tagged[1])
         if swapped is None:  # no compare-and-swap here
-            store.put_whole(path, _lease_body(owner, ttl_s))
+            store.put_whole(path, body)
             return True
         if swapped:
             return True

@@ -33,7 +33,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -99,7 +99,7 @@ class Store:
         if self.local:  # a hard link: exclusive, and never seen half-written
             os.makedirs(os.path.dirname(path), exist_ok=True)
             return _link_new(path, body) or self.read(path) == body
-        if "s3" in self.protocols or "s3a" in self.protocols:
+        if self._conditional_writes:
             try:
                 self._call("pipe_file", path, body, mode="create")
                 return True
@@ -197,17 +197,52 @@ class Store:
         deletes (not other hosts on a shared filesystem whose ``flock`` does not reach them;
         where the folder cannot be locked, None)."""
         if self.local:
-            with _folder_lock(path) as locked:
-                if not locked:
-                    return None
-                if self.read(path) != tag:
-                    return False
-                self.put_whole(path, body)
-                return True
+            return self._locally_if(path, tag, lambda: self.put_whole(path, body))
         if not self._conditional_writes:
             return None
+        return self._if_match(
+            "pipe_file", path, body, IfMatch=tag, changed=lambda: self.read(path) == body
+        )
+
+    def remove_if(self, path: str, tag: Any) -> bool | None:
+        """Delete ``path`` only if it is still the version ``tag`` names: True if deleted now;
+        False if it changed or is gone; None if this store cannot (see :meth:`replace_if`)."""
+        if self.local:
+            return self._locally_if(path, tag, lambda: self._remove_now(path))
+        if not self._conditional_writes:
+            return None
+        bucket, key, _ = self.fs.split_path(path)
         try:
-            self._call("pipe_file", path, body, IfMatch=tag)
+            return self._if_match(
+                "call_s3",
+                "delete_object",
+                Bucket=bucket,
+                Key=key,
+                IfMatch=tag,
+                changed=lambda: False,  # someone else's version now: not ours to delete
+            )
+        finally:
+            self.fs.invalidate_cache(path)
+
+    def _locally_if(self, path: str, tag: bytes, act: Callable[[], bool | None]) -> bool | None:
+        """``act()`` under the folder's lock if ``path`` still holds ``tag`` (its bytes): True
+        once it has run (False if it found the file gone); False if the file changed or is
+        gone; None if the folder could not be locked."""
+        with _folder_lock(path) as locked:
+            if not locked:
+                return None
+            if self.read(path) != tag:
+                return False
+            return act() is not False
+
+    def _if_match(
+        self, method: str, *args: Any, changed: Callable[[], bool], **kwargs: Any
+    ) -> bool | None:
+        """``fs.<method>(...)`` carrying ``If-Match``: True if applied; False if the object is
+        gone; ``changed()`` if the precondition failed (412 only); None if the store cannot
+        (501). Other errors raise."""
+        try:
+            self._call(method, *args, **kwargs)
             return True
         except FileNotFoundError:
             return False
@@ -216,34 +251,7 @@ class Store:
                 return None
             if not _precondition_failed(exc):
                 raise
-            return self.read(path) == body
-
-    def remove_if(self, path: str, tag: Any) -> bool | None:
-        """Delete ``path`` only if it is still the version ``tag`` names: True if deleted now;
-        False if it changed or is gone; None if this store cannot (see :meth:`replace_if`)."""
-        if self.local:
-            with _folder_lock(path) as locked:
-                if not locked:
-                    return None
-                if self.read(path) != tag:
-                    return False
-                return self._remove_now(path)
-        if not self._conditional_writes:
-            return None
-        bucket, key, _ = self.fs.split_path(path)
-        try:
-            self._call("call_s3", "delete_object", Bucket=bucket, Key=key, IfMatch=tag)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            if _not_implemented(exc):
-                return None
-            if not _precondition_failed(exc):
-                raise
-            return False
-        finally:
-            self.fs.invalidate_cache(path)
-        return True
+            return changed()
 
     @property
     def _conditional_writes(self) -> bool:

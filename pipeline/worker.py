@@ -239,8 +239,9 @@ class ShardLabeler:
 
         ``owner``: the run's lease owner. The actor claims the shard first (lease, marker:
         :func:`pipeline.claim.claim_shard`) and returns at once, rows 0, with ``claim`` saying
-        why if it is not ours. While it labels, it re-reads the lease after each row group and
-        before publishing: once another run holds it (a paused driver's lease was taken over)
+        why if it is not ours. While it labels, it re-reads the lease at row groups (at most
+        every min(TTL / 3, :data:`LEASE_CHECK_EVERY_S`)) and before publishing: once another
+        run holds it (a paused driver's lease was taken over)
         it abandons the shard and returns rows 0, ``claim`` "leased elsewhere" (or
         "committed" if the taker has committed). The commit is fenced either way
         (``sink.ShardWriter.commit``).
